@@ -1,0 +1,246 @@
+//! BERT encoder + pooler + classification head (`BertForSequenceClassification`).
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
+use rand::Rng as _;
+
+use super::BertConfig;
+use crate::ops::{self, Activation};
+use crate::rng::Rng;
+
+/// Dropout probabilities used in training (evaluation never drops).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// After embeddings, attention output and feed-forward output (`hidden_dropout_prob`).
+    pub hidden: f64,
+    /// On attention probabilities (`attention_probs_dropout_prob`).
+    pub attention: f64,
+    /// Before the classifier (`classifier_dropout`, else `hidden_dropout_prob`).
+    pub classifier: f64,
+}
+
+impl Dropout {
+    /// The probabilities a config declares.
+    pub fn from_config(c: &BertConfig) -> Self {
+        Self {
+            hidden: c.hidden_dropout_prob,
+            attention: c.attention_probs_dropout_prob,
+            classifier: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
+        }
+    }
+}
+
+/// Whether a forward pass trains (dropout on, masks from the given generator) or evaluates.
+pub enum Mode<'a> {
+    Eval,
+    Train(&'a mut Rng),
+}
+
+/// One padded batch of token ids ready for the model.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `(rows, len)` u32 token ids, right-padded.
+    pub input_ids: Tensor,
+    /// `(rows, len)` 1 for real tokens, 0 for padding, in the model's dtype.
+    pub attention_mask: Tensor,
+    /// `(rows, len)` u32 segment ids.
+    pub token_type_ids: Tensor,
+    /// Real (non-pad) tokens in the batch.
+    pub real_tokens: usize,
+}
+
+impl Batch {
+    /// Pads `rows` of token ids to the longest one with `pad_id`.
+    pub fn pad(rows: &[&[u32]], pad_id: u32, dtype: DType, device: &Device) -> Result<Self> {
+        let len = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![pad_id; rows.len() * len];
+        let mut mask = vec![0f32; rows.len() * len];
+        for (i, row) in rows.iter().enumerate() {
+            ids[i * len..i * len + row.len()].copy_from_slice(row);
+            mask[i * len..i * len + row.len()].fill(1.0);
+        }
+        let shape = (rows.len(), len);
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, shape, device)?,
+            attention_mask: Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?,
+            token_type_ids: Tensor::zeros(shape, DType::U32, device)?,
+            real_tokens: rows.iter().map(|r| r.len()).sum(),
+        })
+    }
+}
+
+/// A dense layer `x W^T + b` with torch's weight layout `(out, in)`.
+#[derive(Clone)]
+pub(super) struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Norm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+#[derive(Clone)]
+pub(super) struct Embeddings {
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Tensor,
+    pub norm: Norm,
+}
+
+#[derive(Clone)]
+pub(super) struct Layer {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub attention_out: Linear,
+    pub attention_norm: Norm,
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub output_norm: Norm,
+}
+
+/// `BertForSequenceClassification`: parameters (as candle `Var`s, named as in transformers) and
+/// the forward pass.
+pub struct BertClassifier {
+    pub(super) config: BertConfig,
+    pub(super) labels: Vec<String>,
+    pub(super) params: Vec<(String, Var)>,
+    pub(super) embeddings: Embeddings,
+    pub(super) layers: Vec<Layer>,
+    pub(super) pooler: Linear,
+    pub(super) classifier: Linear,
+    pub(super) activation: Activation,
+    pub(super) dropout: Dropout,
+}
+
+impl BertClassifier {
+    /// Every trainable parameter with its Hugging Face name, in a fixed order.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// The architecture config.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Class names by index.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The parameters' dtype.
+    pub fn dtype(&self) -> DType {
+        self.embeddings.word.dtype()
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        self.embeddings.word.device()
+    }
+
+    /// The token id used for padding.
+    pub fn pad_id(&self) -> u32 {
+        self.config.pad_token_id.unwrap_or(0)
+    }
+
+    /// Training dropout probabilities.
+    pub fn dropout(&self) -> Dropout {
+        self.dropout
+    }
+
+    /// Replaces the training dropout probabilities.
+    pub fn set_dropout(&mut self, dropout: Dropout) {
+        self.dropout = dropout;
+    }
+
+    /// Total number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Class logits `(rows, classes)` for a batch.
+    pub fn forward(&self, batch: &Batch, mut mode: Mode<'_>) -> Result<Tensor> {
+        let (rows, len) = batch.input_ids.dims2()?;
+        let c = &self.config;
+        if len > c.max_position_embeddings {
+            candle_core::bail!(
+                "sequence length {len} exceeds the model's max_position_embeddings {}",
+                c.max_position_embeddings
+            );
+        }
+        let hidden = c.hidden_size;
+        let e = &self.embeddings;
+        let words = e.word.index_select(&batch.input_ids.flatten_all()?, 0)?;
+        let types = e.token_type.index_select(&batch.token_type_ids.flatten_all()?, 0)?;
+        let positions = e.position.narrow(0, 0, len)?;
+        let x = (words + types)?.reshape((rows, len, hidden))?.broadcast_add(&positions)?;
+        let x = ops::layer_norm(&x.reshape((rows * len, hidden))?, &e.norm.weight, &e.norm.bias, c.layer_norm_eps)?;
+        let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &batch.attention_mask, rows, len, &mut mode)?;
+        }
+        let cls = x.reshape((rows, len, hidden))?.i((.., 0))?.contiguous()?;
+        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
+        self.classifier.forward(&pooled)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        mask: &Tensor,
+        rows: usize,
+        len: usize,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
+        let split_heads = |t: Tensor| -> Result<Tensor> {
+            t.reshape((rows, len, heads, head_dim))?.transpose(1, 2)?.contiguous()?.reshape((rows * heads, len, head_dim))
+        };
+        let q = split_heads(layer.query.forward(x)?)?;
+        let k = split_heads(layer.key.forward(x)?)?;
+        let v = split_heads(layer.value.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?.reshape((rows, heads, len, len))?;
+        let probs = ops::masked_softmax(&scores, mask, 1.0 / (head_dim as f64).sqrt())?;
+        let probs = dropout(&probs, self.dropout.attention, mode)?.reshape((rows * heads, len, len))?;
+        let context = probs
+            .matmul(&v)?
+            .reshape((rows, heads, len, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows * len, c.hidden_size))?;
+        let attended = dropout(&layer.attention_out.forward(&context)?, self.dropout.hidden, mode)?;
+        let n = &layer.attention_norm;
+        let x = ops::layer_norm(&(attended + x)?, &n.weight, &n.bias, c.layer_norm_eps)?;
+        let inner = ops::activation(&layer.intermediate.forward(&x)?, self.activation)?;
+        let out = dropout(&layer.output.forward(&inner)?, self.dropout.hidden, mode)?;
+        let n = &layer.output_norm;
+        ops::layer_norm(&(out + x)?, &n.weight, &n.bias, c.layer_norm_eps)
+    }
+}
+
+/// Inverted dropout: zero each element with probability `p`, scale the rest by `1 / (1 - p)`.
+/// The mask is drawn from the training generator, so the same seed and step give the same mask.
+fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
+    let Mode::Train(rng) = mode else { return Ok(x.clone()) };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep_scale = (1.0 / (1.0 - p)) as f32;
+    let threshold = p as f32;
+    let mask: Vec<f32> =
+        (0..x.elem_count()).map(|_| if rng.random::<f32>() < threshold { 0.0 } else { keep_scale }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}

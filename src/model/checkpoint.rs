@@ -1,0 +1,224 @@
+//! Hugging Face checkpoint directories: `config.json` + `model.safetensors` in, the same out.
+//!
+//! Tensor names follow `transformers`: `bert.embeddings...`, `bert.encoder.layer.N...`,
+//! `bert.pooler...`, `classifier...`. Checkpoints of a bare `BertModel` (all-MiniLM-L6-v2) have no
+//! `bert.` prefix, and old ones name LayerNorm parameters `gamma`/`beta`; both load. A head that
+//! the checkpoint lacks (or that has another number of classes) is initialised as transformers
+//! does: normal with std `initializer_range`, zero bias, drawn from the seeded RNG.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand_distr::{Distribution, Normal};
+
+use super::bert::{Embeddings, Layer, Linear, Norm};
+use super::{BertClassifier, BertConfig, Dropout, ModelError};
+use crate::rng;
+
+/// Weights file name inside a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Architecture file name inside a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+
+impl BertClassifier {
+    /// Loads a checkpoint directory for classification into `labels` (class names by index).
+    ///
+    /// With `labels` = `None` the checkpoint's own `id2label` is used (a fine-tuned model).
+    /// Parameters are converted to `dtype`; a missing or mis-sized head is initialised from `seed`.
+    pub fn from_pretrained(
+        dir: &Path,
+        labels: Option<Vec<String>>,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        let config_path = dir.join(CONFIG_FILE);
+        let config = BertConfig::from_file(&config_path)?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !weights_path.is_file() {
+            return Err(ModelError::Io {
+                path: weights_path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors"),
+            });
+        }
+        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?
+            .into_iter()
+            .map(|(name, t)| (canonical_name(&name), t))
+            .collect();
+        let labels = match labels {
+            Some(l) => l,
+            None if !config.id2label.is_empty() => config.id2label.clone(),
+            None => {
+                return Err(ModelError::Unsupported {
+                    path: config_path,
+                    message: "the config has no id2label and no labels were given".into(),
+                });
+            }
+        };
+        let mut loader = Loader { path: &weights_path, tensors, dtype, device, params: Vec::new() };
+        let mut init = Init { rng: rng::stream(seed, "init", 0), std: config.initializer_range };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let embeddings = Embeddings {
+            word: loader.take("bert.embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position: loader
+                .take("bert.embeddings.position_embeddings.weight", &[config.max_position_embeddings, h])?,
+            token_type: loader
+                .take("bert.embeddings.token_type_embeddings.weight", &[config.type_vocab_size, h])?,
+            norm: loader.norm("bert.embeddings.LayerNorm", h)?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for n in 0..config.num_hidden_layers {
+            let p = format!("bert.encoder.layer.{n}");
+            layers.push(Layer {
+                query: loader.linear(&format!("{p}.attention.self.query"), h, h)?,
+                key: loader.linear(&format!("{p}.attention.self.key"), h, h)?,
+                value: loader.linear(&format!("{p}.attention.self.value"), h, h)?,
+                attention_out: loader.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attention_norm: loader.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
+                intermediate: loader.linear(&format!("{p}.intermediate.dense"), i, h)?,
+                output: loader.linear(&format!("{p}.output.dense"), h, i)?,
+                output_norm: loader.norm(&format!("{p}.output.LayerNorm"), h)?,
+            });
+        }
+        let pooler = loader.linear_or_init("bert.pooler.dense", h, h, &mut init)?;
+        let classifier = loader.linear_or_init("classifier", labels.len(), h, &mut init)?;
+        Ok(Self {
+            activation: config.activation().expect("checked when the config was read"),
+            dropout: Dropout::from_config(&config),
+            config,
+            labels,
+            params: loader.params,
+            embeddings,
+            layers,
+            pooler,
+            classifier,
+        })
+    }
+
+    /// Writes a Hugging Face directory (`config.json`, `model.safetensors` with `{"format": "pt"}`
+    /// metadata) that `AutoModelForSequenceClassification.from_pretrained` loads as it is.
+    /// Tensors are written as f32 whatever the training dtype.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
+        let mut config = self.config.raw.clone();
+        let id2label: serde_json::Map<_, _> =
+            self.labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect();
+        let label2id: serde_json::Map<_, _> =
+            self.labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
+        config.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
+        config.insert("model_type".into(), "bert".into());
+        config.insert("num_labels".into(), self.labels.len().into());
+        config.insert("id2label".into(), id2label.into());
+        config.insert("label2id".into(), label2id.into());
+        config.insert("problem_type".into(), "single_label_classification".into());
+        config.insert("dtype".into(), "float32".into());
+        config.remove("torch_dtype");
+        let config_path = dir.join(CONFIG_FILE);
+        let json = serde_json::to_string_pretty(&config).expect("a JSON map serialises") + "\n";
+        std::fs::write(&config_path, json).map_err(|source| ModelError::Io { path: config_path, source })?;
+
+        let tensors = self
+            .params
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        safetensors::serialize_to_file(tensors, Some(metadata), &weights_path)
+            .map_err(|source| ModelError::Safetensors { path: weights_path, source })
+    }
+}
+
+/// Maps a checkpoint's tensor name to the `BertForSequenceClassification` name.
+fn canonical_name(name: &str) -> String {
+    let name = name.replace(".gamma", ".weight").replace(".beta", ".bias");
+    if name.starts_with("bert.") || name.starts_with("classifier.") {
+        name
+    } else {
+        format!("bert.{name}")
+    }
+}
+
+/// Takes tensors out of a checkpoint into `Var`s, recording each parameter's name in order.
+struct Loader<'a> {
+    path: &'a Path,
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &'a Device,
+    params: Vec<(String, Var)>,
+}
+
+struct Init {
+    rng: rng::Rng,
+    std: f64,
+}
+
+impl Loader<'_> {
+    fn register(&mut self, name: &str, tensor: Tensor) -> Result<Tensor, ModelError> {
+        let var = Var::from_tensor(&tensor.to_dtype(self.dtype)?.to_device(self.device)?)?;
+        let t = var.as_tensor().clone();
+        self.params.push((name.to_string(), var));
+        Ok(t)
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let tensor = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor { path: self.path.into(), name: name.into() })?;
+        if tensor.dims() != shape {
+            return Err(ModelError::Shape {
+                path: self.path.into(),
+                name: name.into(),
+                got: tensor.dims().to_vec(),
+                want: shape.to_vec(),
+            });
+        }
+        self.register(name, tensor)
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
+        Ok(Linear {
+            weight: self.take(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: self.take(&format!("{prefix}.bias"), &[out])?,
+        })
+    }
+
+    fn norm(&mut self, prefix: &str, width: usize) -> Result<Norm, ModelError> {
+        Ok(Norm {
+            weight: self.take(&format!("{prefix}.weight"), &[width])?,
+            bias: self.take(&format!("{prefix}.bias"), &[width])?,
+        })
+    }
+
+    /// A linear layer from the checkpoint when it has one of the right shape, else a fresh one.
+    fn linear_or_init(&mut self, prefix: &str, out: usize, inp: usize, init: &mut Init) -> Result<Linear, ModelError> {
+        let (w, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        let fits = self.tensors.get(&w).is_some_and(|t| t.dims() == [out, inp])
+            && self.tensors.get(&b).is_some_and(|t| t.dims() == [out]);
+        if fits {
+            return self.linear(prefix, out, inp);
+        }
+        let normal = Normal::new(0f32, init.std as f32).map_err(|e| ModelError::Unsupported {
+            path: self.path.into(),
+            message: format!("initializer_range {}: {e}", init.std),
+        })?;
+        let weights: Vec<f32> = (0..out * inp).map(|_| normal.sample(&mut init.rng)).collect();
+        let weight = self.register(&w, Tensor::from_vec(weights, (out, inp), &Device::Cpu)?)?;
+        let bias = self.register(&b, Tensor::zeros(out, DType::F32, &Device::Cpu)?)?;
+        Ok(Linear { weight, bias })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn names_are_canonical() {
+        assert_eq!(canonical_name("embeddings.LayerNorm.gamma"), "bert.embeddings.LayerNorm.weight");
+        assert_eq!(canonical_name("bert.pooler.dense.bias"), "bert.pooler.dense.bias");
+        assert_eq!(canonical_name("classifier.weight"), "classifier.weight");
+    }
+}

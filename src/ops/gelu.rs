@@ -1,0 +1,143 @@
+//! Activation functions of the feed-forward block, with backward passes.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{Real, slice, with_real};
+
+/// Elements per parallel work item (element-wise, so the split cannot change results).
+const CHUNK: usize = 1 << 12;
+
+/// The `hidden_act` values of Hugging Face BERT configs that pipe supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: the exact form, `x * Phi(x)` with the error function.
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `relu`.
+    Relu,
+}
+
+impl Activation {
+    /// Parses a config's `hidden_act`.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            "relu" => Some(Self::Relu),
+            _ => None,
+        }
+    }
+
+    fn value_and_slope<T: Real>(self, x: T) -> (T, T) {
+        let half = T::from_f64(0.5);
+        let one = T::one();
+        match self {
+            Self::Gelu => {
+                let cdf = half * (one + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                let pdf = (-half * x * x).exp() * T::from_f64(0.398_942_280_401_432_7);
+                (x * cdf, cdf + x * pdf)
+            }
+            Self::GeluTanh => {
+                let (c, a) = (T::from_f64((2.0 / std::f64::consts::PI).sqrt()), T::from_f64(0.044715));
+                let inner = c * (x + a * x * x * x);
+                let t = inner.tanh();
+                let d_inner = c * (one + T::from_f64(3.0) * a * x * x);
+                (half * x * (one + t), half * (one + t) + half * x * (one - t * t) * d_inner)
+            }
+            Self::Relu => {
+                if x > T::zero() {
+                    (x, one)
+                } else {
+                    (T::zero(), T::zero())
+                }
+            }
+        }
+    }
+}
+
+/// Applies `act` element-wise.
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ActivationOp(act))
+}
+
+struct ActivationOp(Activation);
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_real!("activation", xs, T => {
+            let x = slice::<T>("activation", xs, xl)?;
+            let mut out = vec![T::zero(); x.len()];
+            out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = self.0.value_and_slope(x).0;
+                }
+            });
+            Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBackward(self.0))?))
+    }
+}
+
+struct ActivationBackward(Activation);
+
+impl CustomOp2 for ActivationBackward {
+    fn name(&self) -> &'static str {
+        "activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_real!("activation-backward", xs, T => {
+            let x = slice::<T>("activation-backward", xs, xl)?;
+            let g = slice::<T>("activation-backward", gs, gl)?;
+            let mut out = vec![T::zero(); x.len()];
+            out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(
+                |(dx, (x, g))| {
+                    for i in 0..dx.len() {
+                        dx[i] = g[i] * self.0.value_and_slope(x[i]).1;
+                    }
+                },
+            );
+            Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{check_grad, input};
+
+    #[test]
+    fn exact_gelu_matches_known_values() -> Result<()> {
+        let x = Tensor::new(&[-1.0f64, 0.0, 1.0, 2.0], &candle_core::Device::Cpu)?;
+        let y = activation(&x, Activation::Gelu)?.to_vec1::<f64>()?;
+        // torch.nn.functional.gelu(torch.tensor([-1., 0., 1., 2.], dtype=torch.float64))
+        let want = [-0.15865525393145707, 0.0, 0.8413447460685429, 1.9544997361036416];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-15, "{y:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for act in [Activation::Gelu, Activation::GeluTanh] {
+            check_grad(&input(&[5, 7], 3), |x| activation(x, act).unwrap());
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Differentiable kernels for the training path.
+//!
+//! candle 0.11's fast `layer_norm` and `softmax_last_dim` are built without a backward pass, so a
+//! model that uses them trains only the layers after its last LayerNorm, silently. Every op here is
+//! a candle `CustomOp` with a forward *and* a backward, written for f32 and f64 (f64 for the finite
+//! difference tests). Kernels run rows in parallel with rayon; any reduction across rows sums fixed
+//! blocks in a fixed order, so results are bit-identical whatever the thread count.
+
+mod gelu;
+mod layer_norm;
+mod loss;
+mod softmax;
+
+pub use gelu::{Activation, activation};
+pub use layer_norm::layer_norm;
+pub use loss::cross_entropy;
+pub use softmax::masked_softmax;
+
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+
+/// Rows per block in cross-row reductions (e.g. LayerNorm's weight gradient). Fixed, never derived
+/// from the thread count, so the summation order is the same on every machine.
+pub(crate) const ROW_BLOCK: usize = 32;
+
+/// The float types the kernels are written for.
+pub(crate) trait Real: num_traits::Float + WithDType + Send + Sync + std::iter::Sum {
+    fn erf(self) -> Self;
+}
+
+impl Real for f32 {
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+}
+
+impl Real for f64 {
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+}
+
+/// The contiguous slice behind a storage and layout, or an error naming the op.
+pub(crate) fn slice<'a, T: WithDType>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: input must be contiguous")
+    };
+    Ok(&T::cpu_storage_as_slice(storage)?[start..end])
+}
+
+/// Runs `$body` with `$t` bound to the storage's float type (f32 or f64).
+macro_rules! with_real {
+    ($op:expr, $storage:expr, $t:ident => $body:expr) => {{
+        #[allow(unused_imports)]
+        use {candle_core::WithDType as _, num_traits::{Float as _, One as _, Zero as _}};
+        match $storage {
+            candle_core::CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => candle_core::bail!("{}: only f32 and f64 are supported", $op),
+        }
+    }};
+}
+pub(crate) use with_real;
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Central finite differences for the ops' backward passes.
+    use candle_core::{Device, Tensor};
+
+    /// A deterministic pseudo-random f64 tensor in [-2, 2).
+    pub fn input(shape: &[usize], salt: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ salt;
+        let data: Vec<f64> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks d(sum(f(x) * w))/dx from backprop against central differences, for a fixed random w.
+    pub fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) {
+        let var = candle_core::Var::from_tensor(x).unwrap();
+        let y = f(var.as_tensor());
+        let w = input(y.dims(), 7);
+        let loss = |t: &Tensor| (f(t) * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let grads = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-6;
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += h;
+            let mut minus = base.clone();
+            minus[i] -= h;
+            let at = |v: Vec<f64>| Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap();
+            let numeric = (loss(&at(plus)) - loss(&at(minus))) / (2.0 * h);
+            let err = (numeric - analytic[i]).abs() / numeric.abs().max(1.0);
+            assert!(err < 1e-7, "element {i}: numeric {numeric} vs analytic {}", analytic[i]);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The training loop: seeded batching, forward/backward, accumulation, clipping, AdamW.
+//!
+//! Every source of randomness is a function of the seed and a position (the epoch for shuffling,
+//! the micro-batch for dropout), so a run is fully determined by its inputs and any optimizer step
+//! can be recomputed on its own: that is what makes checkpoints resume to the same bits.
+
+mod batching;
+mod config;
+
+pub use batching::epoch_batches;
+pub use config::TrainConfig;
+
+use candle_core::{Result, Tensor};
+
+use crate::model::{Batch, BertClassifier, Mode};
+use crate::ops;
+use crate::optim::{AdamW, OptimizerConfig, ScheduleConfig, global_grad_norm};
+use crate::rng;
+
+/// Tokenized training rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Examples<'a> {
+    /// Token ids per row (ragged, special tokens included).
+    pub ids: &'a [Vec<u32>],
+    /// Class index per row.
+    pub labels: &'a [u32],
+}
+
+/// What happened in one optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Epoch (0-based) the step belongs to.
+    pub epoch: u64,
+    /// Optimizer steps done, this one included.
+    pub step: u64,
+    /// Optimizer steps in the whole run.
+    pub total_steps: u64,
+    /// Mean training loss over the step's rows.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping (computed only when clipping).
+    pub grad_norm: Option<f64>,
+    /// Rows in the step.
+    pub rows: usize,
+    /// Non-pad tokens in the step.
+    pub real_tokens: usize,
+}
+
+/// A model with its optimizer, schedule and position in the run.
+pub struct Trainer {
+    model: BertClassifier,
+    optimizer: AdamW,
+    schedule: ScheduleConfig,
+    config: TrainConfig,
+    seed: u64,
+    rows: usize,
+    lengths: Vec<usize>,
+    steps_per_epoch: u64,
+    total_steps: u64,
+}
+
+impl Trainer {
+    /// Prepares to train `model` on `data`.
+    pub fn new(
+        model: BertClassifier,
+        optimizer: OptimizerConfig,
+        schedule: ScheduleConfig,
+        config: TrainConfig,
+        seed: u64,
+        data: Examples<'_>,
+    ) -> Result<Self> {
+        if config.batch_size == 0 || config.grad_accum_steps == 0 {
+            candle_core::bail!("batch_size and grad_accum_steps must be at least 1");
+        }
+        if data.ids.is_empty() || data.ids.len() != data.labels.len() {
+            candle_core::bail!("no training rows, or rows and labels differ in number");
+        }
+        let micro_per_epoch = data.ids.len().div_ceil(config.batch_size) as u64;
+        let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum_steps as u64);
+        let total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+        let optimizer = AdamW::new(optimizer, model.params().to_vec())?;
+        Ok(Self {
+            model,
+            optimizer,
+            schedule,
+            seed,
+            rows: data.ids.len(),
+            lengths: data.ids.iter().map(Vec::len).collect(),
+            steps_per_epoch,
+            total_steps,
+            config,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &BertClassifier {
+        &self.model
+    }
+
+    /// The optimizer (and its state).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Mutable optimizer, to restore a checkpointed state.
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// Ends training, handing back the model.
+    pub fn into_model(self) -> BertClassifier {
+        self.model
+    }
+
+    /// Optimizer steps in one epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_per_epoch
+    }
+
+    /// Optimizer steps in the whole run.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// Optimizer steps done so far.
+    pub fn steps_done(&self) -> u64 {
+        self.optimizer.state().step
+    }
+
+    /// Whether every step of the run is done.
+    pub fn finished(&self) -> bool {
+        self.steps_done() >= self.total_steps
+    }
+
+    /// Runs the next optimizer step: its micro-batches' forward and backward passes, clipping, and
+    /// the update.
+    pub fn step(&mut self, data: Examples<'_>) -> Result<StepReport> {
+        let step = self.steps_done();
+        let epoch = step / self.steps_per_epoch;
+        let batches = epoch_batches(self.rows, &self.lengths, &self.config, self.seed, epoch);
+        let accum = self.config.grad_accum_steps;
+        let first = ((step % self.steps_per_epoch) as usize) * accum;
+        let micro = &batches[first..(first + accum).min(batches.len())];
+        let params = self.model.params().to_vec();
+        let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+        let (mut loss_sum, mut rows, mut real_tokens) = (0f64, 0usize, 0usize);
+        for (i, indices) in micro.iter().enumerate() {
+            let row_ids: Vec<&[u32]> = indices.iter().map(|&r| data.ids[r].as_slice()).collect();
+            let labels: Vec<u32> = indices.iter().map(|&r| data.labels[r]).collect();
+            let batch = Batch::pad(&row_ids, self.model.pad_id(), self.model.dtype(), self.model.device())?;
+            let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
+            let logits = self.model.forward(&batch, Mode::Train(&mut dropout_rng))?;
+            let loss = ops::cross_entropy(&logits, &labels, None)?;
+            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * labels.len() as f64;
+            rows += labels.len();
+            real_tokens += batch.real_tokens;
+            let store = loss.affine(1.0 / micro.len() as f64, 0.0)?.backward()?;
+            for (sum, (_, var)) in grads.iter_mut().zip(&params) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(s) => (s + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let (grad_norm, scale) = match self.config.max_grad_norm {
+            Some(max) => {
+                let norm = global_grad_norm(&grads)?;
+                // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped to 1.
+                (Some(norm), (max / (norm + 1e-6)).min(1.0))
+            }
+            None => (None, 1.0),
+        };
+        let lr = self.schedule.lr_at(self.optimizer.config().lr, step, self.total_steps);
+        self.optimizer.step(&grads, lr, scale)?;
+        Ok(StepReport {
+            epoch,
+            step: step + 1,
+            total_steps: self.total_steps,
+            loss: loss_sum / rows as f64,
+            lr,
+            grad_norm,
+            rows,
+            real_tokens,
+        })
+    }
+}
