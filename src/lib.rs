@@ -1,0 +1,19 @@
+//! pipe: fine-tune transformer language models from declarative TOML pipelines.
+//!
+//! The library is laid out by phase:
+//!
+//! - [`data`]: CSV datasets and tokenization into ragged token ids.
+//! - [`model`]: a training-grade BERT (encoder, pooler, classification head) on candle, loading and
+//!   saving Hugging Face checkpoints.
+//! - [`ops`]: fused kernels with forward *and* backward (layer norm, masked softmax, GELU, loss),
+//!   because candle's fast versions cut the gradient.
+//! - [`optim`]: the fused AdamW, schedules, clipping.
+//! - [`train`]: batching and the training loop.
+//! - [`rng`]: the one seeded source of randomness (candle's CPU RNG cannot be seeded).
+
+pub mod data;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod train;
