@@ -156,9 +156,16 @@ impl AdamW {
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
-        let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        let partials: Vec<f64> =
-            g.par_chunks(CHUNK).map(|c| c.iter().map(|x| x * x).sum::<f64>()).collect();
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("global_grad_norm: gradients must be on the CPU");
+        };
+        let values = crate::ops::slice::<f32>("global_grad_norm", cpu, layout)?;
+        let partials: Vec<f64> = values
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .collect();
         total += partials.iter().sum::<f64>();
     }
     Ok(total.sqrt())
