@@ -11,6 +11,7 @@
 //! - [`train`]: batching and the training loop.
 //! - [`rng`]: the one seeded source of randomness (candle's CPU RNG cannot be seeded).
 
+pub mod config;
 pub mod data;
 pub mod model;
 pub mod ops;

@@ -1,0 +1,161 @@
+//! Range and consistency checks that types cannot express. Each problem names the key path it is
+//! about, so that the loader can point at the layer that wrote it.
+
+use super::Pipeline;
+
+/// An invalid value at a key path.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Problem {
+    pub path: &'static str,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+fn problem(path: &'static str, message: impl Into<String>) -> Problem {
+    Problem { path, message: message.into(), help: None }
+}
+
+/// The first invalid value, in file order.
+pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
+    let d = &p.dataset;
+    let checks = [
+        non_empty("name", &p.name),
+        (!is_device(&p.device)).then(|| Problem {
+            path: "device",
+            message: format!("invalid device {:?}", p.device),
+            help: Some("expected \"cpu\", \"cuda\" or \"cuda:N\" with N the GPU index".into()),
+        }),
+        non_empty("dataset.train", &d.train.to_string_lossy()),
+        d.validation.as_ref().and_then(|v| non_empty("dataset.validation", &v.to_string_lossy())),
+        match (&d.validation, d.validation_split) {
+            (Some(_), Some(_)) => Some(Problem {
+                path: "dataset.validation_split",
+                message: "`validation` and `validation_split` are both set".into(),
+                help: Some(
+                    "keep one: `validation` names a CSV file, `validation_split` holds out a \
+                     fraction of the training rows"
+                        .into(),
+                ),
+            }),
+            (None, None) => Some(Problem {
+                path: "dataset",
+                message: "[dataset] needs `validation` or `validation_split`".into(),
+                help: Some(
+                    "add `validation = \"path/to/validation.csv\"` or `validation_split = 0.1`"
+                        .into(),
+                ),
+            }),
+            (_, Some(split)) if !(split > 0.0 && split < 1.0) => Some(problem(
+                "dataset.validation_split",
+                format!(
+                    "`dataset.validation_split` must be between 0 and 1 (exclusive), got {split}"
+                ),
+            )),
+            _ => None,
+        },
+        non_empty("dataset.text_column", &d.text_column),
+        non_empty("dataset.label_column", &d.label_column),
+        (d.text_column == d.label_column).then(|| {
+            problem("dataset.label_column", "`text_column` and `label_column` name the same column")
+        }),
+        non_empty("tokenizer.source", &p.tokenizer.source),
+        (p.tokenizer.max_length < 2).then(|| {
+            problem(
+                "tokenizer.max_length",
+                format!(
+                    "`tokenizer.max_length` must be at least 2 ([CLS] and [SEP]), got {}",
+                    p.tokenizer.max_length
+                ),
+            )
+        }),
+        non_empty("model.source", &p.model.source),
+        probability("model.dropout", p.model.dropout),
+        probability("model.attention_dropout", p.model.attention_dropout),
+        probability("model.classifier_dropout", p.model.classifier_dropout),
+        positive("optimizer.lr", p.optimizer.lr),
+        (!(p.optimizer.weight_decay >= 0.0 && p.optimizer.weight_decay.is_finite())).then(|| {
+            problem(
+                "optimizer.weight_decay",
+                format!(
+                    "`optimizer.weight_decay` must be zero or positive, got {}",
+                    p.optimizer.weight_decay
+                ),
+            )
+        }),
+        p.optimizer.betas.iter().find_map(|&beta| {
+            (!(0.0..1.0).contains(&beta)).then(|| {
+                problem(
+                    "optimizer.betas",
+                    format!("each of `optimizer.betas` must be in [0, 1), got {beta}"),
+                )
+            })
+        }),
+        positive("optimizer.eps", p.optimizer.eps),
+        (!(0.0..1.0).contains(&p.schedule.warmup_ratio)).then(|| {
+            problem(
+                "schedule.warmup_ratio",
+                format!(
+                    "`schedule.warmup_ratio` must be in [0, 1), got {}",
+                    p.schedule.warmup_ratio
+                ),
+            )
+        }),
+        at_least_one("train.epochs", p.train.epochs),
+        at_least_one("train.batch_size", p.train.batch_size as u64),
+        at_least_one("train.grad_accum_steps", p.train.grad_accum_steps as u64),
+        p.train.max_grad_norm.and_then(|norm| positive("train.max_grad_norm", norm)),
+        p.train.max_steps.and_then(|steps| at_least_one("train.max_steps", steps)),
+        at_least_one("evaluate.batch_size", p.evaluate.batch_size as u64),
+        p.evaluate.metrics.is_empty().then(|| {
+            problem("evaluate.metrics", "`evaluate.metrics` must name at least one metric")
+        }),
+        p.evaluate.metrics.iter().enumerate().find_map(|(i, metric)| {
+            p.evaluate.metrics[..i].contains(metric).then(|| {
+                problem("evaluate.metrics", format!("`evaluate.metrics` lists `{metric}` twice"))
+            })
+        }),
+    ];
+    checks.into_iter().flatten().next()
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+fn is_device(device: &str) -> bool {
+    match device.strip_prefix("cuda:") {
+        Some(index) => !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()),
+        None => device == "cpu" || device == "cuda",
+    }
+}
+
+fn non_empty(path: &'static str, value: &str) -> Option<Problem> {
+    value.trim().is_empty().then(|| problem(path, format!("`{path}` must not be empty")))
+}
+
+fn positive(path: &'static str, value: f64) -> Option<Problem> {
+    (!(value > 0.0 && value.is_finite()))
+        .then(|| problem(path, format!("`{path}` must be a positive number, got {value}")))
+}
+
+fn at_least_one(path: &'static str, value: u64) -> Option<Problem> {
+    (value < 1).then(|| problem(path, format!("`{path}` must be at least 1, got {value}")))
+}
+
+fn probability(path: &'static str, value: Option<f64>) -> Option<Problem> {
+    let value = value?;
+    (!(0.0..1.0).contains(&value))
+        .then(|| problem(path, format!("`{path}` must be in [0, 1), got {value}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices() {
+        for good in ["cpu", "cuda", "cuda:0", "cuda:12"] {
+            assert!(is_device(good), "{good}");
+        }
+        for bad in ["", "gpu", "cuda:", "cuda:x", "cuda0", "CPU", "cpu:0"] {
+            assert!(!is_device(bad), "{bad}");
+        }
+    }
+}
