@@ -16,7 +16,13 @@ fn main() -> anyhow::Result<()> {
         println!("SKIPPED: no model at {} (run scripts/fetch-model.sh)", dir.display());
         return Ok(());
     }
-    let model = BertClassifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &Device::Cpu, 0)?;
+    let model = BertClassifier::from_pretrained(
+        &dir,
+        Some(vec!["0".into(), "1".into()]),
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )?;
     let grads: Vec<Option<Tensor>> = model
         .params()
         .iter()

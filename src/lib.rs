@@ -3,6 +3,8 @@
 //! The library is laid out by phase:
 //!
 //! - [`data`]: CSV datasets and tokenization into ragged token ids.
+//! - [`evaluate`]: accuracy, per-class precision/recall/F1 and the confusion matrix, as
+//!   scikit-learn computes them.
 //! - [`model`]: a training-grade BERT (encoder, pooler, classification head) on candle, loading and
 //!   saving Hugging Face checkpoints.
 //! - [`ops`]: fused kernels with forward *and* backward (layer norm, masked softmax, GELU, loss),
@@ -13,8 +15,14 @@
 
 pub mod config;
 pub mod data;
+pub mod digest;
+pub mod engine;
+pub mod evaluate;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plan;
 pub mod rng;
+pub mod stages;
+pub mod store;
 pub mod train;

@@ -14,7 +14,10 @@ fn tiny(dtype: DType) -> BertClassifier {
 }
 
 /// Loss and per-parameter gradients (in parameter order) of the fixture batch.
-fn loss_and_grads(model: &BertClassifier, case: &std::collections::HashMap<String, Tensor>) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
+fn loss_and_grads(
+    model: &BertClassifier,
+    case: &std::collections::HashMap<String, Tensor>,
+) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
     let (batch, labels) = fixture_batch(case, model.dtype());
     let logits = model.forward(&batch, Mode::Eval).unwrap();
     let loss = cross_entropy(&logits, &labels, None).unwrap();
@@ -96,7 +99,13 @@ fn gradients_match_central_finite_differences_in_f64() {
             vec![0, n / 2, n - 1]
         };
         let picks = if name.contains("word_embeddings") {
-            let cls = case["input_ids"].to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()[0] as usize;
+            let cls = case["input_ids"]
+                .to_dtype(DType::U32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()[0] as usize;
             picks.into_iter().map(|c| cls * width + c % width).collect()
         } else {
             picks
@@ -137,7 +146,11 @@ fn trajectory(prefix: &str, steps: u64, clip: Option<f64>, schedule: ScheduleCon
         let (_, loss, grads) = loss_and_grads(&model, &case);
         let loss = loss.to_scalar::<f32>().unwrap() as f64;
         let i = step as usize;
-        assert!((loss - want_losses[i]).abs() / want_losses[i].abs() < 1e-4, "{prefix} loss {i}: {loss} vs {}", want_losses[i]);
+        assert!(
+            (loss - want_losses[i]).abs() / want_losses[i].abs() < 1e-4,
+            "{prefix} loss {i}: {loss} vs {}",
+            want_losses[i]
+        );
         let lr = schedule.lr_at(1e-3, step, steps);
         assert!((lr - want_lrs[i]).abs() < 1e-12, "{prefix} lr {i}: {lr} vs {}", want_lrs[i]);
         let scale = clip.map_or(1.0, |max| (max / (global_grad_norm(&grads).unwrap() + 1e-6)).min(1.0));
@@ -170,8 +183,10 @@ fn minilm_tokens_logits_loss_and_gradients_match_pytorch() {
     let Some(dir) = common::minilm_dir() else { return };
     let case = load("parity/minilm-sst2-case.safetensors");
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("parity/minilm-sst2-case.json")).unwrap()).unwrap();
-    let texts: Vec<String> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+        serde_json::from_str(&std::fs::read_to_string(fixture("parity/minilm-sst2-case.json")).unwrap())
+            .unwrap();
+    let texts: Vec<String> =
+        json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
     let encoder = pipe::data::TextEncoder::from_file(&dir.join("tokenizer.json"), 128).unwrap();
     let ids = encoder.encode_all(&texts).unwrap();
     let mask = case["attention_mask"].to_vec2::<i64>().unwrap();
@@ -182,7 +197,14 @@ fn minilm_tokens_logits_loss_and_gradients_match_pytorch() {
         assert_eq!(ids, &want, "token ids of row {row}");
     }
 
-    let model = BertClassifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &Device::Cpu, 0).unwrap();
+    let model = BertClassifier::from_pretrained(
+        &dir,
+        Some(vec!["0".into(), "1".into()]),
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
     for (name, var) in model.params() {
         if let Some(t) = case.get(name) {
             var.set(t).unwrap();

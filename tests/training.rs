@@ -32,8 +32,14 @@ fn synthetic() -> (Vec<Vec<u32>>, Vec<u32>) {
 
 fn tiny_model() -> BertClassifier {
     let labels = LABELS.iter().map(|s| s.to_string()).collect();
-    let mut model =
-        BertClassifier::from_pretrained(&fixture("parity/bert-tiny"), Some(labels), DType::F32, &Device::Cpu, 3).unwrap();
+    let mut model = BertClassifier::from_pretrained(
+        &fixture("parity/bert-tiny"),
+        Some(labels),
+        DType::F32,
+        &Device::Cpu,
+        3,
+    )
+    .unwrap();
     // The fixture has dropout 0; train with it on so that the seeded masks are exercised.
     model.set_dropout(Dropout { hidden: 0.1, attention: 0.1, classifier: 0.1 });
     model
@@ -51,7 +57,8 @@ fn train(seed: u64) -> BertClassifier {
         length_bucketing: true,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(tiny_model(), optimizer, ScheduleConfig::default(), config, seed, data).unwrap();
+    let mut trainer =
+        Trainer::new(tiny_model(), optimizer, ScheduleConfig::default(), config, seed, data).unwrap();
     while !trainer.finished() {
         trainer.step(data).unwrap();
     }
@@ -109,7 +116,10 @@ fn same_bits_with_one_and_two_threads() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "child failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        stdout.lines().find_map(|l| l.strip_prefix("DIGEST ").map(str::to_string)).expect("child printed a digest")
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("DIGEST ").map(str::to_string))
+            .expect("child printed a digest")
     };
     let one = digest("1");
     assert_eq!(one, digest("2"), "weights differ between 1 and 2 threads");

@@ -165,12 +165,7 @@ fn render(origin: &Origin, message: &str, help: Option<&str>) -> String {
         // Keep tabs in the caret line so the carets stay under the text whatever the tab width.
         let indent: String =
             s.text.chars().take(s.column - 1).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
-        out.push_str(&format!(
-            "\n{pad} |\n{} | {}\n{pad} | {indent}{}",
-            s.line,
-            s.text,
-            "^".repeat(s.width)
-        ));
+        out.push_str(&format!("\n{pad} |\n{} | {}\n{pad} | {indent}{}", s.line, s.text, "^".repeat(s.width)));
     }
     if let Some(help) = help {
         out.push_str(&format!("\n{pad} = help: {help}"));

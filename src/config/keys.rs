@@ -14,12 +14,7 @@ pub(crate) fn unknown_keys(table: &toml::Table) -> Vec<KeyPath> {
     out
 }
 
-fn collect_unknown(
-    table: &toml::Table,
-    schema: &'static Value,
-    path: &mut KeyPath,
-    out: &mut Vec<KeyPath>,
-) {
+fn collect_unknown(table: &toml::Table, schema: &'static Value, path: &mut KeyPath, out: &mut Vec<KeyPath>) {
     let properties = &schema["properties"];
     for (key, value) in table {
         path.push(key.clone());
@@ -48,9 +43,7 @@ pub(crate) fn first_missing_key(table: &toml::Table) -> Option<KeyPath> {
         }
         let properties = schema["properties"].as_object()?;
         for (key, child) in properties {
-            if let (Some(toml::Value::Table(inner)), Some(child)) =
-                (table.get(key), as_table_schema(child))
-            {
+            if let (Some(toml::Value::Table(inner)), Some(child)) = (table.get(key), as_table_schema(child)) {
                 path.push(key.clone());
                 if let Some(missing) = walk(inner, child, path) {
                     return Some(missing);
@@ -95,9 +88,7 @@ fn closest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
     valid
         .iter()
         .map(|candidate| (strsim::osa_distance(key, candidate), *candidate))
-        .filter(|(distance, candidate)| {
-            *distance <= limit || (key.len() >= 4 && candidate.starts_with(key))
-        })
+        .filter(|(distance, candidate)| *distance <= limit || (key.len() >= 4 && candidate.starts_with(key)))
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, candidate)| candidate)
 }
@@ -105,17 +96,10 @@ fn closest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
 /// The dotted path of a key named exactly `key` in another section (`lr` in [train] ->
 /// `optimizer.lr`).
 fn elsewhere(key: &str, section: &[String]) -> Option<String> {
-    fn walk(
-        schema: &'static Value,
-        path: &mut KeyPath,
-        key: &str,
-        skip: &[String],
-    ) -> Option<String> {
+    fn walk(schema: &'static Value, path: &mut KeyPath, key: &str, skip: &[String]) -> Option<String> {
         let properties = schema["properties"].as_object()?;
         if path.as_slice() != skip && properties.contains_key(key) {
-            return Some(
-                path.iter().map(String::as_str).chain([key]).collect::<Vec<_>>().join("."),
-            );
+            return Some(path.iter().map(String::as_str).chain([key]).collect::<Vec<_>>().join("."));
         }
         for (name, child) in properties {
             if let Some(child) = as_table_schema(child) {
@@ -158,9 +142,7 @@ fn as_table_schema(schema: &'static Value) -> Option<&'static Value> {
 }
 
 fn keys(schema: &'static Value) -> Vec<&'static str> {
-    schema["properties"]
-        .as_object()
-        .map_or_else(Vec::new, |p| p.keys().map(String::as_str).collect())
+    schema["properties"].as_object().map_or_else(Vec::new, |p| p.keys().map(String::as_str).collect())
 }
 
 fn required(schema: &'static Value) -> Vec<&'static str> {
@@ -202,8 +184,7 @@ mod tests {
     #[test]
     fn finds_unknown_keys_at_every_depth() {
         let table: toml::Table =
-            toml::from_str("bogus = 1\n[train]\nepoch = 3\nepochs = 2\n[optimizer]\nlr = 1e-5\n")
-                .unwrap();
+            toml::from_str("bogus = 1\n[train]\nepoch = 3\nepochs = 2\n[optimizer]\nlr = 1e-5\n").unwrap();
         assert_eq!(unknown_keys(&table), vec![path("bogus"), path("train.epoch")]);
     }
 

@@ -57,10 +57,7 @@ impl Written {
                     Part::Key => key.clone(),
                     Part::Value => value.clone(),
                 };
-                Origin::File {
-                    path: file.path.clone(),
-                    snippet: Some(Snippet::new(&file.text, span)),
-                }
+                Origin::File { path: file.path.clone(), snippet: Some(Snippet::new(&file.text, span)) }
             }
             Written::Env { var, value } => Origin::Env { var: var.clone(), value: value.clone() },
             Written::Set { arg } => Origin::Set { arg: arg.clone() },
@@ -153,18 +150,10 @@ fn read_file_chain(
     Ok(())
 }
 
-fn record_file(
-    table: &DeTable<'_>,
-    path: &mut KeyPath,
-    file: &Arc<SourceFile>,
-    out: &mut Provenance,
-) {
+fn record_file(table: &DeTable<'_>, path: &mut KeyPath, file: &Arc<SourceFile>, out: &mut Provenance) {
     for (key, value) in table {
         path.push(key.get_ref().to_string());
-        out.insert(
-            path.clone(),
-            Written::File { file: file.clone(), key: key.span(), value: value.span() },
-        );
+        out.insert(path.clone(), Written::File { file: file.clone(), key: key.span(), value: value.span() });
         if let DeValue::Table(inner) = value.get_ref() {
             record_file(inner, path, file, out);
         }
@@ -177,16 +166,13 @@ fn record_file(
 pub(crate) fn env_layers(env: &[(String, String)]) -> Result<Vec<Layer>, ConfigError> {
     let mut vars: Vec<&(String, String)> = env
         .iter()
-        .filter(|(name, _)| {
-            name.starts_with(ENV_PREFIX) && !RESERVED_ENV_VARS.contains(&name.as_str())
-        })
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX) && !RESERVED_ENV_VARS.contains(&name.as_str()))
         .collect();
     vars.sort();
     vars.into_iter()
         .map(|(var, value)| {
             let written = Written::Env { var: var.clone(), value: value.clone() };
-            let path: KeyPath =
-                var[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+            let path: KeyPath = var[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
             if path.iter().any(String::is_empty) {
                 return Err(ConfigError::Invalid {
                     origin: written.origin(Part::Key),
@@ -217,9 +203,7 @@ pub(crate) fn override_layers(overrides: &[String]) -> Result<Vec<Layer>, Config
                 return Err(ConfigError::Invalid {
                     origin: written.origin(Part::Key),
                     message: "expected `key=value` with a dotted key".into(),
-                    help: Some(
-                        "for example --set train.epochs=2 or --set optimizer.lr=3e-5".into(),
-                    ),
+                    help: Some("for example --set train.epochs=2 or --set optimizer.lr=3e-5".into()),
                 });
             };
             Ok(layer_for(path, parse_value(value.trim()), written))

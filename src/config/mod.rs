@@ -333,19 +333,18 @@ pub fn load_with_env(
         });
     }
 
-    let pipeline: Pipeline =
-        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|err| {
-            let key_path = key_path_of(err.path());
-            let message = readable_serde_message(err.inner().message());
-            ConfigError::Invalid {
-                origin: blame(&key_path, Part::Value),
-                message: match key_path.is_empty() {
-                    true => message,
-                    false => format!("wrong value for `{}`: {message}", key_path.join(".")),
-                },
-                help: None,
-            }
-        })?;
+    let pipeline: Pipeline = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|err| {
+        let key_path = key_path_of(err.path());
+        let message = readable_serde_message(err.inner().message());
+        ConfigError::Invalid {
+            origin: blame(&key_path, Part::Value),
+            message: match key_path.is_empty() {
+                true => message,
+                false => format!("wrong value for `{}`: {message}", key_path.join(".")),
+            },
+            help: None,
+        }
+    })?;
 
     if let Some(problem) = validate::first_problem(&pipeline) {
         let key_path: KeyPath = problem.path.split('.').map(str::to_owned).collect();
@@ -367,8 +366,7 @@ fn derive_defaults(merged: &mut toml::Table, provenance: &mut Provenance, path: 
     let Some(model_source) = merged.get("model").and_then(|m| m.get("source")).cloned() else {
         return;
     };
-    let tokenizer =
-        merged.entry("tokenizer").or_insert_with(|| toml::Value::Table(Default::default()));
+    let tokenizer = merged.entry("tokenizer").or_insert_with(|| toml::Value::Table(Default::default()));
     if let Some(tokenizer) = tokenizer.as_table_mut()
         && !tokenizer.contains_key("source")
     {

@@ -8,11 +8,10 @@ use super::error::ConfigError;
 /// Resolves a `model.source` / `tokenizer.source` to a directory, reading the cache location from
 /// the process environment. See [`resolve_source_with_env`].
 pub fn resolve_source(source: &str) -> Result<PathBuf, ConfigError> {
-    let env: Vec<(String, String)> =
-        ["HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HOME", "USERPROFILE"]
-            .iter()
-            .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
-            .collect();
+    let env: Vec<(String, String)> = ["HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HOME", "USERPROFILE"]
+        .iter()
+        .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
+        .collect();
     resolve_source_with_env(source, &env)
 }
 
@@ -23,10 +22,7 @@ pub fn resolve_source(source: &str) -> Result<PathBuf, ConfigError> {
 ///    else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
 ///    `~/.cache/huggingface/hub`. There `models--org--name/refs/main` holds the commit whose
 ///    files are in `snapshots/<commit>/`; without `refs/main`, the only (or newest) snapshot.
-pub fn resolve_source_with_env(
-    source: &str,
-    env: &[(String, String)],
-) -> Result<PathBuf, ConfigError> {
+pub fn resolve_source_with_env(source: &str, env: &[(String, String)]) -> Result<PathBuf, ConfigError> {
     let local = Path::new(source);
     if local.is_dir() {
         return Ok(local.to_owned());
@@ -82,9 +78,8 @@ fn is_hub_id(source: &str) -> bool {
 
 /// The hub cache directory and the variable it came from, as `huggingface_hub` chooses it.
 fn hub_cache_dir(env: &[(String, String)]) -> Option<(PathBuf, &'static str)> {
-    let var = |name: &str| {
-        env.iter().find(|(k, v)| k == name && !v.is_empty()).map(|(_, v)| PathBuf::from(v))
-    };
+    let var =
+        |name: &str| env.iter().find(|(k, v)| k == name && !v.is_empty()).map(|(_, v)| PathBuf::from(v));
     if let Some(dir) = var("HF_HUB_CACHE") {
         return Some((dir, "HF_HUB_CACHE"));
     }
@@ -109,9 +104,7 @@ fn snapshot(repo: &Path) -> Result<PathBuf, String> {
             let dir = snapshots.join(commit.trim());
             match dir.is_dir() {
                 true => Ok(dir),
-                false => {
-                    Err(format!("refs/main names snapshot {} but it is missing", commit.trim()))
-                }
+                false => Err(format!("refs/main names snapshot {} but it is missing", commit.trim())),
             }
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => newest_snapshot(&snapshots),
@@ -120,8 +113,7 @@ fn snapshot(repo: &Path) -> Result<PathBuf, String> {
 }
 
 fn newest_snapshot(snapshots: &Path) -> Result<PathBuf, String> {
-    let entries =
-        std::fs::read_dir(snapshots).map_err(|err| format!("cannot list snapshots/: {err}"))?;
+    let entries = std::fs::read_dir(snapshots).map_err(|err| format!("cannot list snapshots/: {err}"))?;
     let mut dirs = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|err| format!("cannot list snapshots/: {err}"))?;
@@ -169,10 +161,7 @@ mod tests {
         let repo = home.path().join(".cache/huggingface/hub/models--bert-tiny");
         std::fs::create_dir_all(repo.join("snapshots/f00d")).unwrap();
         let env = vec![("HOME".to_owned(), home.path().display().to_string())];
-        assert_eq!(
-            resolve_source_with_env("bert-tiny", &env).unwrap(),
-            repo.join("snapshots/f00d")
-        );
+        assert_eq!(resolve_source_with_env("bert-tiny", &env).unwrap(), repo.join("snapshots/f00d"));
     }
 
     #[test]

@@ -29,11 +29,7 @@ fn sets(args: &[&str]) -> Vec<String> {
 }
 
 /// Loads `text` as `p.toml` with the given overrides and environment.
-fn load_text(
-    text: &str,
-    overrides: &[&str],
-    vars: &[(&str, &str)],
-) -> Result<Pipeline, ConfigError> {
+fn load_text(text: &str, overrides: &[&str], vars: &[(&str, &str)]) -> Result<Pipeline, ConfigError> {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "p.toml", text);
     load_with_env(&path, &sets(overrides), &env(vars))
@@ -102,10 +98,7 @@ fn unknown_key_shows_the_line_with_a_caret_and_a_suggestion() {
 fn unknown_keys_are_found_at_the_top_level_and_in_every_section() {
     let cases = [
         ("seeed = 1\n", "p.toml:1:1: unknown key `seeed` at the top level; did you mean `seed`?"),
-        (
-            "lr = 1e-5\n",
-            "p.toml:1:1: unknown key `lr` at the top level; did you mean `optimizer.lr`?",
-        ),
+        ("lr = 1e-5\n", "p.toml:1:1: unknown key `lr` at the top level; did you mean `optimizer.lr`?"),
         (
             "[optimizer]\nweight_decai = 0.1\n",
             "p.toml:2:1: unknown key `weight_decai` in [optimizer]; did you mean `weight_decay`?",
@@ -154,17 +147,11 @@ fn wrong_type_points_at_the_value() {
 #[test]
 fn invalid_values_point_at_the_value_in_the_file() {
     let cases = [
-        (
-            "[optimizer]\nlr = -1e-5\n",
-            "p.toml:8:6: `optimizer.lr` must be a positive number, got -0.00001",
-        ),
+        ("[optimizer]\nlr = -1e-5\n", "p.toml:8:6: `optimizer.lr` must be a positive number, got -0.00001"),
         ("[train]\nbatch_size = 0\n", "p.toml:8:14: `train.batch_size` must be at least 1, got 0"),
         ("[tokenizer]\nmax_length = 1\n", "p.toml:8:14: `tokenizer.max_length` must be at least 2"),
         ("[model.x]\n", "unknown key `x` in [model]"),
-        (
-            "[schedule]\nwarmup_ratio = 1.0\n",
-            "p.toml:8:16: `schedule.warmup_ratio` must be in [0, 1)",
-        ),
+        ("[schedule]\nwarmup_ratio = 1.0\n", "p.toml:8:16: `schedule.warmup_ratio` must be in [0, 1)"),
     ];
     for (extra, want) in cases {
         let message = error_text(&format!("{MINIMAL}{extra}"), &[], &[]);
@@ -185,13 +172,9 @@ fn invalid_values_point_at_the_value_in_the_file() {
 fn dataset_needs_exactly_one_kind_of_validation_data() {
     let both = MINIMAL.replace("[model]", "validation_split = 0.1\n\n[model]");
     let message = error_text(&both, &[], &[]);
-    assert_contains(
-        &message,
-        &["p.toml:5:20: `validation` and `validation_split` are both set", "keep one"],
-    );
+    assert_contains(&message, &["p.toml:5:20: `validation` and `validation_split` are both set", "keep one"]);
 
-    let split_only =
-        MINIMAL.replace("validation = \"data/validation.csv\"", "validation_split = 1.5");
+    let split_only = MINIMAL.replace("validation = \"data/validation.csv\"", "validation_split = 1.5");
     let message = error_text(&split_only, &[], &[]);
     assert_contains(&message, &["p.toml:3:20: `dataset.validation_split` must be between 0 and 1"]);
     let split_only = split_only.replace("1.5", "0.1");
@@ -204,8 +187,7 @@ fn dataset_needs_exactly_one_kind_of_validation_data() {
 
 #[test]
 fn missing_required_keys_name_the_section() {
-    let message =
-        error_text("[dataset]\nvalidation = \"v.csv\"\n[model]\nsource = \"m\"\n", &[], &[]);
+    let message = error_text("[dataset]\nvalidation = \"v.csv\"\n[model]\nsource = \"m\"\n", &[], &[]);
     assert_contains(&message, &["p.toml:1:2: missing required key `train` in [dataset]"]);
     let message = error_text("[dataset]\ntrain = \"t.csv\"\nvalidation = \"v.csv\"\n", &[], &[]);
     assert_contains(&message, &["p.toml: missing required section [model]"]);
@@ -219,10 +201,7 @@ fn overrides_name_the_argument() {
         &["--set train.epoch=2: unknown key `epoch` in [train]; did you mean `epochs`?"],
     );
     let message = error_text(MINIMAL, &["train.epochs=three"], &[]);
-    assert_contains(
-        &message,
-        &["--set train.epochs=three: wrong value for `train.epochs`", "integer"],
-    );
+    assert_contains(&message, &["--set train.epochs=three: wrong value for `train.epochs`", "integer"]);
     let message = error_text(MINIMAL, &["optimizer.lr=-3"], &[]);
     assert_contains(&message, &["--set optimizer.lr=-3: `optimizer.lr` must be a positive number"]);
     let message = error_text(MINIMAL, &["train.epochs"], &[]);
@@ -234,17 +213,12 @@ fn environment_errors_name_the_variable() {
     let message = error_text(MINIMAL, &[], &[("PIPE_TRAIN__EPOCH", "3")]);
     assert_contains(
         &message,
-        &[
-            "environment variable PIPE_TRAIN__EPOCH=3: unknown key `epoch` in [train]; did you mean `epochs`?",
-        ],
+        &["environment variable PIPE_TRAIN__EPOCH=3: unknown key `epoch` in [train]; did you mean `epochs`?"],
     );
     let message = error_text(MINIMAL, &[], &[("PIPE_DEVICE", "tpu")]);
     assert_contains(&message, &["environment variable PIPE_DEVICE=tpu: invalid device \"tpu\""]);
     let message = error_text(MINIMAL, &[], &[("PIPE_TRAIN_EPOCHS", "3")]);
-    assert_contains(
-        &message,
-        &["environment variable PIPE_TRAIN_EPOCHS=3: unknown key `train_epochs`"],
-    );
+    assert_contains(&message, &["environment variable PIPE_TRAIN_EPOCHS=3: unknown key `train_epochs`"]);
 }
 
 #[test]
@@ -255,10 +229,7 @@ fn missing_files_are_named() {
 
     let path = write(dir.path(), "p.toml", &format!("extends = \"nope/base.toml\"\n{MINIMAL}"));
     let message = load_with_env(&path, &[], &[]).unwrap_err().to_string();
-    assert_contains(
-        &message,
-        &["p.toml:1:11: cannot read `", "nope/base.toml", "named by `extends`"],
-    );
+    assert_contains(&message, &["p.toml:1:11: cannot read `", "nope/base.toml", "named by `extends`"]);
 }
 
 #[test]
@@ -267,10 +238,7 @@ fn extends_cycles_are_errors() {
     write(dir.path(), "a.toml", "extends = \"b.toml\"\n");
     let b = write(dir.path(), "b.toml", "extends = \"a.toml\"\n");
     let message = load_with_env(&b, &[], &[]).unwrap_err().to_string();
-    assert_contains(
-        &message,
-        &["a.toml:1:11: `extends` forms a cycle: `", "b.toml` -> `", "a.toml` -> `"],
-    );
+    assert_contains(&message, &["a.toml:1:11: `extends` forms a cycle: `", "b.toml` -> `", "a.toml` -> `"]);
 }
 
 #[test]
@@ -288,8 +256,7 @@ fn layers_apply_in_order_file_env_set() {
     let p = load_text(&text, &[], &vars).unwrap();
     assert_eq!((p.train.epochs, p.train.batch_size, p.optimizer.lr, p.seed), (6, 4, 2e-5, 7));
 
-    let overrides =
-        ["train.epochs=7", "optimizer.lr=3e-5", "model.source=models/x", "device=cuda:1"];
+    let overrides = ["train.epochs=7", "optimizer.lr=3e-5", "model.source=models/x", "device=cuda:1"];
     let p = load_text(&text, &overrides, &vars).unwrap();
     assert_eq!((p.train.epochs, p.optimizer.lr, p.seed), (7, 3e-5, 7));
     assert_eq!((p.model.source.as_str(), p.tokenizer.source.as_str()), ("models/x", "models/x"));
@@ -304,21 +271,9 @@ fn layers_apply_in_order_file_env_set() {
 #[test]
 fn extends_chains_resolve_relative_to_each_file() {
     let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "base/base.toml",
-        &format!("seed = 1\n{MINIMAL}[train]\nepochs = 9\nbatch_size = 3\n"),
-    );
-    write(
-        dir.path(),
-        "mid/mid.toml",
-        "extends = \"../base/base.toml\"\nseed = 2\n[train]\nepochs = 8\n",
-    );
-    let top = write(
-        dir.path(),
-        "top.toml",
-        "extends = \"mid/mid.toml\"\n[schedule]\nkind = \"cosine\"\n",
-    );
+    write(dir.path(), "base/base.toml", &format!("seed = 1\n{MINIMAL}[train]\nepochs = 9\nbatch_size = 3\n"));
+    write(dir.path(), "mid/mid.toml", "extends = \"../base/base.toml\"\nseed = 2\n[train]\nepochs = 8\n");
+    let top = write(dir.path(), "top.toml", "extends = \"mid/mid.toml\"\n[schedule]\nkind = \"cosine\"\n");
     let p = load_with_env(&top, &[], &[]).unwrap();
     assert_eq!(p.name, "top");
     assert_eq!((p.seed, p.train.epochs, p.train.batch_size), (2, 8, 3));
@@ -360,10 +315,7 @@ fn shipped_pipelines_load() {
     let quick = load_with_env(&root.join("pipelines/quickstart.toml"), &[], &[]).unwrap();
     assert_eq!(quick.name, "quickstart");
     assert_eq!(quick.dataset.train, PathBuf::from("data/sst2/train-4000.csv"));
-    assert_eq!(
-        (quick.train.epochs, quick.train.batch_size, quick.tokenizer.max_length),
-        (1, 32, 64)
-    );
+    assert_eq!((quick.train.epochs, quick.train.batch_size, quick.tokenizer.max_length), (1, 32, 64));
     assert_eq!(quick.model, bert.model);
     assert_eq!(quick.optimizer, bert.optimizer);
 }

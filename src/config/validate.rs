@@ -41,15 +41,12 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
                 path: "dataset",
                 message: "[dataset] needs `validation` or `validation_split`".into(),
                 help: Some(
-                    "add `validation = \"path/to/validation.csv\"` or `validation_split = 0.1`"
-                        .into(),
+                    "add `validation = \"path/to/validation.csv\"` or `validation_split = 0.1`".into(),
                 ),
             }),
             (_, Some(split)) if !(split > 0.0 && split < 1.0) => Some(problem(
                 "dataset.validation_split",
-                format!(
-                    "`dataset.validation_split` must be between 0 and 1 (exclusive), got {split}"
-                ),
+                format!("`dataset.validation_split` must be between 0 and 1 (exclusive), got {split}"),
             )),
             _ => None,
         },
@@ -84,20 +81,14 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         }),
         p.optimizer.betas.iter().find_map(|&beta| {
             (!(0.0..1.0).contains(&beta)).then(|| {
-                problem(
-                    "optimizer.betas",
-                    format!("each of `optimizer.betas` must be in [0, 1), got {beta}"),
-                )
+                problem("optimizer.betas", format!("each of `optimizer.betas` must be in [0, 1), got {beta}"))
             })
         }),
         positive("optimizer.eps", p.optimizer.eps),
         (!(0.0..1.0).contains(&p.schedule.warmup_ratio)).then(|| {
             problem(
                 "schedule.warmup_ratio",
-                format!(
-                    "`schedule.warmup_ratio` must be in [0, 1), got {}",
-                    p.schedule.warmup_ratio
-                ),
+                format!("`schedule.warmup_ratio` must be in [0, 1), got {}", p.schedule.warmup_ratio),
             )
         }),
         at_least_one("train.epochs", p.train.epochs),
@@ -106,13 +97,14 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         p.train.max_grad_norm.and_then(|norm| positive("train.max_grad_norm", norm)),
         p.train.max_steps.and_then(|steps| at_least_one("train.max_steps", steps)),
         at_least_one("evaluate.batch_size", p.evaluate.batch_size as u64),
-        p.evaluate.metrics.is_empty().then(|| {
-            problem("evaluate.metrics", "`evaluate.metrics` must name at least one metric")
-        }),
+        p.evaluate
+            .metrics
+            .is_empty()
+            .then(|| problem("evaluate.metrics", "`evaluate.metrics` must name at least one metric")),
         p.evaluate.metrics.iter().enumerate().find_map(|(i, metric)| {
-            p.evaluate.metrics[..i].contains(metric).then(|| {
-                problem("evaluate.metrics", format!("`evaluate.metrics` lists `{metric}` twice"))
-            })
+            p.evaluate.metrics[..i]
+                .contains(metric)
+                .then(|| problem("evaluate.metrics", format!("`evaluate.metrics` lists `{metric}` twice")))
         }),
     ];
     checks.into_iter().flatten().next()
@@ -141,8 +133,7 @@ fn at_least_one(path: &'static str, value: u64) -> Option<Problem> {
 
 fn probability(path: &'static str, value: Option<f64>) -> Option<Problem> {
     let value = value?;
-    (!(0.0..1.0).contains(&value))
-        .then(|| problem(path, format!("`{path}` must be in [0, 1), got {value}")))
+    (!(0.0..1.0).contains(&value)).then(|| problem(path, format!("`{path}` must be in [0, 1), got {value}")))
 }
 
 #[cfg(test)]

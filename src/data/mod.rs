@@ -1,5 +1,10 @@
-//! Datasets: tokenization of texts into ragged token ids.
+//! Datasets: labelled CSV files, class labels, validation splits, and tokenization of texts into
+//! ragged token ids.
 
+mod dataset;
 mod tokenize;
+mod tokens;
 
+pub use dataset::{DataError, LabelMap, LabeledTexts, duplicate_texts, read_csv, stratified_split};
 pub use tokenize::{TextEncoder, TokenizeError};
+pub use tokens::{TokenizedSplit, TokensError, load_tokens, save_tokens};

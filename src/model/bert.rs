@@ -183,7 +183,12 @@ impl BertClassifier {
         let types = e.token_type.index_select(&batch.token_type_ids.flatten_all()?, 0)?;
         let positions = e.position.narrow(0, 0, len)?;
         let x = (words + types)?.reshape((rows, len, hidden))?.broadcast_add(&positions)?;
-        let x = ops::layer_norm(&x.reshape((rows * len, hidden))?, &e.norm.weight, &e.norm.bias, c.layer_norm_eps)?;
+        let x = ops::layer_norm(
+            &x.reshape((rows * len, hidden))?,
+            &e.norm.weight,
+            &e.norm.bias,
+            c.layer_norm_eps,
+        )?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &batch.attention_mask, rows, len, &mut mode)?;
@@ -206,7 +211,11 @@ impl BertClassifier {
         let c = &self.config;
         let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
         let split_heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((rows, len, heads, head_dim))?.transpose(1, 2)?.contiguous()?.reshape((rows * heads, len, head_dim))
+            t.reshape((rows, len, heads, head_dim))?.transpose(1, 2)?.contiguous()?.reshape((
+                rows * heads,
+                len,
+                head_dim,
+            ))
         };
         let q = split_heads(layer.query.forward(x)?)?;
         let k = split_heads(layer.key.forward(x)?)?;

@@ -121,7 +121,9 @@ impl BertClassifier {
         let tensors = self
             .params
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .map(|(name, var)| {
+                Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         let weights_path = dir.join(WEIGHTS_FILE);
@@ -133,11 +135,7 @@ impl BertClassifier {
 /// Maps a checkpoint's tensor name to the `BertForSequenceClassification` name.
 fn canonical_name(name: &str) -> String {
     let name = name.replace(".gamma", ".weight").replace(".beta", ".bias");
-    if name.starts_with("bert.") || name.starts_with("classifier.") {
-        name
-    } else {
-        format!("bert.{name}")
-    }
+    if name.starts_with("bert.") || name.starts_with("classifier.") { name } else { format!("bert.{name}") }
 }
 
 /// Takes tensors out of a checkpoint into `Var`s, recording each parameter's name in order.
@@ -193,7 +191,13 @@ impl Loader<'_> {
     }
 
     /// A linear layer from the checkpoint when it has one of the right shape, else a fresh one.
-    fn linear_or_init(&mut self, prefix: &str, out: usize, inp: usize, init: &mut Init) -> Result<Linear, ModelError> {
+    fn linear_or_init(
+        &mut self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        init: &mut Init,
+    ) -> Result<Linear, ModelError> {
         let (w, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
         let fits = self.tensors.get(&w).is_some_and(|t| t.dims() == [out, inp])
             && self.tensors.get(&b).is_some_and(|t| t.dims() == [out]);

@@ -60,10 +60,10 @@ fn default_init_range() -> f64 {
 impl BertConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ModelError::Io { path: path.into(), source })?;
-        let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|source| ModelError::Config { path: path.into(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        let raw: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).map_err(|source| ModelError::Config { path: path.into(), source })?;
         let mut config: Self = serde_json::from_value(serde_json::Value::Object(raw.clone()))
             .map_err(|source| ModelError::Config { path: path.into(), source })?;
         let unsupported = |message: String| ModelError::Unsupported { path: path.into(), message };
@@ -76,17 +76,15 @@ impl BertConfig {
         if config.activation().is_none() {
             return Err(unsupported(format!("hidden_act `{}` is not supported", config.hidden_act)));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(unsupported(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 config.hidden_size, config.num_attention_heads
             )));
         }
         if let Some(map) = raw.get("id2label").and_then(|v| v.as_object()) {
-            let mut labels: Vec<(usize, String)> = map
-                .iter()
-                .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
-                .collect();
+            let mut labels: Vec<(usize, String)> =
+                map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
             labels.sort();
             if labels.iter().enumerate().all(|(i, (k, _))| i == *k) {
                 config.id2label = labels.into_iter().map(|(_, v)| v).collect();

@@ -64,8 +64,11 @@ impl CustomOp3 for LayerNorm {
         // One kernel returns [dx rows..., dweight, dbias] stacked as (rows + 2, d).
         let d = weight.elem_count();
         let rows = x.elem_count() / d;
-        let packed =
-            x.contiguous()?.apply_op3_no_bwd(weight, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let packed = x.contiguous()?.apply_op3_no_bwd(
+            weight,
+            &grad.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = packed.get(rows)?;
         let db = packed.get(rows + 1)?;
@@ -113,10 +116,10 @@ impl CustomOp3 for LayerNormBackward {
                         for i in 0..d {
                             let xhat = (x[i] - mean) * rstd;
                             let gw = g[i] * w[i];
-                            sum_gw = sum_gw + gw;
-                            sum_gw_xhat = sum_gw_xhat + gw * xhat;
-                            acc[i] = acc[i] + g[i] * xhat;
-                            acc[d + i] = acc[d + i] + g[i];
+                            sum_gw += gw;
+                            sum_gw_xhat += gw * xhat;
+                            acc[i] += g[i] * xhat;
+                            acc[d + i] += g[i];
                         }
                         let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
                         for i in 0..d {
@@ -129,7 +132,7 @@ impl CustomOp3 for LayerNormBackward {
                 .collect();
             for p in &partials {
                 for (o, v) in dwb.iter_mut().zip(p) {
-                    *o = *o + *v;
+                    *o += *v;
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from((rows + 2, d))))

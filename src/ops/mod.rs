@@ -40,14 +40,8 @@ impl Real for f64 {
 }
 
 /// The contiguous slice behind a storage and layout, or an error naming the op.
-pub(crate) fn slice<'a, T: WithDType>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("{op}: input must be contiguous")
-    };
+pub(crate) fn slice<'a, T: WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: input must be contiguous") };
     Ok(&T::cpu_storage_as_slice(storage)?[start..end])
 }
 
@@ -55,7 +49,10 @@ pub(crate) fn slice<'a, T: WithDType>(
 macro_rules! with_real {
     ($op:expr, $storage:expr, $t:ident => $body:expr) => {{
         #[allow(unused_imports)]
-        use {candle_core::WithDType as _, num_traits::{Float as _, One as _, Zero as _}};
+        use {
+            candle_core::WithDType as _,
+            num_traits::{Float as _, One as _, Zero as _},
+        };
         match $storage {
             candle_core::CpuStorage::F32(_) => {
                 type $t = f32;

@@ -51,11 +51,11 @@ impl CustomOp2 for MaskedSoftmax {
                 let mut sum = T::zero();
                 for k in 0..keys {
                     y[k] = if m[k] != T::zero() { (s[k] * scale - max).exp() } else { T::zero() };
-                    sum = sum + y[k];
+                    sum += y[k];
                 }
                 if sum > T::zero() {
                     let inv = sum.recip();
-                    y.iter_mut().for_each(|v| *v = *v * inv);
+                    y.iter_mut().for_each(|v| *v *= inv);
                 }
             });
             Ok((T::to_cpu_storage_owned(out), sl.shape().clone()))

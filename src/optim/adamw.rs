@@ -87,10 +87,8 @@ impl AdamW {
             }
             m.push(vec![0f32; var.elem_count()]);
         }
-        let decays = params
-            .iter()
-            .map(|(name, _)| config.decay_bias_and_norm || !is_bias_or_norm(name))
-            .collect();
+        let decays =
+            params.iter().map(|(name, _)| config.decay_bias_and_norm || !is_bias_or_norm(name)).collect();
         let state = AdamWState { step: 0, v: m.clone(), m };
         Ok(Self { config, params, decays, state })
     }
@@ -205,8 +203,7 @@ impl InplaceOp2 for AdamWKernel<'_> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, src) else {
             candle_core::bail!("adamw: parameters and gradients must be f32");
         };
-        let (Some((p0, p1)), Some((g0, g1))) =
-            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        let (Some((p0, p1)), Some((g0, g1))) = (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
         else {
             candle_core::bail!("adamw: parameters and gradients must be contiguous");
         };

@@ -1,0 +1,68 @@
+//! The command line: what each subcommand takes (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Fine-tune transformer models from declarative TOML pipelines, with cached, content-hashed
+/// stages.
+#[derive(Debug, Parser)]
+#[command(name = "pipe", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline: reuse stored stages, run the rest, write the run record.
+    Run {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print one JSON object (run, stages, metrics) instead of progress and a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each stage's key and whether it would run, and why.
+    Plan {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Show a run record (a unique prefix of the run id is enough).
+    Show {
+        /// Run id or unique prefix.
+        run: String,
+        /// Print the fully resolved pipeline as TOML (it runs again to the same run id).
+        #[arg(long)]
+        config: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List the runs in the store with their metrics.
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print the JSON Schema of pipeline files.
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// The pipeline file (TOML).
+    pub file: PathBuf,
+    /// Override a pipeline value, e.g. `--set train.epochs=2` (repeatable; last wins).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The store directory.
+    #[arg(long, env = "PIPE_STORE", default_value = "runs")]
+    pub store: PathBuf,
+}

@@ -1,0 +1,321 @@
+//! Runs a pipeline: resolves its inputs into stages, reuses what the store already has, runs the
+//! rest in order, and writes the run record.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::config::{ConfigError, Pipeline, resolve_source};
+use crate::plan::{KeyFields, StageKind, run_id};
+use crate::stages::{
+    EvaluateStage, Event, Input, Observer, Stage, StageError, TokenizeStage, TrainStage, Upstream,
+};
+use crate::store::{Begin, Lookup, Store, StoreError, short};
+
+/// Errors from planning or running a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An input of the pipeline is missing, unreadable or unsupported (the user's to fix).
+    #[error("{0}")]
+    Input(String),
+    #[error("{kind} stage: {source}")]
+    Stage { kind: StageKind, source: StageError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    /// Exit code for the CLI: 2 for bad configuration or input, 1 for a failure while working.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) | Self::Input(_) => 2,
+            Self::Stage { source, .. } if source.is_bad_input() => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// How one stage fared in a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageOutcome {
+    pub kind: StageKind,
+    pub key: String,
+    /// Reused from the store rather than run.
+    pub cached: bool,
+    /// Wall-clock seconds this invocation spent on it.
+    pub seconds: f64,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run: String,
+    pub record: PathBuf,
+    pub stages: Vec<StageOutcome>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A stage's state before a run, as `pipe plan` shows it.
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    pub kind: StageKind,
+    /// Unknown while an upstream stage has yet to run (its outputs are part of the key).
+    pub key: Option<String>,
+    pub fresh: bool,
+    /// Why the stage will run (empty when fresh).
+    pub reasons: Vec<String>,
+}
+
+/// The stages of `pipeline`, with every input resolved and hashed.
+fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, EngineError> {
+    if pipeline.device != "cpu" {
+        return Err(EngineError::Input(format!(
+            "device `{}`: this build of pipe trains on the CPU only (device = \"cpu\")",
+            pipeline.device
+        )));
+    }
+    let input =
+        |path: PathBuf, what: &str| Input::hash(path, what).map_err(|e| EngineError::Input(e.to_string()));
+    let d = &pipeline.dataset;
+    let train_csv = input(d.train.clone(), "dataset.train")?;
+    let validation_csv = d.validation.clone().map(|p| input(p, "dataset.validation")).transpose()?;
+    let tokenizer_dir = resolve_source(&pipeline.tokenizer.source)?;
+    let tokenizer = input(tokenizer_dir.join("tokenizer.json"), "tokenizer.source")?;
+    let model_dir = resolve_source(&pipeline.model.source)?;
+    let model_config = input(model_dir.join("config.json"), "model.source")?;
+    let model_weights = input(model_dir.join("model.safetensors"), "model.source")?;
+    Ok(vec![
+        Box::new(TokenizeStage::new(
+            d.clone(),
+            pipeline.tokenizer.max_length,
+            pipeline.seed,
+            train_csv,
+            validation_csv,
+            tokenizer.clone(),
+        )),
+        Box::new(TrainStage {
+            seed: pipeline.seed,
+            device: pipeline.device.clone(),
+            model: pipeline.model.clone(),
+            optimizer: pipeline.optimizer.clone(),
+            schedule: pipeline.schedule.clone(),
+            train: pipeline.train.clone(),
+            model_dir,
+            model_config,
+            model_weights,
+            tokenizer,
+        }),
+        Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone() }),
+    ])
+}
+
+/// Why a stage whose key is not in the store will run.
+fn dirty_reasons(store: &Store, pipeline: &Pipeline, fields: &KeyFields, lookup: &Lookup) -> Vec<String> {
+    if let Lookup::Corrupt(why) = lookup {
+        return vec![format!("stored outputs failed verification ({why})")];
+    }
+    let previous = store
+        .read_ref(&pipeline.name, fields.kind.name())
+        .and_then(|v| serde_json::from_value::<KeyFields>(v).ok());
+    match previous {
+        Some(prev) => {
+            let changes = fields.changes_from(&prev);
+            if changes.is_empty() { vec!["outputs missing from the store".into()] } else { changes }
+        }
+        None => vec!["never run".into()],
+    }
+}
+
+/// Each stage's key and whether it is fresh, without running anything.
+pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<Vec<PlannedStage>, EngineError> {
+    let stages = build_stages(pipeline)?;
+    let mut upstream = Upstream::new();
+    let mut blocked_by: Option<StageKind> = None;
+    let mut planned = Vec::new();
+    for stage in &stages {
+        let kind = stage.kind();
+        if let Some(up) = blocked_by {
+            planned.push(PlannedStage {
+                kind,
+                key: None,
+                fresh: false,
+                reasons: vec![format!("runs after {up}, whose outputs are part of its key")],
+            });
+            continue;
+        }
+        let fields = stage.key_fields(&upstream);
+        let key = fields.key();
+        let lookup = store.lookup(kind.name(), &key)?;
+        if let Lookup::Hit(out) = lookup {
+            upstream.insert(kind, out);
+            planned.push(PlannedStage { kind, key: Some(key), fresh: true, reasons: Vec::new() });
+        } else {
+            let reasons = dirty_reasons(store, pipeline, &fields, &lookup);
+            planned.push(PlannedStage { kind, key: Some(key), fresh: false, reasons });
+            blocked_by = Some(kind);
+        }
+    }
+    Ok(planned)
+}
+
+/// Runs every stage that is not already in the store and writes the run record.
+pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<RunOutcome, EngineError> {
+    let mut stages = build_stages(pipeline)?;
+    let mut upstream = Upstream::new();
+    let mut outcomes = Vec::new();
+    for stage in &mut stages {
+        let started = Instant::now();
+        let kind = stage.kind();
+        let fields = stage.key_fields(&upstream);
+        let key = fields.key();
+        let stage_err = |source| EngineError::Stage { kind, source };
+        let (output, cached) = match store.lookup(kind.name(), &key)? {
+            Lookup::Hit(out) => (out, true),
+            lookup => {
+                if let Lookup::Corrupt(why) = &lookup {
+                    observe(Event::Warning(format!(
+                        "{kind} {}: stored outputs failed verification ({why}); running it again",
+                        short(&key)
+                    )));
+                }
+                // Checked before anything is written, so bad input leaves the store as it was.
+                stage.preflight().map_err(stage_err)?;
+                match store.begin(kind.name(), &key, || observe(Event::Waiting { kind }))? {
+                    Begin::Done(out) => (out, true),
+                    Begin::Work(work) => {
+                        observe(Event::StageStart { kind, key: &key, cached: false });
+                        let facts = stage.run(&work, &upstream, observe).map_err(stage_err)?;
+                        (work.commit(facts)?, false)
+                    }
+                }
+            }
+        };
+        if cached {
+            observe(Event::StageStart { kind, key: &key, cached: true });
+        }
+        store.write_ref(
+            &pipeline.name,
+            kind.name(),
+            &serde_json::to_value(&fields).expect("key fields serialise"),
+        )?;
+        let seconds = started.elapsed().as_secs_f64();
+        if !cached {
+            observe(Event::StageEnd { kind, seconds, summary: summarize(kind, &output) });
+        }
+        outcomes.push(StageOutcome { kind, key, cached, seconds });
+        upstream.insert(kind, output);
+    }
+    let metrics = selected_metrics(pipeline, &upstream)?;
+    let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
+    let run = run_id(&keys);
+    let record = store.record_path(&run);
+    if !record.exists() {
+        store.write_record(&run, &record_toml(pipeline, &run, &upstream, &metrics))?;
+    }
+    Ok(RunOutcome { run, record, stages: outcomes, metrics })
+}
+
+/// One line about a finished stage, from its outputs.
+fn summarize(kind: StageKind, output: &crate::store::StageOutput) -> String {
+    let facts = &output.manifest.facts;
+    match kind {
+        StageKind::Train => format!(
+            "{:.0} samples/s, final loss {:.4}",
+            facts["samples_per_second"].as_f64().unwrap_or(0.0),
+            facts["final_loss"].as_f64().unwrap_or(f64::NAN)
+        ),
+        _ => format!("{} files", output.manifest.files.len()),
+    }
+}
+
+/// The metrics the pipeline asked for, from the evaluate stage's report.
+fn selected_metrics(pipeline: &Pipeline, upstream: &Upstream) -> Result<BTreeMap<String, f64>, EngineError> {
+    let out = &upstream[&StageKind::Evaluate];
+    let path = out.file(crate::stages::METRICS_FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+    let report: crate::evaluate::ClassificationReport =
+        serde_json::from_str(&text).map_err(|e| EngineError::Stage {
+            kind: StageKind::Evaluate,
+            source: StageError::Invalid(format!("{}: {e}", path.display())),
+        })?;
+    Ok(pipeline
+        .evaluate
+        .metrics
+        .iter()
+        .filter_map(|m| Some((m.name().to_string(), report.metric(*m)?)))
+        .collect())
+}
+
+/// The run record: small, deterministic apart from `created` and timings, meant for git.
+fn record_toml(
+    pipeline: &Pipeline,
+    run: &str,
+    upstream: &Upstream,
+    metrics: &BTreeMap<String, f64>,
+) -> String {
+    let stages: Vec<serde_json::Value> = StageKind::ALL
+        .iter()
+        .map(|kind| {
+            let out = &upstream[kind];
+            let files: BTreeMap<&String, &String> =
+                out.manifest.files.iter().map(|(p, e)| (p, &e.sha256)).collect();
+            json!({
+                "name": kind.name(),
+                "key": out.manifest.key,
+                "digest": out.manifest.digest,
+                "facts": out.manifest.facts,
+                "files": files,
+            })
+        })
+        .collect();
+    let config: toml::Table = toml::from_str(&pipeline.to_toml()).expect("a resolved pipeline is valid TOML");
+    let doc = json!({
+        "run": run,
+        "pipeline": pipeline.name,
+        "created": now_rfc3339(),
+        "metrics": metrics,
+        "environment": environment(),
+        "stages": stages,
+    });
+    let mut table: toml::Table = serde_json::from_value(doc).expect("the record is a TOML-compatible table");
+    table.insert("config".into(), toml::Value::Table(config));
+    format!(
+        "# pipe run record: `pipe show {run}`, `pipe reproduce {run}`.\n{}",
+        toml::to_string(&table).expect("tables serialise")
+    )
+}
+
+/// Facts about the machine and build that may explain differing results.
+pub fn environment() -> serde_json::Value {
+    json!({
+        "pipe_version": env!("CARGO_PKG_VERSION"),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "threads": rayon::current_num_threads(),
+        "device": "cpu",
+        "dtype": "f32",
+    })
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+fn now_rfc3339() -> String {
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}

@@ -1,0 +1,48 @@
+//! Batched inference: class probabilities for tokenized rows.
+
+use candle_core::{D, Result};
+
+use crate::model::{Batch, BertClassifier, Mode};
+
+/// Class probabilities (softmax of the logits) for every row, in row order.
+///
+/// Rows are batched in order of length so that batches pad little; each row's result does not
+/// depend on the order given, only on `batch_size`, so evaluation and `pipe predict` agree.
+pub fn predict_probabilities(
+    model: &BertClassifier,
+    rows: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&r| (rows[r].len(), r));
+    let mut out = vec![Vec::new(); rows.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let ids: Vec<&[u32]> = chunk.iter().map(|&r| rows[r].as_slice()).collect();
+        let batch = Batch::pad(&ids, model.pad_id(), model.dtype(), model.device())?;
+        let logits = model.forward(&batch, Mode::Eval)?;
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?.exp()?;
+        let probs = shifted.broadcast_div(&shifted.sum_keepdim(D::Minus1)?)?;
+        for (&r, p) in chunk.iter().zip(probs.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?) {
+            out[r] = p;
+        }
+    }
+    Ok(out)
+}
+
+/// The most probable class of each row (the first on ties, as `argmax`).
+pub fn argmax(probabilities: &[Vec<f32>]) -> Vec<u32> {
+    probabilities
+        .iter()
+        .map(|p| {
+            p.iter().enumerate().fold((0, f32::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
+                as u32
+        })
+        .collect()
+}
+
+/// Mean cross-entropy of the true classes under `probabilities`.
+pub fn mean_log_loss(probabilities: &[Vec<f32>], labels: &[u32]) -> f64 {
+    let total: f64 =
+        probabilities.iter().zip(labels).map(|(p, &l)| -(f64::from(p[l as usize]).max(1e-45)).ln()).sum();
+    total / labels.len().max(1) as f64
+}

@@ -1,0 +1,190 @@
+//! Everything the binary shows: live progress while a pipeline runs, and the text and JSON forms
+//! of its results. Progress arrives as [`Event`]s from the engine; nothing in the library prints.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pipe::engine::{PlannedStage, RunOutcome};
+use pipe::stages::Event;
+use pipe::store::{Store, short};
+
+/// Renders engine events: a progress bar on a terminal, occasional plain lines otherwise, and
+/// nothing but warnings in `--json` mode.
+pub struct Progress {
+    terminal: bool,
+    quiet: bool,
+    bar: Option<ProgressBar>,
+    train_started: Option<Instant>,
+    last_line: Option<Instant>,
+    rows: usize,
+}
+
+impl Progress {
+    pub fn new(terminal: bool, quiet: bool) -> Self {
+        Self { terminal, quiet, bar: None, train_started: None, last_line: None, rows: 0 }
+    }
+
+    pub fn event(&mut self, event: Event<'_>) {
+        match event {
+            Event::Warning(message) => self.line(&format!("warning: {message}"), true),
+            Event::Waiting { kind } => {
+                self.line(&format!("  {kind:<9} waiting for another run of this stage"), false)
+            }
+            Event::StageStart { kind, key, cached } => {
+                let status = if cached { "cached" } else { "running" };
+                self.line(&format!("  {kind:<9} {}  {status}", short(key)), false);
+            }
+            Event::Step(report) => {
+                let started = *self.train_started.get_or_insert_with(Instant::now);
+                self.rows += report.rows;
+                let rate = self.rows as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let message =
+                    format!("epoch {}  loss {:.4}  {:.0} samples/s", report.epoch + 1, report.loss, rate);
+                if self.quiet {
+                } else if self.terminal {
+                    let bar = self.bar.get_or_insert_with(|| {
+                        let bar = ProgressBar::new(report.total_steps);
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "  train     [{bar:30}] step {pos}/{len}  {msg}  eta {eta}",
+                            )
+                            .expect("valid template")
+                            .progress_chars("=> "),
+                        );
+                        bar
+                    });
+                    bar.set_position(report.step);
+                    bar.set_message(message);
+                } else if report.step == report.total_steps
+                    || self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    self.last_line = Some(Instant::now());
+                    eprintln!("  train     step {}/{}  {message}", report.step, report.total_steps);
+                }
+            }
+            Event::StageEnd { kind, seconds, summary } => {
+                self.finish();
+                self.line(&format!("  {kind:<9} done in {seconds:.1}s  ({summary})"), false);
+            }
+        }
+    }
+
+    /// Clears a progress bar that is still drawn.
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.train_started = None;
+        self.rows = 0;
+    }
+
+    fn line(&self, text: &str, always: bool) {
+        if self.quiet && !always {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+/// The `--json` object of `pipe run`.
+pub fn run_json(outcome: &RunOutcome) -> String {
+    let stages: Vec<_> = outcome
+        .stages
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.kind.name(),
+                "key": s.key,
+                "status": if s.cached { "cached" } else { "ran" },
+                "seconds": s.seconds,
+            })
+        })
+        .collect();
+    serde_json::json!({ "run": outcome.run, "stages": stages, "metrics": outcome.metrics, "record": outcome.record }).to_string()
+}
+
+/// The closing lines of `pipe run`.
+pub fn run_summary(outcome: &RunOutcome) -> String {
+    let mut out = String::new();
+    let metrics: Vec<String> = outcome.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    let ran: Vec<&str> = outcome.stages.iter().filter(|s| !s.cached).map(|s| s.kind.name()).collect();
+    let ran =
+        if ran.is_empty() { "all stages cached".to_string() } else { format!("ran {}", ran.join(", ")) };
+    let _ = writeln!(
+        out,
+        "run {}  {}  ({ran}; record: {})",
+        outcome.run,
+        metrics.join("  "),
+        outcome.record.display()
+    );
+    out
+}
+
+/// `pipe plan`'s table.
+pub fn plan(planned: &[PlannedStage]) -> String {
+    let mut out = String::new();
+    for stage in planned {
+        let key = stage.key.as_deref().map_or("(pending)", short);
+        let status = if stage.fresh { "fresh" } else { "dirty" };
+        let _ = writeln!(out, "{:<9} {key:<12}  {status}", stage.kind.name());
+        for reason in &stage.reasons {
+            let _ = writeln!(out, "          - {reason}");
+        }
+    }
+    out
+}
+
+/// `pipe show`: a run record for people.
+pub fn record(store: &Store, id: &str, record: &toml::Table) -> String {
+    let mut out = String::new();
+    let get = |k: &str| record.get(k).and_then(|v| v.as_str()).unwrap_or("?");
+    let _ = writeln!(out, "run       {id}\npipeline  {}\ncreated   {}", get("pipeline"), get("created"));
+    if let Some(metrics) = record.get("metrics").and_then(|m| m.as_table()) {
+        for (k, v) in metrics {
+            let _ = writeln!(out, "{k:<9} {}", v.as_float().map_or(v.to_string(), |f| format!("{f:.4}")));
+        }
+    }
+    for stage in record.get("stages").and_then(|s| s.as_array()).into_iter().flatten() {
+        let name = stage.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+        let key = stage.get("key").and_then(|v| v.as_str()).unwrap_or("");
+        let seconds =
+            stage.get("facts").and_then(|f| f.get("seconds")).and_then(|s| s.as_float()).unwrap_or(0.0);
+        let dir = store.stage_dir(name, key);
+        let here = if dir.exists() { dir.display().to_string() } else { "(not in this store)".into() };
+        let _ = writeln!(out, "{name:<9} {}  {seconds:>8.1}s  {here}", short(key));
+    }
+    let _ = writeln!(out, "record    {}", store.record_path(id).display());
+    out
+}
+
+/// `pipe ls`: one line per run.
+pub fn runs_table(records: &[(String, toml::Table)]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for (_, r) in records {
+        for k in r.get("metrics").and_then(|m| m.as_table()).into_iter().flat_map(|m| m.keys()) {
+            if !names.contains(k) {
+                names.push(k.clone());
+            }
+        }
+    }
+    let mut out = String::new();
+    let _ = write!(out, "{:<12}  {:<20}  {:<20}", "run", "pipeline", "created");
+    for n in &names {
+        let _ = write!(out, "  {n:>9}");
+    }
+    out.push('\n');
+    for (id, r) in records {
+        let get = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+        let _ = write!(out, "{id:<12}  {:<20}  {:<20}", get("pipeline"), get("created"));
+        for n in &names {
+            let v = r.get("metrics").and_then(|m| m.get(n)).and_then(|v| v.as_float());
+            let _ = write!(out, "  {:>9}", v.map_or("-".into(), |v| format!("{v:.4}")));
+        }
+        out.push('\n');
+    }
+    out
+}

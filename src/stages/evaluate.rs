@@ -1,0 +1,92 @@
+//! The evaluate stage: the trained model on the validation split.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device};
+use serde_json::json;
+
+use super::tokenize::TOKENS_FILE;
+use super::train::MODEL_DIR;
+use super::{Observer, Stage, StageError, Upstream, io_error, upstream_digest};
+use crate::config::EvaluateConfig;
+use crate::data;
+use crate::evaluate::{ClassificationReport, argmax, mean_log_loss, predict_probabilities};
+use crate::model::BertClassifier;
+use crate::plan::{KeyFields, StageKind};
+use crate::store::WorkDir;
+
+/// Output: the classification report as JSON.
+pub const METRICS_FILE: &str = "metrics.json";
+/// Output: one row per validation example with the true and predicted class and probabilities.
+pub const PREDICTIONS_FILE: &str = "predictions.csv";
+
+/// Scores the trained model on the validation split.
+pub struct EvaluateStage {
+    pub(crate) evaluate: EvaluateConfig,
+}
+
+impl Stage for EvaluateStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Evaluate
+    }
+
+    fn key_fields(&self, upstream: &Upstream) -> KeyFields {
+        let inputs = BTreeMap::from([
+            ("tokenize".to_string(), upstream_digest(upstream, StageKind::Tokenize)),
+            ("train".to_string(), upstream_digest(upstream, StageKind::Train)),
+        ]);
+        KeyFields {
+            kind: StageKind::Evaluate,
+            version: StageKind::Evaluate.version(),
+            params: json!({ "evaluate": { "batch_size": self.evaluate.batch_size } }),
+            inputs,
+        }
+    }
+
+    fn run(
+        &mut self,
+        work: &WorkDir,
+        upstream: &Upstream,
+        _observe: Observer<'_>,
+    ) -> Result<serde_json::Value, StageError> {
+        let start = std::time::Instant::now();
+        let splits = data::load_tokens(&upstream[&StageKind::Tokenize].file(TOKENS_FILE))?;
+        let validation = splits
+            .get("validation")
+            .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
+        let model_dir = upstream[&StageKind::Train].file(MODEL_DIR);
+        let model = BertClassifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
+        let probabilities = predict_probabilities(&model, &validation.ids, self.evaluate.batch_size)?;
+        let predicted = argmax(&probabilities);
+        let loss = mean_log_loss(&probabilities, &validation.labels);
+        let report = ClassificationReport::from_predictions(
+            &validation.labels,
+            &predicted,
+            model.labels(),
+            Some(loss),
+        );
+        let path = work.out().join(METRICS_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&report).expect("JSON") + "\n")
+            .map_err(io_error(&path))?;
+        let path = work.out().join(PREDICTIONS_FILE);
+        let mut csv = csv::Writer::from_path(&path)
+            .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))?;
+        let mut header = vec!["row".to_string(), "label".into(), "predicted".into()];
+        header.extend(model.labels().iter().map(|l| format!("p_{l}")));
+        let write_err = |e: csv::Error| StageError::Invalid(format!("{}: {e}", path.display()));
+        csv.write_record(&header).map_err(write_err)?;
+        for (row, (p, (&label, &pred))) in
+            probabilities.iter().zip(validation.labels.iter().zip(&predicted)).enumerate()
+        {
+            let mut record = vec![
+                row.to_string(),
+                model.labels()[label as usize].clone(),
+                model.labels()[pred as usize].clone(),
+            ];
+            record.extend(p.iter().map(|v| format!("{v:.6}")));
+            csv.write_record(&record).map_err(write_err)?;
+        }
+        csv.flush().map_err(io_error(&path))?;
+        Ok(json!({ "seconds": start.elapsed().as_secs_f64(), "rows": validation.labels.len() }))
+    }
+}

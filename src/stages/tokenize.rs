@@ -1,0 +1,145 @@
+//! The tokenize stage: CSV rows -> class indices and ragged token ids.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error};
+use crate::config::DatasetConfig;
+use crate::data::{self, LabelMap, TextEncoder, TokenizedSplit};
+use crate::plan::{KeyFields, StageKind};
+use crate::store::WorkDir;
+
+/// Output file with the tokenized splits.
+pub const TOKENS_FILE: &str = "tokens.safetensors";
+/// Output file with the class names and row counts.
+pub const LABELS_FILE: &str = "labels.json";
+
+/// Reads the dataset, maps labels to classes, splits off validation if asked, and tokenizes.
+pub struct TokenizeStage {
+    dataset: DatasetConfig,
+    max_length: usize,
+    seed: u64,
+    train_csv: Input,
+    validation_csv: Option<Input>,
+    tokenizer: Input,
+    prepared: Option<Prepared>,
+}
+
+/// The parsed, checked dataset, ready to tokenize.
+struct Prepared {
+    encoder: TextEncoder,
+    labels: LabelMap,
+    train: (Vec<String>, Vec<u32>),
+    validation: (Vec<String>, Vec<u32>),
+}
+
+impl TokenizeStage {
+    pub fn new(
+        dataset: DatasetConfig,
+        max_length: usize,
+        seed: u64,
+        train_csv: Input,
+        validation_csv: Option<Input>,
+        tokenizer: Input,
+    ) -> Self {
+        Self { dataset, max_length, seed, train_csv, validation_csv, tokenizer, prepared: None }
+    }
+}
+
+impl Stage for TokenizeStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Tokenize
+    }
+
+    fn key_fields(&self, _upstream: &Upstream) -> KeyFields {
+        let d = &self.dataset;
+        let mut params = json!({
+            "dataset": { "text_column": d.text_column, "label_column": d.label_column },
+            "tokenizer": { "max_length": self.max_length },
+        });
+        if let Some(split) = d.validation_split {
+            // The seed matters only when it draws the split.
+            params["dataset"]["validation_split"] = json!(split);
+            params["seed"] = json!(self.seed);
+        }
+        let mut inputs = BTreeMap::from([
+            ("dataset.train".to_string(), self.train_csv.sha256.clone()),
+            ("tokenizer".to_string(), self.tokenizer.sha256.clone()),
+        ]);
+        if let Some(v) = &self.validation_csv {
+            inputs.insert("dataset.validation".into(), v.sha256.clone());
+        }
+        KeyFields { kind: StageKind::Tokenize, version: StageKind::Tokenize.version(), params, inputs }
+    }
+
+    fn preflight(&mut self) -> Result<(), StageError> {
+        let d = &self.dataset;
+        let train = data::read_csv(&self.train_csv.path, &d.text_column, &d.label_column)?;
+        let labels = LabelMap::from_train(&train.labels)?;
+        let train_classes = labels.encode(&train, &self.train_csv.path)?;
+        let (train, validation) = match &self.validation_csv {
+            Some(v) => {
+                let val = data::read_csv(&v.path, &d.text_column, &d.label_column)?;
+                let val_classes = labels.encode(&val, &v.path)?;
+                ((train.texts, train_classes), (val.texts, val_classes))
+            }
+            None => {
+                let fraction = d.validation_split.unwrap_or(0.0);
+                let (train_rows, val_rows) = data::stratified_split(&train_classes, fraction, self.seed);
+                let pick = |rows: &[usize]| {
+                    (
+                        rows.iter().map(|&r| train.texts[r].clone()).collect(),
+                        rows.iter().map(|&r| train_classes[r]).collect(),
+                    )
+                };
+                (pick(&train_rows), pick(&val_rows))
+            }
+        };
+        let encoder = TextEncoder::from_file(&self.tokenizer.path, self.max_length)?;
+        self.prepared = Some(Prepared { encoder, labels, train, validation });
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        work: &WorkDir,
+        _upstream: &Upstream,
+        observe: Observer<'_>,
+    ) -> Result<serde_json::Value, StageError> {
+        if self.prepared.is_none() {
+            self.preflight()?;
+        }
+        let p = self.prepared.take().expect("prepared above");
+        let start = std::time::Instant::now();
+        let leaks = data::duplicate_texts(&p.train.0, &p.validation.0);
+        if !leaks.is_empty() {
+            let examples: Vec<String> =
+                leaks.iter().take(3).map(|&(_, v)| format!("{:?}", p.validation.0[v])).collect();
+            observe(Event::Warning(format!(
+                "{} validation rows also occur in the training data (leakage), e.g. {}",
+                leaks.iter().map(|&(_, v)| v).collect::<std::collections::BTreeSet<_>>().len(),
+                examples.join(", ")
+            )));
+        }
+        let train = TokenizedSplit { ids: p.encoder.encode_all(&p.train.0)?, labels: p.train.1 };
+        let validation =
+            TokenizedSplit { ids: p.encoder.encode_all(&p.validation.0)?, labels: p.validation.1 };
+        let seconds = start.elapsed().as_secs_f64();
+        data::save_tokens(&work.out().join(TOKENS_FILE), &[("train", &train), ("validation", &validation)])?;
+        let truncated = train.ids.iter().filter(|r| r.len() >= self.max_length).count();
+        let summary = json!({
+            "labels": p.labels.names(),
+            "train_rows": train.labels.len(),
+            "validation_rows": validation.labels.len(),
+            "train_tokens": train.ids.iter().map(Vec::len).sum::<usize>(),
+            "train_rows_truncated": truncated,
+            "validation_leaked_rows": leaks.len(),
+        });
+        let path = work.out().join(LABELS_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&summary).expect("JSON") + "\n")
+            .map_err(io_error(&path))?;
+        let rows = train.labels.len() + validation.labels.len();
+        Ok(json!({ "seconds": seconds, "rows_per_second": rows as f64 / seconds.max(1e-9) }))
+    }
+}

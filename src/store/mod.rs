@@ -1,0 +1,428 @@
+//! The content-addressed store of stage outputs and run records.
+//!
+//! ```text
+//! runs/                              (--store DIR, PIPE_STORE; default ./runs)
+//! ├── .gitignore                     ignores everything below except the run records
+//! ├── 7d2e94c1a0b3.toml              run records: resolved config, keys, digests, metrics (in git)
+//! ├── stages/<kind>/<key>/           a finished stage: its output files, and MANIFEST.json
+//! ├── refs/<pipeline>/<kind>.json    the key fields of a pipeline's last run of a stage (for `plan`)
+//! ├── tmp/<kind>-<key>/              work in progress: out/ (outputs) and checkpoint/ (resume state)
+//! └── locks/<kind>-<key>.lock        held while a stage with that key runs
+//! ```
+//!
+//! **A stage counts as done only through its manifest.** Outputs are written to
+//! `tmp/<kind>-<key>/out/`, hashed, the manifest (every file with its SHA-256, and the stage's
+//! digest over them) is written and synced last, and the directory is renamed into
+//! `stages/<kind>/<key>/` in one step. A process killed at any point leaves either no directory
+//! under `stages/` or a complete one; leftovers in `tmp/` are cleared (or resumed from) by the next
+//! run of that key.
+//!
+//! **Reuse is verified.** A lookup re-hashes every file against the manifest; a mismatch (a file
+//! edited, truncated or missing) is reported and treated as a miss, and the corrupt directory is
+//! set aside when the stage runs again, never silently reused.
+//!
+//! **Concurrent runs do not collide.** Running a stage takes an exclusive file lock for its key
+//! (released by the OS even when the process is killed). A second run of the same pipeline waits,
+//! then finds the stage done and reuses it instead of doing the work twice.
+//!
+//! Nothing is written by lookups: a pipeline that fails its input checks leaves the store as it
+//! was (it may not even exist yet).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest;
+
+/// The manifest's file name inside a finished stage directory.
+pub const MANIFEST: &str = "MANIFEST.json";
+
+/// Errors from the store's file system work.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: unreadable manifest: {source}", path.display())]
+    Manifest { path: PathBuf, source: serde_json::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// One output file of a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// The record of a finished stage, written last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub kind: String,
+    pub key: String,
+    /// SHA-256 over the sorted (path, file digest) list: the stage's output digest.
+    pub digest: String,
+    pub files: BTreeMap<String, FileEntry>,
+    /// Facts about the run that made these outputs (seconds, throughput, environment). They vary
+    /// from run to run and are deliberately not part of the digest.
+    pub facts: serde_json::Value,
+}
+
+/// A finished stage in the store.
+#[derive(Debug, Clone)]
+pub struct StageOutput {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl StageOutput {
+    /// Path of one output file.
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+/// The result of looking a stage key up.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Done, and every file matches its manifest.
+    Hit(StageOutput),
+    /// Never finished (or never started).
+    Miss,
+    /// A directory exists but does not match its manifest; the reason says how.
+    Corrupt(String),
+}
+
+/// A store rooted at a directory (which need not exist until something is written).
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// The store at `root`. Creates nothing.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a finished stage lives.
+    pub fn stage_dir(&self, kind: &str, key: &str) -> PathBuf {
+        self.root.join("stages").join(kind).join(key)
+    }
+
+    /// Looks a stage up and verifies its files against the manifest.
+    pub fn lookup(&self, kind: &str, key: &str) -> Result<Lookup, StoreError> {
+        let dir = self.stage_dir(kind, key);
+        let manifest_path = dir.join(MANIFEST);
+        let text = match fs::read(&manifest_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(if dir.exists() { Lookup::Corrupt("no manifest".into()) } else { Lookup::Miss });
+            }
+            Err(e) => return Err(io(&manifest_path)(e)),
+        };
+        let manifest: Manifest = match serde_json::from_slice(&text) {
+            Ok(m) => m,
+            Err(e) => return Ok(Lookup::Corrupt(format!("unreadable manifest: {e}"))),
+        };
+        if manifest.key != key || manifest.kind != kind {
+            return Ok(Lookup::Corrupt("manifest belongs to another stage".into()));
+        }
+        for (rel, entry) in &manifest.files {
+            let path = dir.join(rel);
+            match digest::file(&path) {
+                Ok(d) if d == entry.sha256 => {}
+                Ok(d) => {
+                    return Ok(Lookup::Corrupt(format!(
+                        "{rel}: content changed (sha256 {} -> {})",
+                        short(&entry.sha256),
+                        short(&d)
+                    )));
+                }
+                Err(e) => return Ok(Lookup::Corrupt(format!("{rel}: {e}"))),
+            }
+        }
+        Ok(Lookup::Hit(StageOutput { dir, manifest }))
+    }
+
+    /// Starts work on a stage: takes its lock (waiting for another run that holds it, after
+    /// calling `on_wait`), then looks again in case that run finished it.
+    pub fn begin(&self, kind: &str, key: &str, on_wait: impl FnOnce()) -> Result<Begin, StoreError> {
+        let locks = self.root.join("locks");
+        fs::create_dir_all(&locks).map_err(io(&locks))?;
+        self.write_gitignore()?;
+        let lock_path = locks.join(format!("{kind}-{key}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        if lock.try_lock().is_err() {
+            on_wait();
+            lock.lock().map_err(io(&lock_path))?;
+        }
+        match self.lookup(kind, key)? {
+            Lookup::Hit(out) => return Ok(Begin::Done(out)),
+            Lookup::Miss => {}
+            Lookup::Corrupt(_) => self.set_aside(&self.stage_dir(kind, key))?,
+        }
+        let dir = self.root.join("tmp").join(format!("{kind}-{key}"));
+        let out = dir.join("out");
+        // A previous attempt's partial outputs are never trusted; its checkpoints may be.
+        if out.exists() {
+            fs::remove_dir_all(&out).map_err(io(&out))?;
+        }
+        fs::create_dir_all(&out).map_err(io(&out))?;
+        Ok(Begin::Work(WorkDir {
+            store: self.clone(),
+            kind: kind.into(),
+            key: key.into(),
+            dir,
+            out,
+            _lock: lock,
+        }))
+    }
+
+    /// Moves a corrupt stage directory out of the way (into `tmp/`, then deletes it).
+    fn set_aside(&self, dir: &Path) -> Result<(), StoreError> {
+        let trash = self.root.join("tmp").join(format!("corrupt-{}", std::process::id()));
+        fs::create_dir_all(self.root.join("tmp")).map_err(io(dir))?;
+        fs::rename(dir, &trash).map_err(io(dir))?;
+        fs::remove_dir_all(&trash).map_err(io(&trash))
+    }
+
+    fn write_gitignore(&self) -> Result<(), StoreError> {
+        let path = self.root.join(".gitignore");
+        if !path.exists() {
+            write_atomic(
+                &path,
+                b"# Artifacts stay local; run records (*.toml) are meant for git.\n*\n!*.toml\n!.gitignore\n",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes a run record `<id>.toml` atomically.
+    pub fn write_record(&self, id: &str, text: &str) -> Result<PathBuf, StoreError> {
+        fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        self.write_gitignore()?;
+        let path = self.record_path(id);
+        write_atomic(&path, text.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Where the record of run `id` lives.
+    pub fn record_path(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{id}.toml"))
+    }
+
+    /// Ids of every run record, sorted.
+    pub fn record_ids(&self) -> Result<Vec<String>, StoreError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&self.root)(e)),
+        };
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io(&self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".toml") {
+                ids.push(id.to_string());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Remembers the key fields of `pipeline`'s latest run of a stage (to explain `plan`).
+    pub fn write_ref(
+        &self,
+        pipeline: &str,
+        kind: &str,
+        fields: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let dir = self.root.join("refs").join(pipeline);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let text = serde_json::to_string_pretty(fields).expect("JSON values serialise");
+        write_atomic(&dir.join(format!("{kind}.json")), text.as_bytes())
+    }
+
+    /// The key fields remembered by [`Store::write_ref`], if any.
+    pub fn read_ref(&self, pipeline: &str, kind: &str) -> Option<serde_json::Value> {
+        let path = self.root.join("refs").join(pipeline).join(format!("{kind}.json"));
+        serde_json::from_slice(&fs::read(path).ok()?).ok()
+    }
+}
+
+/// The outcome of [`Store::begin`].
+pub enum Begin {
+    /// Another run finished the stage while this one waited for the lock.
+    Done(StageOutput),
+    /// The lock is held: do the work in the directory, then commit.
+    Work(WorkDir),
+}
+
+/// A stage being worked on, holding its lock until committed or dropped.
+pub struct WorkDir {
+    store: Store,
+    kind: String,
+    key: String,
+    dir: PathBuf,
+    out: PathBuf,
+    _lock: File,
+}
+
+impl WorkDir {
+    /// Where the stage writes its outputs.
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+
+    /// Where the stage may keep state that survives an interruption (checkpoints).
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+
+    /// Hashes the outputs, writes the manifest last, and moves the directory into place.
+    pub fn commit(self, facts: serde_json::Value) -> Result<StageOutput, StoreError> {
+        let mut files = BTreeMap::new();
+        for entry in walkdir::WalkDir::new(&self.out).sort_by_file_name() {
+            let entry = entry.map_err(|e| StoreError::Io { path: self.out.clone(), source: e.into() })?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let path = entry.path();
+            let rel = path.strip_prefix(&self.out).expect("walkdir stays below its root");
+            let rel = rel.to_string_lossy().replace('\\', "/");
+            File::open(path).and_then(|f| f.sync_all()).map_err(io(path))?;
+            let sha256 = digest::file(path).map_err(io(path))?;
+            let bytes =
+                entry.metadata().map_err(|e| StoreError::Io { path: path.into(), source: e.into() })?.len();
+            files.insert(rel, FileEntry { sha256, bytes });
+        }
+        let listing: String = files.iter().map(|(p, e)| format!("{p}\0{}\n", e.sha256)).collect();
+        let manifest = Manifest {
+            kind: self.kind.clone(),
+            key: self.key.clone(),
+            digest: digest::bytes(listing.as_bytes()),
+            files,
+            facts,
+        };
+        let text = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
+        write_atomic(&self.out.join(MANIFEST), text.as_bytes())?;
+        let dest = self.store.stage_dir(&self.kind, &self.key);
+        let parent = dest.parent().expect("stage dirs have a parent");
+        fs::create_dir_all(parent).map_err(io(parent))?;
+        fs::rename(&self.out, &dest).map_err(io(&dest))?;
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
+        fs::remove_dir_all(&self.dir).map_err(io(&self.dir))?;
+        Ok(StageOutput { dir: dest, manifest })
+    }
+}
+
+/// Writes a file through a temporary sibling and a rename, synced, so readers never see half of it.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// The first 12 hex digits of a digest, for messages.
+pub fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish(store: &Store, key: &str, content: &[u8]) -> StageOutput {
+        let Begin::Work(work) = store.begin("tokenize", key, || {}).unwrap() else { panic!("expected work") };
+        fs::write(work.out().join("a.bin"), content).unwrap();
+        fs::create_dir_all(work.out().join("sub")).unwrap();
+        fs::write(work.out().join("sub/b.txt"), b"b").unwrap();
+        work.commit(serde_json::json!({"seconds": 1.0})).unwrap()
+    }
+
+    #[test]
+    fn a_committed_stage_is_found_and_verified() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("runs"));
+        assert!(matches!(store.lookup("tokenize", "k1").unwrap(), Lookup::Miss));
+        assert!(!store.root().exists(), "a lookup must not create the store");
+        let out = finish(&store, "k1", b"hello");
+        assert_eq!(out.manifest.files.len(), 2);
+        let Lookup::Hit(hit) = store.lookup("tokenize", "k1").unwrap() else { panic!("expected a hit") };
+        assert_eq!(hit.manifest, out.manifest);
+        assert!(!tmp.path().join("runs/tmp/tokenize-k1").exists());
+    }
+
+    #[test]
+    fn the_digest_depends_on_content_only() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let da = finish(&Store::new(a.path()), "k", b"same").manifest.digest;
+        let db = finish(&Store::new(b.path()), "k", b"same").manifest.digest;
+        assert_eq!(da, db);
+        let c = tempfile::tempdir().unwrap();
+        assert_ne!(da, finish(&Store::new(c.path()), "k", b"other").manifest.digest);
+    }
+
+    #[test]
+    fn an_edited_output_is_corrupt_and_gets_redone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        let out = finish(&store, "k1", b"hello");
+        fs::write(out.file("a.bin"), b"hellO").unwrap();
+        let Lookup::Corrupt(why) = store.lookup("tokenize", "k1").unwrap() else {
+            panic!("expected corrupt")
+        };
+        assert!(why.contains("a.bin"), "{why}");
+        finish(&store, "k1", b"hello");
+        assert!(matches!(store.lookup("tokenize", "k1").unwrap(), Lookup::Hit(_)));
+    }
+
+    #[test]
+    fn an_unfinished_stage_is_a_miss_and_partial_outputs_are_cleared() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        let Begin::Work(work) = store.begin("train", "k", || {}).unwrap() else { panic!() };
+        fs::write(work.out().join("partial"), b"x").unwrap();
+        fs::create_dir_all(work.checkpoint_dir()).unwrap();
+        drop(work); // as if killed: no commit
+        assert!(matches!(store.lookup("train", "k").unwrap(), Lookup::Miss));
+        let Begin::Work(work) = store.begin("train", "k", || {}).unwrap() else { panic!() };
+        assert!(!work.out().join("partial").exists());
+        assert!(work.checkpoint_dir().exists(), "checkpoints survive for resuming");
+    }
+
+    #[test]
+    fn a_second_runner_waits_and_then_reuses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        let Begin::Work(work) = store.begin("train", "k", || {}).unwrap() else { panic!() };
+        let other = store.clone();
+        let waiter = std::thread::spawn(move || {
+            let mut waited = false;
+            let r = other.begin("train", "k", || waited = true).unwrap();
+            (waited, matches!(r, Begin::Done(_)))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        fs::write(work.out().join("model"), b"m").unwrap();
+        work.commit(serde_json::Value::Null).unwrap();
+        assert_eq!(waiter.join().unwrap(), (true, true));
+    }
+}
