@@ -42,6 +42,22 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Re-execute a recorded run from scratch and compare every output with the record.
+    Reproduce {
+        /// Run id or unique prefix (the record `<store>/<run>.toml`, e.g. from git).
+        run: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Show the parameter and metric differences between two runs.
+    Diff {
+        /// First run (id or unique prefix).
+        a: String,
+        /// Second run (id or unique prefix).
+        b: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// List the runs in the store with their metrics.
     Ls {
         #[command(flatten)]

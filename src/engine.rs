@@ -33,6 +33,7 @@ impl EngineError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) | Self::Input(_) => 2,
+            Self::Stage { source: StageError::Interrupted { .. }, .. } => crate::interrupt::EXIT_CODE,
             Self::Stage { source, .. } if source.is_bad_input() => 2,
             _ => 1,
         }
@@ -71,7 +72,7 @@ pub struct PlannedStage {
 }
 
 /// The stages of `pipeline`, with every input resolved and hashed.
-fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, EngineError> {
+pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, EngineError> {
     if pipeline.device != "cpu" {
         return Err(EngineError::Input(format!(
             "device `{}`: this build of pipe trains on the CPU only (device = \"cpu\")",
@@ -167,6 +168,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
     let mut stages = build_stages(pipeline)?;
     let mut upstream = Upstream::new();
     let mut outcomes = Vec::new();
+    let mut inputs = BTreeMap::new();
     for stage in &mut stages {
         let started = Instant::now();
         let kind = stage.kind();
@@ -208,13 +210,14 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         }
         outcomes.push(StageOutcome { kind, key, cached, seconds });
         upstream.insert(kind, output);
+        inputs.insert(kind, fields.inputs);
     }
     let metrics = selected_metrics(pipeline, &upstream)?;
     let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
     let run = run_id(&keys);
     let record = store.record_path(&run);
     if !record.exists() {
-        store.write_record(&run, &record_toml(pipeline, &run, &upstream, &metrics))?;
+        store.write_record(&run, &record_toml(pipeline, &run, &upstream, &inputs, &metrics))?;
     }
     Ok(RunOutcome { run, record, stages: outcomes, metrics })
 }
@@ -256,6 +259,7 @@ fn record_toml(
     pipeline: &Pipeline,
     run: &str,
     upstream: &Upstream,
+    inputs: &BTreeMap<StageKind, BTreeMap<String, String>>,
     metrics: &BTreeMap<String, f64>,
 ) -> String {
     let stages: Vec<serde_json::Value> = StageKind::ALL
@@ -268,6 +272,7 @@ fn record_toml(
                 "name": kind.name(),
                 "key": out.manifest.key,
                 "digest": out.manifest.digest,
+                "inputs": inputs[kind],
                 "facts": out.manifest.facts,
                 "files": files,
             })

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use pipe::config::{self, ConfigError};
 use pipe::engine::{self, EngineError};
+use pipe::records::{self, Record, RecordError};
+use pipe::reproduce;
 use pipe::store::{Store, StoreError};
 
 use cli::{Cli, Command};
@@ -18,12 +20,6 @@ use cli::{Cli, Command};
 struct Failure {
     code: u8,
     message: String,
-}
-
-impl Failure {
-    fn usage(message: impl Into<String>) -> Self {
-        Self { code: 2, message: message.into() }
-    }
 }
 
 impl From<EngineError> for Failure {
@@ -38,6 +34,13 @@ impl From<ConfigError> for Failure {
     }
 }
 
+impl From<RecordError> for Failure {
+    fn from(e: RecordError) -> Self {
+        let code = if matches!(e, RecordError::Store(_)) { 1 } else { 2 };
+        Self { code, message: e.to_string() }
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         Self { code: 1, message: e.to_string() }
@@ -46,6 +49,9 @@ impl From<StoreError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = pipe::interrupt::install() {
+        eprintln!("warning: cannot handle Ctrl-C gracefully: {e}");
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -79,32 +85,41 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Show { run, config, store } => {
             let store = Store::new(store.store);
-            let id = find_run(&store, &run)?;
-            let text = std::fs::read_to_string(store.record_path(&id)).map_err(|e| Failure {
-                code: 1,
-                message: format!("{}: {e}", store.record_path(&id).display()),
-            })?;
-            let record: toml::Table = toml::from_str(&text).map_err(|e| Failure {
-                code: 1,
-                message: format!("{}: {e}", store.record_path(&id).display()),
-            })?;
+            let record = Record::find(&store, &run)?;
             if config {
-                let table = record.get("config").and_then(|c| c.as_table()).cloned().unwrap_or_default();
-                print!("{}", toml::to_string(&table).expect("tables serialise"));
+                print!("{}", record.config_toml());
             } else {
-                print!("{}", render::record(&store, &id, &record));
+                print!("{}", render::record(&store, &record));
+            }
+            Ok(())
+        }
+        Command::Reproduce { run, store } => {
+            let store = Store::new(store.store);
+            let record = Record::find(&store, &run)?;
+            let mut renderer = render::Progress::new(std::io::stderr().is_terminal(), false);
+            let result = reproduce::reproduce(&store, &record, &mut |e| renderer.event(e));
+            renderer.finish();
+            let result = result?;
+            print!("{}", render::reproduction(&record.id, &result));
+            if result.identical() {
+                Ok(())
+            } else {
+                Err(Failure { code: 1, message: format!("run {} did not reproduce", record.id) })
+            }
+        }
+        Command::Diff { a, b, store } => {
+            let store = Store::new(store.store);
+            let (a, b) = (Record::find(&store, &a)?, Record::find(&store, &b)?);
+            println!("{} -> {}", a.id, b.id);
+            for line in records::diff(&a, &b) {
+                println!("  {line}");
             }
             Ok(())
         }
         Command::Ls { store } => {
             let store = Store::new(store.store);
-            let mut records = Vec::new();
-            for id in store.record_ids()? {
-                let text = std::fs::read_to_string(store.record_path(&id)).unwrap_or_default();
-                if let Ok(table) = toml::from_str::<toml::Table>(&text) {
-                    records.push((id, table));
-                }
-            }
+            let records =
+                store.record_ids()?.iter().filter_map(|id| Record::read(&store, id).ok()).collect::<Vec<_>>();
             print!("{}", render::runs_table(&records));
             Ok(())
         }
@@ -112,18 +127,5 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             print!("{}", config::schema_json());
             Ok(())
         }
-    }
-}
-
-/// The one run id that starts with `prefix`.
-fn find_run(store: &Store, prefix: &str) -> Result<String, Failure> {
-    let ids: Vec<String> = store.record_ids()?.into_iter().filter(|id| id.starts_with(prefix)).collect();
-    match ids.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(Failure::usage(format!(
-            "no run in {} starts with `{prefix}` (see `pipe ls`)",
-            store.root().display()
-        ))),
-        many => Err(Failure::usage(format!("`{prefix}` is ambiguous: {}", many.join(", ")))),
     }
 }

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pipe::engine::{PlannedStage, RunOutcome};
+use pipe::records::Record;
+use pipe::reproduce::Reproduction;
 use pipe::stages::Event;
 use pipe::store::{Store, short};
 
@@ -34,6 +36,9 @@ impl Progress {
             Event::StageStart { kind, key, cached } => {
                 let status = if cached { "cached" } else { "running" };
                 self.line(&format!("  {kind:<9} {}  {status}", short(key)), false);
+            }
+            Event::Resumed { kind, step, total } => {
+                self.line(&format!("  {kind:<9} resuming from checkpoint at step {step}/{total}"), false)
             }
             Event::Step(report) => {
                 let started = *self.train_started.get_or_insert_with(Instant::now);
@@ -139,35 +144,72 @@ pub fn plan(planned: &[PlannedStage]) -> String {
 }
 
 /// `pipe show`: a run record for people.
-pub fn record(store: &Store, id: &str, record: &toml::Table) -> String {
+pub fn record(store: &Store, record: &Record) -> String {
     let mut out = String::new();
-    let get = |k: &str| record.get(k).and_then(|v| v.as_str()).unwrap_or("?");
-    let _ = writeln!(out, "run       {id}\npipeline  {}\ncreated   {}", get("pipeline"), get("created"));
-    if let Some(metrics) = record.get("metrics").and_then(|m| m.as_table()) {
-        for (k, v) in metrics {
-            let _ = writeln!(out, "{k:<9} {}", v.as_float().map_or(v.to_string(), |f| format!("{f:.4}")));
-        }
+    let _ = writeln!(
+        out,
+        "run       {}\npipeline  {}\ncreated   {}",
+        record.id,
+        record.text("pipeline"),
+        record.text("created")
+    );
+    for (k, v) in record.metrics() {
+        let _ = writeln!(out, "{k:<9} {v:.4}");
     }
-    for stage in record.get("stages").and_then(|s| s.as_array()).into_iter().flatten() {
-        let name = stage.get("name").and_then(|v| v.as_str()).unwrap_or("?");
-        let key = stage.get("key").and_then(|v| v.as_str()).unwrap_or("");
+    for stage in record.stages().iter().filter_map(toml::Value::as_table) {
+        let text = |k: &str| stage.get(k).and_then(toml::Value::as_str).unwrap_or("");
+        let (name, key) = (text("name"), text("key"));
         let seconds =
             stage.get("facts").and_then(|f| f.get("seconds")).and_then(|s| s.as_float()).unwrap_or(0.0);
         let dir = store.stage_dir(name, key);
         let here = if dir.exists() { dir.display().to_string() } else { "(not in this store)".into() };
         let _ = writeln!(out, "{name:<9} {}  {seconds:>8.1}s  {here}", short(key));
     }
-    let _ = writeln!(out, "record    {}", store.record_path(id).display());
+    let _ = writeln!(out, "record    {}", store.record_path(&record.id).display());
+    out
+}
+
+/// `pipe reproduce`'s verdict, stage by stage.
+pub fn reproduction(id: &str, r: &Reproduction) -> String {
+    let mut out = String::new();
+    if !r.changed_inputs.is_empty() {
+        let _ = writeln!(out, "inputs differ from the record of {id}; nothing was run:");
+        for line in &r.changed_inputs {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    for stage in &r.stages {
+        if stage.differences.is_empty() {
+            let _ = writeln!(out, "  {:<9} identical", stage.kind.name());
+        } else {
+            let _ = writeln!(out, "  {:<9} DIFFERS", stage.kind.name());
+            for d in &stage.differences {
+                let _ = writeln!(out, "            {d}");
+            }
+        }
+    }
+    for line in &r.stored_copies {
+        let _ = writeln!(out, "  stored copy: {line}");
+    }
+    if !r.environment.is_empty() {
+        let _ = writeln!(out, "environment differences (possible explanations):");
+        for line in &r.environment {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if r.identical() {
+        let _ = writeln!(out, "-> run {id} reproduced bit for bit");
+    }
     out
 }
 
 /// `pipe ls`: one line per run.
-pub fn runs_table(records: &[(String, toml::Table)]) -> String {
+pub fn runs_table(records: &[Record]) -> String {
     let mut names: Vec<String> = Vec::new();
-    for (_, r) in records {
-        for k in r.get("metrics").and_then(|m| m.as_table()).into_iter().flat_map(|m| m.keys()) {
-            if !names.contains(k) {
-                names.push(k.clone());
+    for r in records {
+        for k in r.metrics().into_keys() {
+            if !names.contains(&k) {
+                names.push(k);
             }
         }
     }
@@ -177,11 +219,11 @@ pub fn runs_table(records: &[(String, toml::Table)]) -> String {
         let _ = write!(out, "  {n:>9}");
     }
     out.push('\n');
-    for (id, r) in records {
-        let get = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
-        let _ = write!(out, "{id:<12}  {:<20}  {:<20}", get("pipeline"), get("created"));
+    for r in records {
+        let _ = write!(out, "{:<12}  {:<20}  {:<20}", r.id, r.text("pipeline"), r.text("created"));
+        let metrics = r.metrics();
         for n in &names {
-            let v = r.get("metrics").and_then(|m| m.get(n)).and_then(|v| v.as_float());
+            let v = metrics.get(n);
             let _ = write!(out, "  {:>9}", v.map_or("-".into(), |v| format!("{v:.4}")));
         }
         out.push('\n');

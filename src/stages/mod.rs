@@ -32,6 +32,8 @@ pub enum Event<'a> {
     StageStart { kind: StageKind, key: &'a str, cached: bool },
     /// Another run holds the stage's lock; this one waits for it.
     Waiting { kind: StageKind },
+    /// A stage continues from a checkpoint at `step` of `total`.
+    Resumed { kind: StageKind, step: u64, total: u64 },
     /// One optimizer step of the train stage.
     Step(&'a StepReport),
     /// A stage finished; `summary` is one line for people.
@@ -62,6 +64,8 @@ pub enum StageError {
     Invalid(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("interrupted; checkpoint saved at step {step}, the next run resumes from it")]
+    Interrupted { step: u64 },
 }
 
 impl StageError {

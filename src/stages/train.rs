@@ -1,7 +1,6 @@
 //! The train stage: fine-tunes the model on the tokenized training split.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
@@ -109,20 +108,35 @@ impl Stage for TrainStage {
             self.seed,
             data,
         )?;
-        let log_path = work.out().join(TRAIN_LOG);
-        let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(io_error(&log_path))?);
+        let checkpoints = work.checkpoint_dir();
+        let mut log = trainer.load_checkpoint(&checkpoints)?;
+        if !log.is_empty() {
+            observe(Event::Resumed {
+                kind: StageKind::Train,
+                step: trainer.steps_done(),
+                total: trainer.total_steps(),
+            });
+        }
         let start = std::time::Instant::now();
-        let (mut rows, mut tokens, mut last_loss) = (0usize, 0usize, f64::NAN);
+        let mut last_checkpoint = std::time::Instant::now();
+        let (mut rows, mut tokens) = (0usize, 0usize);
         while !trainer.finished() {
             let report = trainer.step(data)?;
             rows += report.rows;
             tokens += report.real_tokens;
-            last_loss = report.loss;
-            let line = json!({ "step": report.step, "epoch": report.epoch, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm });
-            writeln!(log, "{line}").map_err(io_error(&log_path))?;
             observe(Event::Step(&report));
+            let epoch_done = report.step % trainer.steps_per_epoch() == 0;
+            log.push(report);
+            if crate::interrupt::requested() {
+                trainer.save_checkpoint(&checkpoints, &log)?;
+                return Err(StageError::Interrupted { step: trainer.steps_done() });
+            }
+            if !trainer.finished() && (epoch_done || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL) {
+                trainer.save_checkpoint(&checkpoints, &log)?;
+                last_checkpoint = std::time::Instant::now();
+            }
         }
-        log.flush().map_err(io_error(&log_path))?;
+        write_log(&work.out().join(TRAIN_LOG), &log)?;
         let seconds = start.elapsed().as_secs_f64();
         let model = trainer.into_model();
         let model_dir = work.out().join(MODEL_DIR);
@@ -133,10 +147,25 @@ impl Stage for TrainStage {
             "seconds": seconds,
             "samples_per_second": rows as f64 / seconds.max(1e-9),
             "tokens_per_second": tokens as f64 / seconds.max(1e-9),
-            "final_loss": last_loss,
+            "final_loss": log.last().map_or(f64::NAN, |r| r.loss),
             "parameters": model.num_parameters(),
         }))
     }
+}
+
+/// Checkpoints are written at the end of every epoch and at least this often.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// One JSON line per optimizer step.
+fn write_log(path: &std::path::Path, log: &[crate::train::StepReport]) -> Result<(), StageError> {
+    let mut text = String::new();
+    for r in log {
+        let line =
+            json!({ "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(io_error(path))
 }
 
 /// The class names written by the tokenize stage.

@@ -253,6 +253,9 @@ impl Store {
         kind: &str,
         fields: &serde_json::Value,
     ) -> Result<(), StoreError> {
+        if self.read_ref(pipeline, kind).as_ref() == Some(fields) {
+            return Ok(()); // a cached re-run writes nothing
+        }
         let dir = self.root.join("refs").join(pipeline);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let text = serde_json::to_string_pretty(fields).expect("JSON values serialise");

@@ -5,9 +5,11 @@
 //! can be recomputed on its own: that is what makes checkpoints resume to the same bits.
 
 mod batching;
+mod checkpoint;
 mod config;
 
 pub use batching::epoch_batches;
+pub use checkpoint::CHECKPOINT_FILE;
 pub use config::TrainConfig;
 
 use candle_core::{Result, Tensor};

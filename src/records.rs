@@ -1,0 +1,132 @@
+//! Run records (`<store>/<run>.toml`): finding them by prefix, reading them, comparing two.
+
+use std::collections::BTreeMap;
+
+use crate::store::{Store, StoreError};
+
+/// Errors finding or reading a record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("no run in {store} starts with `{prefix}` (see `pipe ls`)")]
+    NotFound { store: String, prefix: String },
+    #[error("`{prefix}` is ambiguous: it starts {}", candidates.join(", "))]
+    Ambiguous { prefix: String, candidates: Vec<String> },
+    #[error("{path}: not a valid run record: {message}")]
+    Invalid { path: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A run record, parsed.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub id: String,
+    pub table: toml::Table,
+}
+
+impl Record {
+    /// The record whose id starts with `prefix` (it must be the only one).
+    pub fn find(store: &Store, prefix: &str) -> Result<Self, RecordError> {
+        let ids: Vec<String> = store.record_ids()?.into_iter().filter(|id| id.starts_with(prefix)).collect();
+        match ids.as_slice() {
+            [id] => Self::read(store, id),
+            [] => Err(RecordError::NotFound {
+                store: store.root().display().to_string(),
+                prefix: prefix.into(),
+            }),
+            many => Err(RecordError::Ambiguous { prefix: prefix.into(), candidates: many.to_vec() }),
+        }
+    }
+
+    /// Reads the record of run `id`.
+    pub fn read(store: &Store, id: &str) -> Result<Self, RecordError> {
+        let path = store.record_path(id);
+        let invalid = |message: String| RecordError::Invalid { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(&path).map_err(|e| invalid(e.to_string()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if !table.get("config").is_some_and(toml::Value::is_table) {
+            return Err(invalid("it has no [config] table".into()));
+        }
+        Ok(Self { id: id.to_string(), table })
+    }
+
+    /// The resolved pipeline configuration as TOML text (it runs again to the same run id).
+    pub fn config_toml(&self) -> String {
+        let config = self.table.get("config").and_then(toml::Value::as_table).cloned().unwrap_or_default();
+        toml::to_string(&config).expect("tables serialise")
+    }
+
+    /// The recorded metrics.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        self.table
+            .get("metrics")
+            .and_then(toml::Value::as_table)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_float()?))).collect())
+            .unwrap_or_default()
+    }
+
+    /// The `[[stages]]` entries.
+    pub fn stages(&self) -> &[toml::Value] {
+        self.table.get("stages").and_then(toml::Value::as_array).map_or(&[], Vec::as_slice)
+    }
+
+    /// One stage entry by name.
+    pub fn stage(&self, name: &str) -> Option<&toml::Table> {
+        self.stages()
+            .iter()
+            .filter_map(toml::Value::as_table)
+            .find(|s| s.get("name").and_then(toml::Value::as_str) == Some(name))
+    }
+
+    /// A string field of the record's top level (`pipeline`, `created`).
+    pub fn text(&self, key: &str) -> &str {
+        self.table.get(key).and_then(toml::Value::as_str).unwrap_or("?")
+    }
+}
+
+/// `dotted.key -> value` for every leaf of a table.
+pub fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in table {
+        walk(k, v, &mut out);
+    }
+    out
+}
+
+/// The differences between two runs: configuration values, then metrics (`b - a`).
+pub fn diff(a: &Record, b: &Record) -> Vec<String> {
+    let empty = toml::Table::new();
+    let config =
+        |r: &Record| flatten(r.table.get("config").and_then(toml::Value::as_table).unwrap_or(&empty));
+    let (ca, cb) = (config(a), config(b));
+    let mut lines = Vec::new();
+    let keys: std::collections::BTreeSet<&String> = ca.keys().chain(cb.keys()).collect();
+    for key in keys {
+        let (va, vb) = (ca.get(key), cb.get(key));
+        if va != vb {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+            lines.push(format!("{key}: {} -> {}", show(va), show(vb)));
+        }
+    }
+    let (ma, mb) = (a.metrics(), b.metrics());
+    let names: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+    for name in names {
+        match (ma.get(name), mb.get(name)) {
+            (Some(x), Some(y)) => lines.push(format!("metric {name}: {x:.4} -> {y:.4} ({:+.4})", y - x)),
+            (x, y) => lines.push(format!("metric {name}: {x:?} -> {y:?}")),
+        }
+    }
+    lines
+}
