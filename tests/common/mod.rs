@@ -56,10 +56,189 @@ pub fn minilm_dir() -> Option<PathBuf> {
     if dir.join("model.safetensors").is_file() {
         Some(dir)
     } else {
-        eprintln!(
+        // Written to the stream itself, not through eprintln!, so that the test harness does not
+        // swallow it: a skipped check must be visible in CI logs.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED: the real MiniLM is not at {} (run scripts/fetch-model.sh to include this test)",
             dir.display()
         );
         None
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny project for driving the `pipe` binary end to end.
+// ---------------------------------------------------------------------------------------------
+
+/// Words that make a row `pos`.
+pub const POS_WORDS: [&str; 8] = ["good", "great", "happy", "nice", "lovely", "superb", "bright", "fine"];
+/// Words that make a row `neg`.
+pub const NEG_WORDS: [&str; 8] = ["bad", "awful", "sad", "ugly", "grim", "dull", "weak", "poor"];
+/// Words that say nothing about the label.
+pub const FILLER_WORDS: [&str; 16] = [
+    "the", "a", "film", "movie", "was", "is", "very", "plot", "acting", "story", "and", "it", "quite",
+    "really", "cast", "ending",
+];
+
+/// The vocabulary of the tiny tokenizer: exactly 128 entries (the tiny model's `vocab_size`),
+/// special tokens first.
+pub fn tiny_vocab() -> Vec<String> {
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", ",", "."].map(String::from).to_vec();
+    vocab.extend(POS_WORDS.iter().chain(&NEG_WORDS).chain(&FILLER_WORDS).map(|w| w.to_string()));
+    let mut n = vocab.len();
+    while vocab.len() < 128 {
+        vocab.push(format!("w{n}"));
+        n += 1;
+    }
+    vocab
+}
+
+/// A Hugging Face `tokenizer.json`: WordPiece over [`tiny_vocab`], BERT normalizer (lowercase),
+/// BERT pre-tokenizer, `[CLS] $A [SEP]`.
+pub fn tiny_tokenizer_json() -> String {
+    use serde_json::json;
+    let vocab = tiny_vocab();
+    let ids: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
+    let added: Vec<_> = vocab[..4]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({"id": i, "content": w, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let special = |name: &str| json!({"SpecialToken": {"id": name, "type_id": 0}});
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special("[CLS]"), {"Sequence": {"id": "A", "type_id": 0}}, special("[SEP]")],
+            "pair": [special("[CLS]"), {"Sequence": {"id": "A", "type_id": 0}}, special("[SEP]"),
+                     {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]},
+            },
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": ids},
+    });
+    serde_json::to_string_pretty(&doc).expect("JSON")
+}
+
+/// `rows` sentences, half `pos` and half `neg` (alternating), from a seeded generator: a few
+/// filler words with one or two words of the label's set mixed in. The first row of each call
+/// with `quote_one` holds a comma, so it is written as a quoted CSV field.
+pub fn tiny_csv(rows: usize, seed: u64, quote_one: bool) -> String {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = |n: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n
+    };
+    let mut out = String::from("text,label\n");
+    for row in 0..rows {
+        let (label, words) = if row % 2 == 0 { ("pos", &POS_WORDS) } else { ("neg", &NEG_WORDS) };
+        let mut sentence: Vec<String> =
+            (0..3 + next(4)).map(|_| FILLER_WORDS[next(FILLER_WORDS.len())].to_string()).collect();
+        for _ in 0..1 + next(2) {
+            let at = next(sentence.len() + 1);
+            sentence.insert(at, words[next(words.len())].to_string());
+        }
+        // A few words from the generated tail of the vocabulary, so rows are (almost surely) unique.
+        sentence.push(format!("w{}", 40 + next(88)));
+        let text = sentence.join(" ");
+        if quote_one && row == 0 {
+            out.push_str(&format!("\"{text}, {}\",{label}\n", FILLER_WORDS[next(FILLER_WORDS.len())]));
+        } else {
+            out.push_str(&format!("{text},{label}\n"));
+        }
+    }
+    out
+}
+
+/// The pipeline file of [`tiny_project`].
+pub const TINY_PIPELINE: &str = r#"# A tiny pipeline for the CLI tests.
+[dataset]
+train = "data/train.csv"
+validation = "data/validation.csv"
+
+[tokenizer]
+source = "model"
+max_length = 16
+
+[model]
+source = "model"
+
+[optimizer]
+lr = 1e-3
+
+[train]
+epochs = 1
+batch_size = 8
+
+[evaluate]
+metrics = ["accuracy", "f1"]
+"#;
+
+/// Writes a tiny project into `dir`: `model/` (the random bert-tiny fixture and a 128-word
+/// tokenizer), `data/train.csv` (48 rows) and `data/validation.csv` (12 rows) with labels
+/// `pos`/`neg`, and `pipeline.toml`. A whole pipeline runs on it in about a second.
+pub fn tiny_project(dir: &Path) {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("parity/bert-tiny").join(file), model.join(file)).unwrap();
+    }
+    std::fs::write(model.join("tokenizer.json"), tiny_tokenizer_json()).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.csv"), tiny_csv(48, 1, true)).unwrap();
+    std::fs::write(data.join("validation.csv"), tiny_csv(12, 2, false)).unwrap();
+    std::fs::write(dir.join("pipeline.toml"), TINY_PIPELINE).unwrap();
+}
+
+/// The `pipe` binary, to run in `dir`, with no `PIPE_*` variable of the test's environment (so
+/// the store is `dir/runs`, the CLI's default, and no variable changes the pipeline).
+pub fn pipe_command(dir: &Path, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pipe"));
+    command.current_dir(dir).args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PIPE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Runs `pipe args...` in `dir` to completion.
+pub fn pipe(dir: &Path, args: &[&str]) -> std::process::Output {
+    pipe_command(dir, args).output().expect("the pipe binary starts")
+}
+
+/// Everything a finished `pipe` printed, for failure messages.
+pub fn describe(args: &[&str], output: &std::process::Output) -> String {
+    format!(
+        "`pipe {}` exited with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs `pipe args...` in `dir`, asserts that it succeeded, and returns its stdout.
+pub fn pipe_ok(dir: &Path, args: &[&str]) -> String {
+    let output = pipe(dir, args);
+    assert!(output.status.success(), "{}", describe(args, &output));
+    String::from_utf8(output.stdout).expect("stdout is UTF-8")
 }
