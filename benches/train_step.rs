@@ -18,6 +18,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    pipe::runtime::configure();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
     if !dir.join("model.safetensors").is_file() {
         println!("SKIPPED: no model at {} (run scripts/fetch-model.sh)", dir.display());

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod records;
 pub mod reproduce;
 pub mod rng;
+pub mod runtime;
 pub mod stages;
 pub mod store;
 pub mod train;

@@ -48,6 +48,7 @@ impl From<StoreError> for Failure {
 }
 
 fn main() -> ExitCode {
+    pipe::runtime::configure();
     let cli = Cli::parse();
     if let Err(e) = pipe::interrupt::install() {
         eprintln!("warning: cannot handle Ctrl-C gracefully: {e}");

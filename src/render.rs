@@ -35,9 +35,11 @@ impl Progress {
             }
             Event::StageStart { kind, key, cached } => {
                 let status = if cached { "cached" } else { "running" };
+                self.train_started = Some(Instant::now());
                 self.line(&format!("  {kind:<9} {}  {status}", short(key)), false);
             }
             Event::Resumed { kind, step, total } => {
+                self.train_started = Some(Instant::now());
                 self.line(&format!("  {kind:<9} resuming from checkpoint at step {step}/{total}"), false)
             }
             Event::Step(report) => {

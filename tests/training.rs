@@ -51,7 +51,7 @@ fn train(seed: u64) -> BertClassifier {
     let data = Examples { ids: &ids, labels: &labels };
     let optimizer = OptimizerConfig { lr: 5e-3, ..Default::default() };
     let config = TrainConfig {
-        epochs: 40,
+        epochs: 60,
         batch_size: 16,
         max_grad_norm: Some(1.0),
         length_bucketing: true,

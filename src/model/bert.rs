@@ -77,7 +77,7 @@ pub(super) struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        ops::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -239,17 +239,11 @@ impl BertClassifier {
     }
 }
 
-/// Inverted dropout: zero each element with probability `p`, scale the rest by `1 / (1 - p)`.
-/// The mask is drawn from the training generator, so the same seed and step give the same mask.
+/// Dropout in training, identity in evaluation. Each call draws the key of its mask from the
+/// training generator, so the same seed and step give the same masks.
 fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
-    let Mode::Train(rng) = mode else { return Ok(x.clone()) };
-    if p <= 0.0 {
-        return Ok(x.clone());
+    match mode {
+        Mode::Train(rng) if p > 0.0 => ops::dropout(x, p, rng.random::<u64>()),
+        _ => Ok(x.clone()),
     }
-    let keep_scale = (1.0 / (1.0 - p)) as f32;
-    let threshold = p as f32;
-    let mask: Vec<f32> =
-        (0..x.elem_count()).map(|_| if rng.random::<f32>() < threshold { 0.0 } else { keep_scale }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
 }

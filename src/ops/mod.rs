@@ -6,13 +6,17 @@
 //! difference tests). Kernels run rows in parallel with rayon; any reduction across rows sums fixed
 //! blocks in a fixed order, so results are bit-identical whatever the thread count.
 
+mod dropout;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod loss;
 mod softmax;
 
+pub use dropout::dropout;
 pub use gelu::{Activation, activation};
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use loss::cross_entropy;
 pub use softmax::masked_softmax;
 
@@ -23,13 +27,21 @@ use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 pub(crate) const ROW_BLOCK: usize = 32;
 
 /// The float types the kernels are written for.
-pub(crate) trait Real: num_traits::Float + WithDType + Send + Sync + std::iter::Sum {
+pub(crate) trait Real:
+    num_traits::Float + WithDType + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static
+{
     fn erf(self) -> Self;
 }
 
 impl Real for f32 {
+    /// Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, about one f32 ulp near 1): the same
+    /// approximation PyTorch's vectorised CPU `erf` uses, and several times faster than libm's.
     fn erf(self) -> Self {
-        libm::erff(self)
+        let a = self.abs();
+        let t = 1.0 / (1.0 + 0.327_591_1 * a);
+        let poly = t
+            * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+        (1.0 - poly * (-a * a).exp()).copysign(self)
     }
 }
 

@@ -1,0 +1,131 @@
+//! Inverted dropout as one op whose mask is recomputed, not stored.
+//!
+//! Each element's keep/drop decision is a hash of a per-call key and the element's index (a
+//! counter-based generator), so the forward can fill the mask in parallel chunks, the backward
+//! can recompute exactly the same mask instead of keeping it in memory, and the result is the same
+//! whatever the thread count. The key comes from the training step's seeded stream.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{Real, slice, with_real};
+
+const CHUNK: usize = 1 << 14;
+
+/// Zeroes each element with probability `p` (to 1/65536 resolution) and scales the rest by
+/// `1 / (1 - p)`; `key` selects the mask.
+pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    x.contiguous()?.apply_op1(Dropout::new(p, key))
+}
+
+#[derive(Clone, Copy)]
+struct Dropout {
+    /// An element is dropped when its 16-bit draw is below this.
+    threshold: u32,
+    scale: f64,
+    key: u64,
+}
+
+impl Dropout {
+    fn new(p: f64, key: u64) -> Self {
+        let threshold = (p * 65536.0).round() as u32;
+        Self { threshold, scale: 1.0 / (1.0 - f64::from(threshold) / 65536.0), key }
+    }
+
+    /// `out[i] = x[i] * (kept(i) ? scale : 0)` over one chunk starting at element `start`.
+    fn apply<T: Real>(&self, start: usize, x: &[T], out: &mut [T]) {
+        let scale = T::from_f64(self.scale);
+        for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+            let index = (start + i) as u64;
+            // Four 16-bit draws per 64-bit hash.
+            let bits = splitmix64(self.key ^ (index >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let draw = ((bits >> ((index & 3) * 16)) & 0xffff) as u32;
+            *o = if draw < self.threshold { T::zero() } else { v * scale };
+        }
+    }
+
+    fn run(&self, xs: &CpuStorage, xl: &Layout) -> Result<CpuStorage> {
+        with_real!("dropout", xs, T => {
+            let x = slice::<T>("dropout", xs, xl)?;
+            let mut out = vec![T::zero(); x.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .enumerate()
+                .for_each(|(c, (o, x))| self.apply(c * CHUNK, x, o));
+            Ok(T::to_cpu_storage_owned(out))
+        })
+    }
+}
+
+/// A well-mixed 64-bit hash (the SplitMix64 finaliser).
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.run(xs, xl)?, xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // The same mask and scale applied to the gradient.
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(grad, &DropoutBackward(*self))?))
+    }
+}
+
+/// Applies the forward's mask to a gradient (the second operand is unused; CustomOp2 only
+/// because `apply_op1_no_bwd` takes the op by reference in the same way).
+struct DropoutBackward(Dropout);
+
+impl CustomOp2 for DropoutBackward {
+    fn name(&self) -> &'static str {
+        "dropout-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((self.0.run(gs, gl)?, gl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{check_grad, input};
+
+    #[test]
+    fn drops_about_p_and_keeps_the_expectation() -> Result<()> {
+        let x = Tensor::ones(200_000, candle_core::DType::F64, &candle_core::Device::Cpu)?;
+        let y = dropout(&x, 0.1, 7)?.to_vec1::<f64>()?;
+        let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "dropped {dropped}");
+        let mean = y.iter().sum::<f64>() / y.len() as f64;
+        assert!((mean - 1.0).abs() < 0.01, "mean {mean}");
+        assert_eq!(y, dropout(&x, 0.1, 7)?.to_vec1::<f64>()?, "same key, same mask");
+        assert_ne!(y, dropout(&x, 0.1, 8)?.to_vec1::<f64>()?, "another key, another mask");
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_uses_the_same_mask() {
+        check_grad(&input(&[40, 9], 4), |x| dropout(x, 0.3, 11).unwrap());
+    }
+}
