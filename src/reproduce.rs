@@ -162,7 +162,7 @@ fn check_stored_copies(store: &Store, record: &Record) -> Result<Vec<String>, St
         match store.lookup(kind.name(), key)? {
             Lookup::Miss => {}
             Lookup::Corrupt(why) => {
-                problems.push(format!("{kind}: the stored copy in {} {why}", store.root().display()))
+                problems.push(format!("{kind}: the stored copy in {}: {why}", store.root().display()))
             }
             Lookup::Hit(out) => {
                 for (path, digest) in recorded_files(record, kind) {

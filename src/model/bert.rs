@@ -1,5 +1,7 @@
 //! BERT encoder + pooler + classification head (`BertForSequenceClassification`).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use rand::Rng as _;
 
@@ -190,8 +192,18 @@ impl BertClassifier {
             c.layer_norm_eps,
         )?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
+        let keep: Arc<Vec<bool>> = Arc::new(
+            batch
+                .attention_mask
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&m| m != 0.0)
+                .collect(),
+        );
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &batch.attention_mask, rows, len, &mut mode)?;
+            x = self.layer_forward(layer, &x, &keep, rows, &mut mode)?;
         }
         let cls = x.reshape((rows, len, hidden))?.i((.., 0))?.contiguous()?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
@@ -203,32 +215,18 @@ impl BertClassifier {
         &self,
         layer: &Layer,
         x: &Tensor,
-        mask: &Tensor,
+        keep: &Arc<Vec<bool>>,
         rows: usize,
-        len: usize,
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (heads, head_dim) = (c.num_attention_heads, c.head_dim());
-        let split_heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((rows, len, heads, head_dim))?.transpose(1, 2)?.contiguous()?.reshape((
-                rows * heads,
-                len,
-                head_dim,
-            ))
+        let (q, k, v) = (layer.query.forward(x)?, layer.key.forward(x)?, layer.value.forward(x)?);
+        let p = if matches!(mode, Mode::Train(_)) { self.dropout.attention } else { 0.0 };
+        let key = match mode {
+            Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
+            _ => 0,
         };
-        let q = split_heads(layer.query.forward(x)?)?;
-        let k = split_heads(layer.key.forward(x)?)?;
-        let v = split_heads(layer.value.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?.reshape((rows, heads, len, len))?;
-        let probs = ops::masked_softmax(&scores, mask, 1.0 / (head_dim as f64).sqrt())?;
-        let probs = dropout(&probs, self.dropout.attention, mode)?.reshape((rows * heads, len, len))?;
-        let context = probs
-            .matmul(&v)?
-            .reshape((rows, heads, len, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((rows * len, c.hidden_size))?;
+        let context = ops::attention(&q, &k, &v, Arc::clone(keep), rows, c.num_attention_heads, p, key)?;
         let attended = dropout(&layer.attention_out.forward(&context)?, self.dropout.hidden, mode)?;
         let n = &layer.attention_norm;
         let x = ops::layer_norm(&(attended + x)?, &n.weight, &n.bias, c.layer_norm_eps)?;

@@ -15,41 +15,60 @@ const CHUNK: usize = 1 << 14;
 /// Zeroes each element with probability `p` (to 1/65536 resolution) and scales the rest by
 /// `1 / (1 - p)`; `key` selects the mask.
 pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
     if p >= 1.0 {
         return x.zeros_like();
     }
-    x.contiguous()?.apply_op1(Dropout::new(p, key))
+    match DropMask::new(p, key) {
+        Some(mask) => x.contiguous()?.apply_op1(Dropout(mask)),
+        None => Ok(x.clone()),
+    }
 }
 
-#[derive(Clone, Copy)]
-struct Dropout {
+/// A dropout mask: which elements of a counter space `0, 1, 2, ...` are dropped, and the scale of
+/// the kept ones.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DropMask {
     /// An element is dropped when its 16-bit draw is below this.
     threshold: u32,
     scale: f64,
     key: u64,
 }
 
-impl Dropout {
-    fn new(p: f64, key: u64) -> Self {
-        let threshold = (p * 65536.0).round() as u32;
-        Self { threshold, scale: 1.0 / (1.0 - f64::from(threshold) / 65536.0), key }
+impl DropMask {
+    /// The mask for probability `p` under `key`; `None` when nothing would be dropped.
+    pub fn new(p: f64, key: u64) -> Option<Self> {
+        let threshold = (p.clamp(0.0, 1.0) * 65536.0).round() as u32;
+        (threshold > 0).then(|| Self { threshold, scale: 1.0 / (1.0 - f64::from(threshold) / 65536.0), key })
     }
 
-    /// `out[i] = x[i] * (kept(i) ? scale : 0)` over one chunk starting at element `start`.
+    fn factor<T: Real>(&self, index: u64, scale: T) -> T {
+        // Four 16-bit draws per 64-bit hash.
+        let bits = splitmix64(self.key ^ (index >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let draw = ((bits >> ((index & 3) * 16)) & 0xffff) as u32;
+        if draw < self.threshold { T::zero() } else { scale }
+    }
+
+    /// `out[i] = x[i] * factor(start + i)`.
     fn apply<T: Real>(&self, start: usize, x: &[T], out: &mut [T]) {
         let scale = T::from_f64(self.scale);
         for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-            let index = (start + i) as u64;
-            // Four 16-bit draws per 64-bit hash.
-            let bits = splitmix64(self.key ^ (index >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let draw = ((bits >> ((index & 3) * 16)) & 0xffff) as u32;
-            *o = if draw < self.threshold { T::zero() } else { v * scale };
+            *o = v * self.factor((start + i) as u64, scale);
         }
     }
 
+    /// Applies the mask in place to `x`, whose first element is number `start`.
+    pub fn apply_in_place<T: Real>(&self, start: u64, x: &mut [T]) {
+        let scale = T::from_f64(self.scale);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = *v * self.factor(start + i as u64, scale);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Dropout(DropMask);
+
+impl Dropout {
     fn run(&self, xs: &CpuStorage, xl: &Layout) -> Result<CpuStorage> {
         with_real!("dropout", xs, T => {
             let x = slice::<T>("dropout", xs, xl)?;
@@ -57,7 +76,7 @@ impl Dropout {
             out.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK))
                 .enumerate()
-                .for_each(|(c, (o, x))| self.apply(c * CHUNK, x, o));
+                .for_each(|(c, (o, x))| self.0.apply(c * CHUNK, x, o));
             Ok(T::to_cpu_storage_owned(out))
         })
     }
@@ -86,8 +105,7 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// Applies the forward's mask to a gradient (the second operand is unused; CustomOp2 only
-/// because `apply_op1_no_bwd` takes the op by reference in the same way).
+/// Applies the forward's mask to a gradient (the second operand is unused).
 struct DropoutBackward(Dropout);
 
 impl CustomOp2 for DropoutBackward {

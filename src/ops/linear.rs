@@ -25,28 +25,57 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// A row-major matrix view for GEMM: base pointer and (row, column) strides in elements.
+/// A matrix view for GEMM: base pointer and (row, column) strides in elements.
 #[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
+pub(super) struct Mat<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
 }
 
 impl<T> Mat<T> {
-    /// A `rows x cols` row-major matrix.
-    fn rows(ptr: *const T, cols: usize) -> Self {
+    /// A row-major matrix with `cols` columns.
+    pub fn rows(ptr: *const T, cols: usize) -> Self {
         Self { ptr, rs: cols as isize, cs: 1 }
     }
     /// The transpose of a row-major matrix with `cols` columns.
-    fn transposed(ptr: *const T, cols: usize) -> Self {
+    pub fn transposed(ptr: *const T, cols: usize) -> Self {
         Self { ptr, rs: 1, cs: cols as isize }
     }
 }
 
-/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, dst row-major.
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, dst row-major, on the rayon pool.
 fn gemm<T: Real>(dst: &mut [T], accumulate: bool, m: usize, n: usize, k: usize, lhs: Mat<T>, rhs: Mat<T>) {
-    assert_eq!(dst.len(), m * n, "gemm: destination size");
+    gemm_with(dst, n, accumulate, m, n, k, lhs, rhs, parallelism());
+}
+
+/// [`gemm`] on the calling thread only, for callers that parallelise over many small products.
+pub(super) fn gemm_serial<T: Real>(
+    dst: &mut [T],
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    gemm_with(dst, n, accumulate, m, n, k, lhs, rhs, gemm::Parallelism::None);
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] lhs (m x k) * rhs (k x n)`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_with<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n, "gemm: destination too small");
     // SAFETY: every matrix lies inside a live slice whose length the callers derive from the same
     // dimensions (checked above for dst; lhs and rhs come from tensors of the shapes named).
     unsafe {
@@ -56,7 +85,7 @@ fn gemm<T: Real>(dst: &mut [T], accumulate: bool, m: usize, n: usize, k: usize, 
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.ptr,
             lhs.cs,
@@ -69,7 +98,7 @@ fn gemm<T: Real>(dst: &mut [T], accumulate: bool, m: usize, n: usize, k: usize, 
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Differentiable kernels for the training path.
+//! Differentiable kernels for the training path: linear layers, attention, layer norm,
+//! activations, dropout and the loss.
 //!
 //! candle 0.11's fast `layer_norm` and `softmax_last_dim` are built without a backward pass, so a
 //! model that uses them trains only the layers after its last LayerNorm, silently. Every op here is
@@ -6,19 +7,19 @@
 //! difference tests). Kernels run rows in parallel with rayon; any reduction across rows sums fixed
 //! blocks in a fixed order, so results are bit-identical whatever the thread count.
 
+mod attention;
 mod dropout;
 mod gelu;
 mod layer_norm;
 mod linear;
 mod loss;
-mod softmax;
 
+pub use attention::attention;
 pub use dropout::dropout;
 pub use gelu::{Activation, activation};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use loss::cross_entropy;
-pub use softmax::masked_softmax;
 
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 
