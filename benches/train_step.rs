@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use pipe::model::{Batch, BertClassifier, Mode};
 use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig};
@@ -15,6 +15,21 @@ use pipe::optim::{AdamW, OptimizerConfig};
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Achieved GFLOP/s of candle's f32 matmul on `(m x k) * (k x n)`, median of 7.
+fn gemm_gflops(m: usize, k: usize, n: usize) -> f64 {
+    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::ones((k, n), DType::F32, &Device::Cpu).unwrap();
+    let times: Vec<f64> = (0..8)
+        .map(|_| {
+            let t = Instant::now();
+            a.matmul(&b).unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .skip(1)
+        .collect();
+    2.0 * (m * k * n) as f64 / median(times) * 1e-9
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,8 +80,25 @@ fn main() -> anyhow::Result<()> {
     }
     let (f, b, u) = (median(fwd), median(bwd), median(upd));
     let total = f + b + u;
+    // Matmul FLOPs of a step: forward 2 per weight per token plus attention's two products;
+    // backward twice the forward.
+    let c = model.config();
+    let tokens = (batch * len) as f64;
+    let encoder_weights = (c.num_hidden_layers
+        * (4 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.intermediate_size))
+        as f64;
+    let attention = (c.num_hidden_layers * batch * 4 * len * len * c.hidden_size) as f64;
+    let step_flops = 3.0 * (2.0 * encoder_weights * tokens + attention);
     println!(
-        "len {len} batch {batch}: forward {f:.0} ms, backward {b:.0} ms, optimizer {u:.0} ms, step {total:.0} ms = {:.1} samples/s (threads {})",
+        "machine: {:.0} GFLOP/s on a {}x{}x{} f32 GEMM (the FFN's shape)",
+        gemm_gflops(batch * len, c.hidden_size, c.intermediate_size),
+        batch * len,
+        c.hidden_size,
+        c.intermediate_size
+    );
+    println!(
+        "len {len} batch {batch}: forward {f:.0} ms, backward {b:.0} ms, optimizer {u:.0} ms, step {total:.0} ms, {:.0} GFLOP/s = {:.1} samples/s (threads {})",
+        step_flops / total * 1e-6,
         batch as f64 / total * 1e3,
         rayon::current_num_threads()
     );

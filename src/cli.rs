@@ -49,6 +49,35 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Classify texts with a run's trained model: prints CSV with the predicted label and each
+    /// class's probability (and the accuracy when the input has labels).
+    Predict {
+        /// Run id or unique prefix.
+        run: String,
+        /// A text to classify (repeatable).
+        #[arg(
+            long = "text",
+            value_name = "TEXT",
+            required_unless_present = "input",
+            conflicts_with = "input"
+        )]
+        texts: Vec<String>,
+        /// A CSV file (with a header) of texts to classify; when it has the label column, the
+        /// accuracy is printed too.
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Write the predictions to this CSV file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The text column of --input [default: the run's dataset.text_column].
+        #[arg(long, value_name = "NAME", requires = "input")]
+        text_column: Option<String>,
+        /// The label column of --input [default: the run's dataset.label_column].
+        #[arg(long, value_name = "NAME", requires = "input")]
+        label_column: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Show the parameter and metric differences between two runs.
     Diff {
         /// First run (id or unique prefix).

@@ -105,6 +105,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, E
             optimizer: pipeline.optimizer.clone(),
             schedule: pipeline.schedule.clone(),
             train: pipeline.train.clone(),
+            evaluate: pipeline.evaluate.clone(),
             model_dir,
             model_config,
             model_weights,
@@ -226,11 +227,21 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
 fn summarize(kind: StageKind, output: &crate::store::StageOutput) -> String {
     let facts = &output.manifest.facts;
     match kind {
-        StageKind::Train => format!(
-            "{:.0} samples/s, final loss {:.4}",
-            facts["samples_per_second"].as_f64().unwrap_or(0.0),
-            facts["final_loss"].as_f64().unwrap_or(f64::NAN)
-        ),
+        StageKind::Train => {
+            let mut line = format!(
+                "{:.0} samples/s, final loss {:.4}",
+                facts["samples_per_second"].as_f64().unwrap_or(0.0),
+                facts["final_loss"].as_f64().unwrap_or(f64::NAN)
+            );
+            let early = &facts["early_stopping"];
+            if let Some(best) = early["best_epoch"].as_f64().map(|epoch| (epoch * 100.0).round() / 100.0) {
+                let stopped =
+                    if early["stopped_early"].as_bool() == Some(true) { "stopped early; " } else { "" };
+                let metric = early["metric"].as_str().unwrap_or("metric");
+                line.push_str(&format!(", {stopped}saved epoch {best} (best {metric})"));
+            }
+            line
+        }
         _ => format!("{} files", output.manifest.files.len()),
     }
 }

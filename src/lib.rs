@@ -10,7 +10,9 @@
 //! - [`ops`]: fused kernels with forward *and* backward (layer norm, masked softmax, GELU, loss),
 //!   because candle's fast versions cut the gradient.
 //! - [`optim`]: the fused AdamW, schedules, clipping.
-//! - [`train`]: batching and the training loop.
+//! - [`train`]: batching, the training loop, evaluations during training, early stopping and the
+//!   training curves.
+//! - [`predict`]: a recorded run's model on new texts (`pipe predict`).
 //! - [`rng`]: the one seeded source of randomness (candle's CPU RNG cannot be seeded).
 
 pub mod config;
@@ -23,6 +25,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plan;
+pub mod predict;
 pub mod records;
 pub mod reproduce;
 pub mod rng;

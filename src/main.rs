@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use pipe::config::{self, ConfigError};
 use pipe::engine::{self, EngineError};
+use pipe::predict::{PredictError, Predictor};
 use pipe::records::{self, Record, RecordError};
 use pipe::reproduce;
 use pipe::store::{Store, StoreError};
@@ -38,6 +39,12 @@ impl From<RecordError> for Failure {
     fn from(e: RecordError) -> Self {
         let code = if matches!(e, RecordError::Store(_)) { 1 } else { 2 };
         Self { code, message: e.to_string() }
+    }
+}
+
+impl From<PredictError> for Failure {
+    fn from(e: PredictError) -> Self {
+        Self { code: e.exit_code(), message: e.to_string() }
     }
 }
 
@@ -107,6 +114,41 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             } else {
                 Err(Failure { code: 1, message: format!("run {} did not reproduce", record.id) })
             }
+        }
+        Command::Predict { run, texts, input, output, text_column, label_column, store } => {
+            let store = Store::new(store.store);
+            let record = Record::find(&store, &run)?;
+            let predictor = Predictor::for_run(&store, &record)?;
+            let (texts, predictions) = match &input {
+                Some(path) => predictor.predict_csv(
+                    path,
+                    text_column.as_deref().unwrap_or(predictor.text_column()),
+                    label_column.as_deref().unwrap_or(predictor.label_column()),
+                )?,
+                None => {
+                    let predictions = predictor.predict(&texts, None)?;
+                    (texts, predictions)
+                }
+            };
+            match &output {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .map_err(|e| Failure { code: 1, message: format!("{}: {e}", path.display()) })?;
+                    predictor.write_csv(std::io::BufWriter::new(file), path, &texts, &predictions)?;
+                    eprintln!("wrote {} predictions to {}", texts.len(), path.display());
+                }
+                None => predictor.write_csv(
+                    std::io::stdout().lock(),
+                    std::path::Path::new("standard output"),
+                    &texts,
+                    &predictions,
+                )?,
+            }
+            if let Some(report) = &predictions.report {
+                let correct: u64 = (0..report.confusion.len()).map(|c| report.confusion[c][c]).sum();
+                eprintln!("accuracy {:.4} ({correct} of {} rows)", report.accuracy, report.rows);
+            }
+            Ok(())
         }
         Command::Diff { a, b, store } => {
             let store = Store::new(store.store);

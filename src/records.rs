@@ -56,6 +56,15 @@ impl Record {
         toml::to_string(&config).expect("tables serialise")
     }
 
+    /// The resolved pipeline the run was made with.
+    pub fn pipeline(&self) -> Result<crate::config::Pipeline, RecordError> {
+        let config = self.table.get("config").cloned().unwrap_or(toml::Value::Table(Default::default()));
+        config.try_into().map_err(|e: toml::de::Error| RecordError::Invalid {
+            path: format!("run {}", self.id),
+            message: format!("its [config] is not a pipeline: {e}"),
+        })
+    }
+
     /// The recorded metrics.
     pub fn metrics(&self) -> BTreeMap<String, f64> {
         self.table

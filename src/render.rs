@@ -70,6 +70,19 @@ impl Progress {
                     eprintln!("  train     step {}/{}  {message}", report.step, report.total_steps);
                 }
             }
+            Event::Evaluated(evaluation) => {
+                let mut text = format!(
+                    "  train     epoch {}  step {}  train loss {:.4}  validation loss {:.4}",
+                    (evaluation.epoch * 100.0).round() / 100.0,
+                    evaluation.step,
+                    evaluation.train_loss,
+                    evaluation.validation_loss
+                );
+                for (metric, value) in &evaluation.metrics {
+                    let _ = write!(text, "  {metric} {value:.4}");
+                }
+                self.line(&text, false);
+            }
             Event::StageEnd { kind, seconds, summary } => {
                 self.finish();
                 self.line(&format!("  {kind:<9} done in {seconds:.1}s  ({summary})"), false);
@@ -166,6 +179,27 @@ pub fn record(store: &Store, record: &Record) -> String {
         let dir = store.stage_dir(name, key);
         let here = if dir.exists() { dir.display().to_string() } else { "(not in this store)".into() };
         let _ = writeln!(out, "{name:<9} {}  {seconds:>8.1}s  {here}", short(key));
+    }
+    let early = record.stage("train").and_then(|s| s.get("facts")?.get("early_stopping")?.as_table());
+    if let Some(early) = early {
+        let number = |k: &str| early.get(k).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)));
+        let stopped = match early.get("stopped_early").and_then(toml::Value::as_bool) {
+            Some(true) => "stopped early",
+            _ => "ran to the end",
+        };
+        let metric = early.get("metric").and_then(toml::Value::as_str).unwrap_or("metric");
+        let best = number("best_value").map_or(String::new(), |v| format!(" {v:.4}"));
+        let epoch = number("best_epoch").map_or(f64::NAN, |epoch| (epoch * 100.0).round() / 100.0);
+        let _ = writeln!(out, "early     {stopped}; saved epoch {epoch} (best {metric}{best})");
+    }
+    if let Some(key) = record.stage("train").and_then(|s| s.get("key")).and_then(toml::Value::as_str) {
+        let dir = store.stage_dir("train", key);
+        for name in [pipe::stages::CURVES_PNG, pipe::stages::CURVES_SVG] {
+            let path = dir.join(name);
+            if path.is_file() {
+                let _ = writeln!(out, "curves    {}", path.display());
+            }
+        }
     }
     let _ = writeln!(out, "record    {}", store.record_path(&record.id).display());
     out

@@ -139,6 +139,11 @@ pub struct DatasetConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "exclusiveMaximum" = 1))]
     pub validation_split: Option<f64>,
+    /// Drop from the validation data every row whose exact text also occurs in the training data
+    /// (leakage inflates validation scores); the counts are reported in the tokenize stage's
+    /// `labels.json`. Without it, such rows are only warned about.
+    #[serde(default)]
+    pub drop_duplicates: bool,
     /// Column holding the text.
     #[serde(default = "default_text_column")]
     pub text_column: String,

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::optim::ScheduleKind;
+use crate::train::ClassWeights;
 
 const MINIMAL: &str = r#"[dataset]
 train = "data/train.csv"
@@ -166,6 +167,62 @@ fn invalid_values_point_at_the_value_in_the_file() {
     );
     let message = error_text(&format!("{MINIMAL}dropout = 1.5\n"), &[], &[]);
     assert_contains(&message, &["p.toml:7:11: `model.dropout` must be in [0, 1), got 1.5"]);
+}
+
+#[test]
+fn evaluation_early_stopping_and_class_weights_load() {
+    let text = format!(
+        "{MINIMAL}[train]\neval_every_steps = 50\nclass_weights = \"balanced\"\n\
+         [train.early_stopping]\nmetric = \"f1\"\npatience = 2\n"
+    );
+    let p = load_text(&text, &[], &[]).unwrap();
+    assert!(p.train.eval_every_epoch, "evaluating every epoch is the default");
+    assert_eq!(p.train.eval_every_steps, Some(50));
+    assert_eq!(p.train.class_weights, Some(ClassWeights::Balanced));
+    let stopping = p.train.early_stopping.clone().unwrap();
+    assert_eq!((stopping.metric, stopping.patience, stopping.min_delta), (Metric::F1, 2, 0.0));
+    assert_eq!(load_text(&p.to_toml(), &[], &[]).unwrap(), p, "round trip:\n{}", p.to_toml());
+
+    let overrides = ["train.class_weights=[1, 2.5]", "dataset.drop_duplicates=true"];
+    let p = load_text(MINIMAL, &overrides, &[]).unwrap();
+    assert_eq!(p.train.class_weights, Some(ClassWeights::Explicit(vec![1.0, 2.5])));
+    assert!(p.dataset.drop_duplicates);
+    assert!(!load_text(MINIMAL, &[], &[]).unwrap().dataset.drop_duplicates);
+}
+
+#[test]
+fn early_stopping_and_class_weights_are_checked() {
+    let stopping = |extra: &str| format!("{MINIMAL}[train.early_stopping]\n{extra}");
+    let message = error_text(&stopping("metric = \"recall\"\n"), &[], &[]);
+    assert_contains(
+        &message,
+        &["p.toml:8:10: `train.early_stopping.metric` is `recall`, which `evaluate.metrics` does not list"],
+    );
+    let message = error_text(&stopping("patience = 0\n"), &[], &[]);
+    assert_contains(&message, &["p.toml:8:12: `train.early_stopping.patience` must be at least 1, got 0"]);
+    let message = error_text(&stopping("patiense = 2\n"), &[], &[]);
+    assert_contains(
+        &message,
+        &["unknown key `patiense` in [train.early_stopping]; did you mean `patience`?"],
+    );
+    let message = error_text(&stopping(""), &["train.eval_every_epoch=false"], &[]);
+    assert_contains(&message, &["early stopping needs evaluations during training"]);
+    assert!(
+        load_text(&stopping(""), &["train.eval_every_epoch=false", "train.eval_every_steps=10"], &[]).is_ok()
+    );
+
+    let message = error_text(MINIMAL, &["train.class_weights=\"balance\""], &[]);
+    assert_contains(
+        &message,
+        &[
+            "wrong value for `train.class_weights`",
+            "expected \"balanced\" or a list of numbers, one per class",
+        ],
+    );
+    let message = error_text(MINIMAL, &["train.class_weights=[1, 0]"], &[]);
+    assert_contains(&message, &["each of `train.class_weights` must be positive, got 0"]);
+    let message = error_text(MINIMAL, &["train.eval_every_steps=0"], &[]);
+    assert_contains(&message, &["`train.eval_every_steps` must be at least 1, got 0"]);
 }
 
 #[test]

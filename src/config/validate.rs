@@ -1,7 +1,8 @@
 //! Range and consistency checks that types cannot express. Each problem names the key path it is
 //! about, so that the loader can point at the layer that wrote it.
 
-use super::Pipeline;
+use super::{Metric, Pipeline};
+use crate::train::{ClassWeights, EarlyStoppingConfig};
 
 /// An invalid value at a key path.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +97,9 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         at_least_one("train.grad_accum_steps", p.train.grad_accum_steps as u64),
         p.train.max_grad_norm.and_then(|norm| positive("train.max_grad_norm", norm)),
         p.train.max_steps.and_then(|steps| at_least_one("train.max_steps", steps)),
+        p.train.eval_every_steps.and_then(|steps| at_least_one("train.eval_every_steps", steps)),
+        p.train.early_stopping.as_ref().and_then(|stopping| early_stopping_problem(p, stopping)),
+        p.train.class_weights.as_ref().and_then(class_weights_problem),
         at_least_one("evaluate.batch_size", p.evaluate.batch_size as u64),
         p.evaluate
             .metrics
@@ -108,6 +112,54 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         }),
     ];
     checks.into_iter().flatten().next()
+}
+
+/// Early stopping needs evaluations, a metric they record, and sensible bounds.
+fn early_stopping_problem(p: &Pipeline, stopping: &EarlyStoppingConfig) -> Option<Problem> {
+    if !p.train.evaluates() {
+        return Some(Problem {
+            path: "train.early_stopping",
+            message: "early stopping needs evaluations during training, but `train.eval_every_epoch` \
+                      is false and `train.eval_every_steps` is not set"
+                .into(),
+            help: Some("set `train.eval_every_epoch = true` or `train.eval_every_steps = N`".into()),
+        });
+    }
+    let metric = stopping.metric;
+    if metric != Metric::Loss && !p.evaluate.metrics.contains(&metric) {
+        return Some(Problem {
+            path: "train.early_stopping.metric",
+            message: format!(
+                "`train.early_stopping.metric` is `{metric}`, which `evaluate.metrics` does not list"
+            ),
+            help: Some(format!(
+                "add \"{metric}\" to `evaluate.metrics`, or watch \"loss\" (always computed)"
+            )),
+        });
+    }
+    at_least_one("train.early_stopping.patience", u64::from(stopping.patience)).or_else(|| {
+        (!(stopping.min_delta >= 0.0 && stopping.min_delta.is_finite())).then(|| {
+            problem(
+                "train.early_stopping.min_delta",
+                format!(
+                    "`train.early_stopping.min_delta` must be zero or positive, got {}",
+                    stopping.min_delta
+                ),
+            )
+        })
+    })
+}
+
+fn class_weights_problem(weights: &ClassWeights) -> Option<Problem> {
+    let ClassWeights::Explicit(weights) = weights else { return None };
+    if weights.is_empty() {
+        return Some(problem("train.class_weights", "`train.class_weights` must list one weight per class"));
+    }
+    weights.iter().find_map(|&w| {
+        (!(w > 0.0 && w.is_finite())).then(|| {
+            problem("train.class_weights", format!("each of `train.class_weights` must be positive, got {w}"))
+        })
+    })
 }
 
 /// `cpu`, `cuda` or `cuda:N`.

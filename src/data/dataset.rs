@@ -168,6 +168,47 @@ impl LabeledTexts {
 /// Empty texts are kept; an empty label is an error. Labels are trimmed, because hand-written
 /// CSV often has a space after the comma and `" 1"` should be the same class as `"1"`.
 pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<LabeledTexts, DataError> {
+    read_rows(path, text_column, label_column, true).map(|(rows, _)| rows)
+}
+
+/// Texts to predict, with their labels when the file has them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextsToPredict {
+    /// The file has the label column: texts and labels, as [`read_csv`] reads them.
+    Labeled(LabeledTexts),
+    /// The file has no label column.
+    Unlabeled(Vec<String>),
+}
+
+impl TextsToPredict {
+    /// The texts, in file order.
+    pub fn texts(&self) -> &[String] {
+        match self {
+            TextsToPredict::Labeled(data) => &data.texts,
+            TextsToPredict::Unlabeled(texts) => texts,
+        }
+    }
+}
+
+/// Reads `text_column` of the CSV file at `path`, and `label_column` too if the header names it;
+/// otherwise as [`read_csv`].
+pub fn read_csv_to_predict(
+    path: &Path,
+    text_column: &str,
+    label_column: &str,
+) -> Result<TextsToPredict, DataError> {
+    let (rows, labeled) = read_rows(path, text_column, label_column, false)?;
+    Ok(if labeled { TextsToPredict::Labeled(rows) } else { TextsToPredict::Unlabeled(rows.texts) })
+}
+
+/// [`read_csv`], with the label column optional unless `label_required`; the flag says whether
+/// labels were read (when not, `labels` is empty).
+fn read_rows(
+    path: &Path,
+    text_column: &str,
+    label_column: &str,
+    label_required: bool,
+) -> Result<(LabeledTexts, bool), DataError> {
     // Read whole, because the csv crate's own line numbers are wrong after blank lines and CRLF
     // endings: lines are counted from the bytes instead (see `LineCounter`).
     let bytes = fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
@@ -194,7 +235,11 @@ pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<La
         })
         .collect::<Result<Vec<String>, DataError>>()?;
     let text_index = column_index(path, &columns, text_column)?;
-    let label_index = column_index(path, &columns, label_column)?;
+    let label_index = match column_index(path, &columns, label_column) {
+        Ok(index) => Some(index),
+        Err(_) if !label_required => None,
+        Err(missing) => return Err(missing),
+    };
 
     let mut data = LabeledTexts::default();
     let mut record = csv::ByteRecord::new();
@@ -212,19 +257,20 @@ pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<La
                 column: column.into(),
             })
         };
-        let text = field(text_index, text_column)?;
-        let label = field(label_index, label_column)?.trim().to_owned();
-        if label.is_empty() {
-            return Err(DataError::EmptyLabel { path: path.into(), line, column: label_column.into() });
+        data.texts.push(field(text_index, text_column)?);
+        if let Some(label_index) = label_index {
+            let label = field(label_index, label_column)?.trim().to_owned();
+            if label.is_empty() {
+                return Err(DataError::EmptyLabel { path: path.into(), line, column: label_column.into() });
+            }
+            data.labels.push(label);
         }
-        data.texts.push(text);
-        data.labels.push(label);
         data.lines.push(line);
     }
     if data.is_empty() {
         return Err(DataError::NoRows { path: path.into() });
     }
-    Ok(data)
+    Ok((data, label_index.is_some()))
 }
 
 /// Turns the byte offsets the csv reader gives for records into 1-based line numbers.
@@ -487,6 +533,22 @@ mod tests {
         let data = read(b"\xEF\xBB\xBFtext,label\nhello, 1 \n").unwrap();
         assert_eq!(data.texts, strings(&["hello"]));
         assert_eq!(data.labels, strings(&["1"]));
+    }
+
+    #[test]
+    fn labels_to_predict_are_read_when_the_column_exists() {
+        let file = csv_file(b"text,label\ngood,pos\nbad,neg\n");
+        let TextsToPredict::Labeled(data) = read_csv_to_predict(file.path(), "text", "label").unwrap() else {
+            panic!("the label column was not read");
+        };
+        assert_eq!(data.labels, strings(&["pos", "neg"]));
+        let file = csv_file(b"id,text\n1,good\n2,\"bad, really\"\n");
+        let texts = read_csv_to_predict(file.path(), "text", "label").unwrap();
+        assert_eq!(texts, TextsToPredict::Unlabeled(strings(&["good", "bad, really"])));
+        assert!(matches!(
+            read_csv_to_predict(file.path(), "sentence", "label"),
+            Err(DataError::MissingColumn { .. })
+        ));
     }
 
     #[test]

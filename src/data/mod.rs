@@ -5,6 +5,9 @@ mod dataset;
 mod tokenize;
 mod tokens;
 
-pub use dataset::{DataError, LabelMap, LabeledTexts, duplicate_texts, read_csv, stratified_split};
+pub use dataset::{
+    DataError, LabelMap, LabeledTexts, TextsToPredict, duplicate_texts, read_csv, read_csv_to_predict,
+    stratified_split,
+};
 pub use tokenize::{TextEncoder, TokenizeError};
 pub use tokens::{TokenizedSplit, TokensError, load_tokens, save_tokens};

@@ -7,4 +7,4 @@ mod metrics;
 mod predict;
 
 pub use metrics::{ClassMetrics, ClassificationReport};
-pub use predict::{argmax, mean_log_loss, predict_probabilities};
+pub use predict::{Scored, argmax, mean_log_loss, predict_probabilities, score};

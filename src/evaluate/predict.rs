@@ -2,7 +2,31 @@
 
 use candle_core::{D, Result};
 
+use super::ClassificationReport;
 use crate::model::{Batch, BertClassifier, Mode};
+
+/// A model's predictions on labelled rows, scored.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Class probabilities per row, in row order.
+    pub probabilities: Vec<Vec<f32>>,
+    /// The most probable class per row.
+    pub predicted: Vec<u32>,
+    /// Metrics against the true labels, the mean log loss included.
+    pub report: ClassificationReport,
+}
+
+/// Predicts `rows` in batches of `batch_size` and scores them against `labels` (class indices).
+///
+/// The one computation behind the evaluate stage, the train stage's evaluations and `pipe
+/// predict`'s accuracy, so that all three give the same numbers for the same weights and rows.
+pub fn score(model: &BertClassifier, rows: &[Vec<u32>], labels: &[u32], batch_size: usize) -> Result<Scored> {
+    let probabilities = predict_probabilities(model, rows, batch_size)?;
+    let predicted = argmax(&probabilities);
+    let loss = mean_log_loss(&probabilities, labels);
+    let report = ClassificationReport::from_predictions(labels, &predicted, model.labels(), Some(loss));
+    Ok(Scored { probabilities, predicted, report })
+}
 
 /// Class probabilities (softmax of the logits) for every row, in row order.
 ///

@@ -112,7 +112,7 @@ impl Attention {
             }
             if sum > T::zero() {
                 let inv = sum.recip();
-                scores.iter_mut().for_each(|s| *s = *s * inv);
+                scores.iter_mut().for_each(|s| *s *= inv);
             }
         }
     }

@@ -60,7 +60,7 @@ impl DropMask {
     pub fn apply_in_place<T: Real>(&self, start: u64, x: &mut [T]) {
         let scale = T::from_f64(self.scale);
         for (i, v) in x.iter_mut().enumerate() {
-            *v = *v * self.factor(start + i as u64, scale);
+            *v *= self.factor(start + i as u64, scale);
         }
     }
 }

@@ -29,7 +29,14 @@ pub(crate) const ROW_BLOCK: usize = 32;
 
 /// The float types the kernels are written for.
 pub(crate) trait Real:
-    num_traits::Float + WithDType + Send + Sync + std::iter::Sum + std::ops::AddAssign + 'static
+    num_traits::Float
+    + WithDType
+    + Send
+    + Sync
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + 'static
 {
     fn erf(self) -> Self;
 }

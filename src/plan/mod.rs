@@ -8,7 +8,8 @@
 //!   changes what the stage writes or computes (its numerics included), so that old outputs are
 //!   never reused under new code ([`StageKind::version`]);
 //! - `params`: the resolved configuration values the stage reads, and nothing else (changing
-//!   `evaluate.batch_size` does not retrain);
+//!   `evaluate.batch_size` does not retrain, unless the train stage evaluates during training,
+//!   which batches as the evaluate stage does);
 //! - `inputs`: the content digests of everything the stage reads: data files, tokenizer and model
 //!   files, and the output digests of upstream stages.
 //!
@@ -58,8 +59,8 @@ impl StageKind {
     /// Output format version: bump when the stage's outputs or numerics change.
     pub fn version(self) -> u32 {
         match self {
-            Self::Tokenize => 1,
-            Self::Train => 1,
+            Self::Tokenize => 2,
+            Self::Train => 2,
             Self::Evaluate => 1,
         }
     }

@@ -10,7 +10,7 @@ use super::train::MODEL_DIR;
 use super::{Observer, Stage, StageError, Upstream, io_error, upstream_digest};
 use crate::config::EvaluateConfig;
 use crate::data;
-use crate::evaluate::{ClassificationReport, argmax, mean_log_loss, predict_probabilities};
+use crate::evaluate::{Scored, score};
 use crate::model::BertClassifier;
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
@@ -56,15 +56,8 @@ impl Stage for EvaluateStage {
             .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
         let model_dir = upstream[&StageKind::Train].file(MODEL_DIR);
         let model = BertClassifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
-        let probabilities = predict_probabilities(&model, &validation.ids, self.evaluate.batch_size)?;
-        let predicted = argmax(&probabilities);
-        let loss = mean_log_loss(&probabilities, &validation.labels);
-        let report = ClassificationReport::from_predictions(
-            &validation.labels,
-            &predicted,
-            model.labels(),
-            Some(loss),
-        );
+        let Scored { probabilities, predicted, report } =
+            score(&model, &validation.ids, &validation.labels, self.evaluate.batch_size)?;
         let path = work.out().join(METRICS_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&report).expect("JSON") + "\n")
             .map_err(io_error(&path))?;

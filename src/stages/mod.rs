@@ -14,13 +14,13 @@ use std::path::PathBuf;
 
 pub use evaluate::{EvaluateStage, METRICS_FILE, PREDICTIONS_FILE};
 pub use tokenize::{LABELS_FILE, TOKENS_FILE, TokenizeStage};
-pub use train::{MODEL_DIR, TRAIN_LOG, TrainStage};
+pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage};
 
 use crate::data::{DataError, TokenizeError, TokensError};
 use crate::model::ModelError;
 use crate::plan::{KeyFields, StageKind};
 use crate::store::{StageOutput, StoreError, WorkDir};
-use crate::train::StepReport;
+use crate::train::{CurvesError, Evaluation, StepReport};
 
 /// The finished upstream stages a stage reads, by kind.
 pub type Upstream = BTreeMap<StageKind, StageOutput>;
@@ -36,6 +36,8 @@ pub enum Event<'a> {
     Resumed { kind: StageKind, step: u64, total: u64 },
     /// One optimizer step of the train stage.
     Step(&'a StepReport),
+    /// The train stage scored the model on the validation split.
+    Evaluated(&'a Evaluation),
     /// A stage finished; `summary` is one line for people.
     StageEnd { kind: StageKind, seconds: f64, summary: String },
     /// Something the user should know (a stored stage failed verification, data leakage, ...).
@@ -64,6 +66,8 @@ pub enum StageError {
     Invalid(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Curves(#[from] CurvesError),
     #[error("interrupted; checkpoint saved at step {step}, the next run resumes from it")]
     Interrupted { step: u64 },
 }

@@ -1,6 +1,6 @@
 //! The tokenize stage: CSV rows -> class indices and ragged token ids.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::json;
 
@@ -12,7 +12,8 @@ use crate::store::WorkDir;
 
 /// Output file with the tokenized splits.
 pub const TOKENS_FILE: &str = "tokens.safetensors";
-/// Output file with the class names and row counts.
+/// Output file with the class names, row counts per split and class, and the validation rows whose
+/// text also occurs in the training data (found, and dropped with `dataset.drop_duplicates`).
 pub const LABELS_FILE: &str = "labels.json";
 
 /// Reads the dataset, maps labels to classes, splits off validation if asked, and tokenizes.
@@ -32,6 +33,80 @@ struct Prepared {
     labels: LabelMap,
     train: (Vec<String>, Vec<u32>),
     validation: (Vec<String>, Vec<u32>),
+    leakage: Leakage,
+}
+
+/// Validation rows whose exact text also occurs in the training data.
+struct Leakage {
+    /// How many validation rows (before any were dropped).
+    rows: usize,
+    /// Validation rows in all, before any were dropped.
+    of: usize,
+    /// A few of the texts, for the warning.
+    examples: Vec<String>,
+    /// Whether they were dropped from validation (`dataset.drop_duplicates`).
+    dropped: bool,
+}
+
+impl Leakage {
+    /// Finds the validation rows that leak from `train` and, if `drop`, removes them from
+    /// `validation`; refuses to drop every row.
+    fn handle(
+        train: &[String],
+        validation: &mut (Vec<String>, Vec<u32>),
+        drop: bool,
+    ) -> Result<Self, StageError> {
+        let leaked: BTreeSet<usize> =
+            data::duplicate_texts(train, &validation.0).into_iter().map(|(_, v)| v).collect();
+        let of = validation.0.len();
+        let examples = leaked.iter().take(3).map(|&v| validation.0[v].clone()).collect();
+        let dropped = drop && !leaked.is_empty();
+        if dropped {
+            if leaked.len() == of {
+                return Err(StageError::Invalid(format!(
+                    "every one of the {of} validation rows also occurs in the training data, so \
+                     `dataset.drop_duplicates = true` would leave nothing to validate on"
+                )));
+            }
+            let (texts, classes) = std::mem::take(validation);
+            *validation = texts
+                .into_iter()
+                .zip(classes)
+                .enumerate()
+                .filter(|(row, _)| !leaked.contains(row))
+                .map(|(_, kept)| kept)
+                .unzip();
+        }
+        Ok(Self { rows: leaked.len(), of, examples, dropped })
+    }
+
+    /// The warning to show, if any row leaks.
+    fn warning(&self) -> Option<String> {
+        if self.rows == 0 {
+            return None;
+        }
+        // Long texts are cut, so that the warning stays a few lines long.
+        let examples: Vec<String> = self
+            .examples
+            .iter()
+            .map(|text| match text.char_indices().nth(60) {
+                Some((cut, _)) => format!("{:?}...", &text[..cut]),
+                None => format!("{text:?}"),
+            })
+            .collect();
+        let (n, of, examples) = (self.rows, self.of, examples.join(", "));
+        Some(if self.dropped {
+            format!(
+                "dropped {n} of {of} validation rows whose text also occurs in the training data \
+                 (dataset.drop_duplicates), e.g. {examples}"
+            )
+        } else {
+            format!(
+                "{n} of {of} validation rows also occur in the training data (leakage inflates \
+                 validation scores), e.g. {examples}; set `dataset.drop_duplicates = true` to drop them"
+            )
+        })
+    }
 }
 
 impl TokenizeStage {
@@ -55,7 +130,11 @@ impl Stage for TokenizeStage {
     fn key_fields(&self, _upstream: &Upstream) -> KeyFields {
         let d = &self.dataset;
         let mut params = json!({
-            "dataset": { "text_column": d.text_column, "label_column": d.label_column },
+            "dataset": {
+                "text_column": d.text_column,
+                "label_column": d.label_column,
+                "drop_duplicates": d.drop_duplicates,
+            },
             "tokenizer": { "max_length": self.max_length },
         });
         if let Some(split) = d.validation_split {
@@ -78,7 +157,7 @@ impl Stage for TokenizeStage {
         let train = data::read_csv(&self.train_csv.path, &d.text_column, &d.label_column)?;
         let labels = LabelMap::from_train(&train.labels)?;
         let train_classes = labels.encode(&train, &self.train_csv.path)?;
-        let (train, validation) = match &self.validation_csv {
+        let (train, mut validation) = match &self.validation_csv {
             Some(v) => {
                 let val = data::read_csv(&v.path, &d.text_column, &d.label_column)?;
                 let val_classes = labels.encode(&val, &v.path)?;
@@ -96,8 +175,9 @@ impl Stage for TokenizeStage {
                 (pick(&train_rows), pick(&val_rows))
             }
         };
+        let leakage = Leakage::handle(&train.0, &mut validation, d.drop_duplicates)?;
         let encoder = TextEncoder::from_file(&self.tokenizer.path, self.max_length)?;
-        self.prepared = Some(Prepared { encoder, labels, train, validation });
+        self.prepared = Some(Prepared { encoder, labels, train, validation, leakage });
         Ok(())
     }
 
@@ -112,15 +192,8 @@ impl Stage for TokenizeStage {
         }
         let p = self.prepared.take().expect("prepared above");
         let start = std::time::Instant::now();
-        let leaks = data::duplicate_texts(&p.train.0, &p.validation.0);
-        if !leaks.is_empty() {
-            let examples: Vec<String> =
-                leaks.iter().take(3).map(|&(_, v)| format!("{:?}", p.validation.0[v])).collect();
-            observe(Event::Warning(format!(
-                "{} validation rows also occur in the training data (leakage), e.g. {}",
-                leaks.iter().map(|&(_, v)| v).collect::<std::collections::BTreeSet<_>>().len(),
-                examples.join(", ")
-            )));
+        if let Some(warning) = p.leakage.warning() {
+            observe(Event::Warning(warning));
         }
         let train = TokenizedSplit { ids: p.encoder.encode_all(&p.train.0)?, labels: p.train.1 };
         let validation =
@@ -134,7 +207,10 @@ impl Stage for TokenizeStage {
             "validation_rows": validation.labels.len(),
             "train_tokens": train.ids.iter().map(Vec::len).sum::<usize>(),
             "train_rows_truncated": truncated,
-            "validation_leaked_rows": leaks.len(),
+            "train_class_counts": class_counts(&train.labels, p.labels.names().len()),
+            "validation_class_counts": class_counts(&validation.labels, p.labels.names().len()),
+            "validation_leaked_rows": p.leakage.rows,
+            "validation_rows_dropped": if p.leakage.dropped { p.leakage.rows } else { 0 },
         });
         let path = work.out().join(LABELS_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&summary).expect("JSON") + "\n")
@@ -142,4 +218,15 @@ impl Stage for TokenizeStage {
         let rows = train.labels.len() + validation.labels.len();
         Ok(json!({ "seconds": seconds, "rows_per_second": rows as f64 / seconds.max(1e-9) }))
     }
+}
+
+/// Rows per class, in class order.
+fn class_counts(labels: &[u32], classes: usize) -> Vec<usize> {
+    let mut counts = vec![0; classes];
+    for &label in labels {
+        if let Some(count) = counts.get_mut(label as usize) {
+            *count += 1;
+        }
+    }
+    counts
 }

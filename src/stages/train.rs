@@ -1,25 +1,34 @@
-//! The train stage: fine-tunes the model on the tokenized training split.
+//! The train stage: fine-tunes the model on the tokenized training split, evaluating it on the
+//! validation split as configured and stopping early when asked.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::tokenize::{LABELS_FILE, TOKENS_FILE};
 use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error, upstream_digest};
-use crate::config::ModelConfig;
-use crate::data;
+use crate::config::{EvaluateConfig, Metric, ModelConfig};
+use crate::data::{self, TokenizedSplit};
 use crate::model::{BertClassifier, Dropout};
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
-use crate::train::{Examples, TrainConfig, Trainer};
+use crate::train::{EarlyStopping, Evaluation, Examples, History, TrainConfig, Trainer, draw_curves};
 
 /// Directory (inside the outputs) of the trained model, in Hugging Face layout.
 pub const MODEL_DIR: &str = "model";
 /// One JSON line per optimizer step: step, epoch, loss, learning rate.
 pub const TRAIN_LOG: &str = "train_log.jsonl";
+/// One JSON line per evaluation during training: epoch, step, train_loss, validation_loss, each
+/// configured metric, and with early stopping whether it is the best (whose weights are saved).
+pub const METRICS_LOG: &str = "metrics.jsonl";
+/// The evaluations drawn as a bitmap.
+pub const CURVES_PNG: &str = "curves.png";
+/// The evaluations drawn as a vector graphic.
+pub const CURVES_SVG: &str = "curves.svg";
 
 /// Fine-tunes the pretrained model.
 pub struct TrainStage {
@@ -29,6 +38,9 @@ pub struct TrainStage {
     pub(crate) optimizer: OptimizerConfig,
     pub(crate) schedule: ScheduleConfig,
     pub(crate) train: TrainConfig,
+    /// How evaluations during training predict and what they report: the evaluate stage's
+    /// settings, so that both score the same weights alike.
+    pub(crate) evaluate: EvaluateConfig,
     pub(crate) model_dir: PathBuf,
     pub(crate) model_config: Input,
     pub(crate) model_weights: Input,
@@ -44,6 +56,53 @@ impl TrainStage {
             classifier: self.model.classifier_dropout.or(self.model.dropout).unwrap_or(base.classifier),
         }
     }
+
+    /// Scores the model as it is after the last step of `history` on `validation`.
+    fn evaluate(
+        &self,
+        trainer: &Trainer,
+        validation: &TokenizedSplit,
+        history: &History,
+    ) -> Result<Evaluation, StageError> {
+        let scored = crate::evaluate::score(
+            trainer.model(),
+            &validation.ids,
+            &validation.labels,
+            self.evaluate.batch_size,
+        )?;
+        let since = history.evaluations.last().map_or(0, |e| e.step as usize);
+        let losses = &history.steps[since.min(history.steps.len())..];
+        let train_loss = losses.iter().map(|r| r.loss).sum::<f64>() / losses.len().max(1) as f64;
+        Ok(Evaluation::new(
+            trainer.steps_done(),
+            trainer.epochs_done(),
+            train_loss,
+            &scored.report,
+            &self.evaluate.metrics,
+        ))
+    }
+
+    /// Writes `metrics.jsonl` (marking early stopping's best evaluation, when it watches) and
+    /// draws the losses and the first configured metric other than the loss.
+    fn write_evaluations(
+        &self,
+        out: &Path,
+        evaluations: &[Evaluation],
+        stopping: Option<&EarlyStopping>,
+    ) -> Result<(), StageError> {
+        let best = stopping.and_then(EarlyStopping::best).map(|(index, _)| index);
+        let lines = evaluations.iter().enumerate().map(|(i, e)| {
+            let mut line = e.to_json();
+            if stopping.is_some() {
+                line["best"] = json!(best == Some(i));
+            }
+            line
+        });
+        write_lines(&out.join(METRICS_LOG), lines)?;
+        let metric = self.evaluate.metrics.iter().copied().find(|&m| m != Metric::Loss);
+        draw_curves(evaluations, metric, best, &out.join(CURVES_PNG), &out.join(CURVES_SVG))?;
+        Ok(())
+    }
 }
 
 impl Stage for TrainStage {
@@ -52,7 +111,7 @@ impl Stage for TrainStage {
     }
 
     fn key_fields(&self, upstream: &Upstream) -> KeyFields {
-        let params = json!({
+        let mut params = json!({
             "seed": self.seed,
             "device": self.device,
             "model": {
@@ -65,6 +124,11 @@ impl Stage for TrainStage {
             "schedule": self.schedule,
             "train": self.train,
         });
+        if self.train.evaluates() {
+            // Evaluations during training batch and report as the evaluate stage does.
+            params["evaluate"] =
+                json!({ "batch_size": self.evaluate.batch_size, "metrics": self.evaluate.metrics });
+        }
         let inputs = BTreeMap::from([
             ("tokenize".to_string(), upstream_digest(upstream, StageKind::Tokenize)),
             ("model.config".to_string(), self.model_config.sha256.clone()),
@@ -86,11 +150,19 @@ impl Stage for TrainStage {
         observe: Observer<'_>,
     ) -> Result<serde_json::Value, StageError> {
         let tokenized = &upstream[&StageKind::Tokenize];
-        let splits = data::load_tokens(&tokenized.file(TOKENS_FILE))?;
+        let mut splits = data::load_tokens(&tokenized.file(TOKENS_FILE))?;
         let train = splits
-            .get("train")
+            .remove("train")
             .ok_or_else(|| StageError::Invalid("tokenize output has no train split".into()))?;
+        let validation = splits
+            .remove("validation")
+            .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
         let labels = read_labels(&tokenized.file(LABELS_FILE))?;
+        if let Some(weights) = &self.train.class_weights {
+            weights
+                .resolve(&train.labels, labels.len())
+                .map_err(|message| StageError::Invalid(format!("{message} ({})", labels.join(", "))))?;
+        }
         let mut model = BertClassifier::from_pretrained(
             &self.model_dir,
             Some(labels),
@@ -109,59 +181,123 @@ impl Stage for TrainStage {
             data,
         )?;
         let checkpoints = work.checkpoint_dir();
-        let mut log = trainer.load_checkpoint(&checkpoints)?;
-        if !log.is_empty() {
+        let mut history = trainer.load_checkpoint(&checkpoints)?;
+        if !history.steps.is_empty() {
             observe(Event::Resumed {
                 kind: StageKind::Train,
                 step: trainer.steps_done(),
                 total: trainer.total_steps(),
             });
         }
-        let start = std::time::Instant::now();
-        let mut last_checkpoint = std::time::Instant::now();
+        // Replaying the restored evaluations gives early stopping the state it had.
+        let mut stopping = self.train.early_stopping.clone().map(EarlyStopping::new);
+        if let Some(stopping) = &mut stopping {
+            for evaluation in &history.evaluations {
+                stopping.observe(evaluation);
+            }
+        }
+        let stop_early =
+            |stopping: &Option<EarlyStopping>| stopping.as_ref().is_some_and(|s| s.should_stop());
+
+        let start = Instant::now();
+        let mut evaluating = Duration::ZERO;
+        let mut last_checkpoint = Instant::now();
         let (mut rows, mut tokens) = (0usize, 0usize);
-        while !trainer.finished() {
+        while !trainer.finished() && !stop_early(&stopping) {
             let report = trainer.step(data)?;
             rows += report.rows;
             tokens += report.real_tokens;
             observe(Event::Step(&report));
             let epoch_done = report.step % trainer.steps_per_epoch() == 0;
-            log.push(report);
+            history.steps.push(report);
+            if trainer.evaluation_due() {
+                let evaluation_start = Instant::now();
+                let evaluation = self.evaluate(&trainer, &validation, &history)?;
+                evaluating += evaluation_start.elapsed();
+                observe(Event::Evaluated(&evaluation));
+                if let Some(stopping) = &mut stopping
+                    && stopping.observe(&evaluation)
+                {
+                    history.best_params = Some(copy_params(trainer.model())?);
+                }
+                history.evaluations.push(evaluation);
+            }
             if crate::interrupt::requested() {
-                trainer.save_checkpoint(&checkpoints, &log)?;
+                trainer.save_checkpoint(&checkpoints, &history)?;
                 return Err(StageError::Interrupted { step: trainer.steps_done() });
             }
-            if !trainer.finished() && (epoch_done || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL) {
-                trainer.save_checkpoint(&checkpoints, &log)?;
-                last_checkpoint = std::time::Instant::now();
+            let done = trainer.finished() || stop_early(&stopping);
+            if !done && (epoch_done || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL) {
+                trainer.save_checkpoint(&checkpoints, &history)?;
+                last_checkpoint = Instant::now();
             }
         }
-        write_log(&work.out().join(TRAIN_LOG), &log)?;
         let seconds = start.elapsed().as_secs_f64();
+        let training_seconds = start.elapsed().saturating_sub(evaluating).as_secs_f64();
+        let stopped_early = !trainer.finished();
+        let steps_done = trainer.steps_done();
+        let best = stopping.as_ref().and_then(EarlyStopping::best);
+
+        let out = work.out();
+        write_lines(&out.join(TRAIN_LOG), history.steps.iter().map(|r| {
+            json!({ "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm })
+        }))?;
+        if self.train.evaluates() {
+            self.write_evaluations(out, &history.evaluations, stopping.as_ref())?;
+        }
+
         let model = trainer.into_model();
-        let model_dir = work.out().join(MODEL_DIR);
+        if let Some(best_params) = &history.best_params {
+            for ((_, var), tensor) in model.params().iter().zip(best_params) {
+                var.set(tensor)?;
+            }
+        }
+        let model_dir = out.join(MODEL_DIR);
         model.save_pretrained(&model_dir)?;
         let tokenizer_copy = model_dir.join("tokenizer.json");
         std::fs::copy(&self.tokenizer.path, &tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
-        Ok(json!({
+        let mut facts = json!({
             "seconds": seconds,
-            "samples_per_second": rows as f64 / seconds.max(1e-9),
-            "tokens_per_second": tokens as f64 / seconds.max(1e-9),
-            "final_loss": log.last().map_or(f64::NAN, |r| r.loss),
+            "evaluation_seconds": evaluating.as_secs_f64(),
+            "samples_per_second": rows as f64 / training_seconds.max(1e-9),
+            "tokens_per_second": tokens as f64 / training_seconds.max(1e-9),
             "parameters": model.num_parameters(),
-        }))
+            "evaluations": history.evaluations.len(),
+        });
+        // Run records are TOML, which has no null for a NaN: a diverged loss is left out.
+        if let Some(loss) = history.steps.last().map(|r| r.loss).filter(|l| l.is_finite()) {
+            facts["final_loss"] = json!(loss);
+        }
+        if let (Some(stopping), Some((index, value))) = (&stopping, best) {
+            let best = &history.evaluations[index];
+            let mut early = json!({
+                "metric": stopping.metric().name(),
+                "best_epoch": best.epoch,
+                "best_step": best.step,
+                "stopped_early": stopped_early,
+                "steps_done": steps_done,
+            });
+            if value.is_finite() {
+                early["best_value"] = json!(value);
+            }
+            facts["early_stopping"] = early;
+        }
+        Ok(facts)
     }
 }
 
-/// Checkpoints are written at the end of every epoch and at least this often.
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+/// A copy of every parameter that later optimizer steps (which update in place) leave alone.
+fn copy_params(model: &BertClassifier) -> Result<Vec<Tensor>, StageError> {
+    Ok(model.params().iter().map(|(_, var)| var.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
+}
 
-/// One JSON line per optimizer step.
-fn write_log(path: &std::path::Path, log: &[crate::train::StepReport]) -> Result<(), StageError> {
+/// Checkpoints are written at the end of every epoch and at least this often.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(600);
+
+/// One JSON object per line.
+fn write_lines(path: &Path, lines: impl Iterator<Item = serde_json::Value>) -> Result<(), StageError> {
     let mut text = String::new();
-    for r in log {
-        let line =
-            json!({ "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm });
+    for line in lines {
         text.push_str(&line.to_string());
         text.push('\n');
     }
@@ -169,7 +305,7 @@ fn write_log(path: &std::path::Path, log: &[crate::train::StepReport]) -> Result
 }
 
 /// The class names written by the tokenize stage.
-pub(crate) fn read_labels(path: &std::path::Path) -> Result<Vec<String>, StageError> {
+pub(crate) fn read_labels(path: &Path) -> Result<Vec<String>, StageError> {
     let text = std::fs::read_to_string(path).map_err(io_error(path))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))?;

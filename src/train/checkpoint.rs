@@ -1,24 +1,39 @@
 //! Training checkpoints: everything needed to continue a run to the same bits.
 //!
 //! Because every random draw is a function of the seed and the step (see [`crate::rng`]), the
-//! state of a run is only: the parameters, AdamW's step count and moments, and the per-step log.
-//! The data position is the step itself. One safetensors file holds it all; it is written to a
-//! temporary name and renamed, so a kill during the write leaves the previous checkpoint intact.
+//! state of a run is only: the parameters, AdamW's step count and moments, and its [`History`]
+//! (the per-step log, the evaluations so far and, with early stopping, the best evaluation's
+//! parameters). The data position is the step itself. One safetensors file holds it all; it is
+//! written to a temporary name and renamed, so a kill during the write leaves the previous
+//! checkpoint intact, and the history can never disagree with the parameters.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::{StepReport, Trainer};
+use super::{Evaluation, StepReport, Trainer};
+use crate::config::Metric;
 use crate::optim::AdamWState;
 
 /// The checkpoint's file name inside a stage's checkpoint directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
+/// What a run has produced so far besides its parameters and optimizer state.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// Every optimizer step so far.
+    pub steps: Vec<StepReport>,
+    /// Every evaluation so far.
+    pub evaluations: Vec<Evaluation>,
+    /// The parameters at the best evaluation so far, in [`crate::model::BertClassifier::params`]
+    /// order (kept with early stopping, to be saved instead of the last ones).
+    pub best_params: Option<Vec<Tensor>>,
+}
+
 impl Trainer {
-    /// Writes the current state and the log of the steps so far into `dir`.
-    pub fn save_checkpoint(&self, dir: &Path, log: &[StepReport]) -> candle_core::Result<()> {
+    /// Writes the current state and the history so far into `dir`.
+    pub fn save_checkpoint(&self, dir: &Path, history: &History) -> candle_core::Result<()> {
         std::fs::create_dir_all(dir)?;
         let state = self.optimizer().state();
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -27,6 +42,12 @@ impl Trainer {
             tensors.push((format!("adam_m.{name}"), Tensor::new(state.m[i].as_slice(), &Device::Cpu)?));
             tensors.push((format!("adam_v.{name}"), Tensor::new(state.v[i].as_slice(), &Device::Cpu)?));
         }
+        if let Some(best) = &history.best_params {
+            for ((name, _), tensor) in self.model().params().iter().zip(best) {
+                tensors.push((format!("best.{name}"), tensor.to_device(&Device::Cpu)?));
+            }
+        }
+        let log = &history.steps;
         let column = |f: &dyn Fn(&StepReport) -> f64| {
             Tensor::new(log.iter().map(f).collect::<Vec<f64>>(), &Device::Cpu)
         };
@@ -35,8 +56,23 @@ impl Trainer {
         tensors.push(("log.grad_norm".into(), column(&|r| r.grad_norm.unwrap_or(f64::NAN))?));
         tensors.push(("log.rows".into(), column(&|r| r.rows as f64)?));
         tensors.push(("log.real_tokens".into(), column(&|r| r.real_tokens as f64)?));
+        // Numbers go in as f64 tensors rather than JSON, which need not round-trip every float.
+        let evaluations = &history.evaluations;
+        if let Some(first) = evaluations.first() {
+            let column = |f: &dyn Fn(&Evaluation) -> f64| {
+                Tensor::new(evaluations.iter().map(f).collect::<Vec<f64>>(), &Device::Cpu)
+            };
+            tensors.push(("eval.step".into(), column(&|e| e.step as f64)?));
+            tensors.push(("eval.train_loss".into(), column(&|e| e.train_loss)?));
+            tensors.push(("eval.validation_loss".into(), column(&|e| e.validation_loss)?));
+            // The index keeps the configured order of the metrics, which metrics.jsonl follows.
+            for (i, (metric, _)) in first.metrics.iter().enumerate() {
+                let values = column(&|e| e.value(*metric).unwrap_or(f64::NAN))?;
+                tensors.push((format!("eval.metric.{i}.{}", metric.name()), values));
+            }
+        }
         let metadata = HashMap::from([
-            ("format".to_string(), "pipe-checkpoint-1".to_string()),
+            ("format".to_string(), "pipe-checkpoint-2".to_string()),
             ("step".to_string(), state.step.to_string()),
         ]);
         let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
@@ -47,33 +83,41 @@ impl Trainer {
         Ok(())
     }
 
-    /// Restores the state saved in `dir`, if there is a checkpoint; returns the log of the steps
-    /// it covers (empty when there is none).
-    pub fn load_checkpoint(&mut self, dir: &Path) -> candle_core::Result<Vec<StepReport>> {
+    /// Restores the state saved in `dir`, if there is a checkpoint; returns the history it covers
+    /// (empty when there is none).
+    pub fn load_checkpoint(&mut self, dir: &Path) -> candle_core::Result<History> {
         let path = dir.join(CHECKPOINT_FILE);
         if !path.is_file() {
-            return Ok(Vec::new());
+            return Ok(History::default());
         }
         let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
-        let mut take = |name: &str| {
-            tensors
-                .remove(name)
-                .ok_or_else(|| candle_core::Error::Msg(format!("{}: no tensor {name}", path.display())))
-        };
+        let missing = |name: &str| candle_core::Error::Msg(format!("{}: no tensor {name}", path.display()));
         let mut state = AdamWState::default();
+        let mut best_params = Vec::new();
         for (name, var) in self.model().params() {
-            var.set(&take(&format!("param.{name}"))?.to_device(var.device())?)?;
-            state.m.push(take(&format!("adam_m.{name}"))?.to_vec1::<f32>()?);
-            state.v.push(take(&format!("adam_v.{name}"))?.to_vec1::<f32>()?);
+            let mut take = |prefix: &str| {
+                let key = format!("{prefix}.{name}");
+                tensors.remove(&key).ok_or_else(|| missing(&key))
+            };
+            var.set(&take("param")?.to_device(var.device())?)?;
+            state.m.push(take("adam_m")?.to_vec1::<f32>()?);
+            state.v.push(take("adam_v")?.to_vec1::<f32>()?);
+            if let Ok(best) = take("best") {
+                best_params.push(best.to_device(var.device())?);
+            }
         }
-        let losses = take("log.loss")?.to_vec1::<f64>()?;
-        let lrs = take("log.lr")?.to_vec1::<f64>()?;
-        let norms = take("log.grad_norm")?.to_vec1::<f64>()?;
-        let rows = take("log.rows")?.to_vec1::<f64>()?;
-        let tokens = take("log.real_tokens")?.to_vec1::<f64>()?;
+        let mut column = |name: &str| -> candle_core::Result<Vec<f64>> {
+            tensors.remove(name).ok_or_else(|| missing(name))?.to_vec1::<f64>()
+        };
+        let losses = column("log.loss")?;
+        let lrs = column("log.lr")?;
+        let norms = column("log.grad_norm")?;
+        let rows = column("log.rows")?;
+        let tokens = column("log.real_tokens")?;
+        let evaluations = self.evaluations_from(&mut tensors, &path)?;
         state.step = losses.len() as u64;
         self.optimizer_mut().set_state(state)?;
-        let log = (0..losses.len())
+        let steps = (0..losses.len())
             .map(|i| StepReport {
                 epoch: i as u64 / self.steps_per_epoch(),
                 step: i as u64 + 1,
@@ -85,6 +129,60 @@ impl Trainer {
                 real_tokens: tokens[i] as usize,
             })
             .collect();
-        Ok(log)
+        let best_params = (!best_params.is_empty() && best_params.len() == self.model().params().len())
+            .then_some(best_params);
+        Ok(History { steps, evaluations, best_params })
+    }
+
+    /// The evaluations stored as `eval.*` columns (none in a checkpoint written before the first).
+    fn evaluations_from(
+        &self,
+        tensors: &mut HashMap<String, Tensor>,
+        path: &Path,
+    ) -> candle_core::Result<Vec<Evaluation>> {
+        let Some(steps) = tensors.remove("eval.step") else { return Ok(Vec::new()) };
+        let steps = steps.to_vec1::<f64>()?;
+        let names: Vec<String> = tensors.keys().filter(|k| k.starts_with("eval.metric.")).cloned().collect();
+        let mut column = |name: &str| -> candle_core::Result<Vec<f64>> {
+            tensors
+                .remove(name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("{}: no tensor {name}", path.display())))?
+                .to_vec1::<f64>()
+        };
+        let train_loss = column("eval.train_loss")?;
+        let validation_loss = column("eval.validation_loss")?;
+        let mut metric_columns: Vec<(usize, Metric, Vec<f64>)> = Vec::new();
+        for name in names {
+            let parsed = name.strip_prefix("eval.metric.").and_then(|rest| {
+                let (index, metric) = rest.split_once('.')?;
+                let metric: Metric = serde_json::from_value(serde_json::json!(metric)).ok()?;
+                Some((index.parse::<usize>().ok()?, metric))
+            });
+            let (index, metric) = parsed.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: unknown tensor {name}", path.display()))
+            })?;
+            metric_columns.push((index, metric, column(&name)?));
+        }
+        metric_columns.sort_by_key(|(index, _, _)| *index);
+        let lengths = [train_loss.len(), validation_loss.len()];
+        if lengths.into_iter().chain(metric_columns.iter().map(|(_, _, v)| v.len())).any(|n| n != steps.len())
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: eval.* columns differ in length",
+                path.display()
+            )));
+        }
+        Ok((0..steps.len())
+            .map(|i| {
+                let step = steps[i] as u64;
+                Evaluation {
+                    step,
+                    epoch: step as f64 / self.steps_per_epoch() as f64,
+                    train_loss: train_loss[i],
+                    validation_loss: validation_loss[i],
+                    metrics: metric_columns.iter().map(|(_, metric, values)| (*metric, values[i])).collect(),
+                }
+            })
+            .collect())
     }
 }

@@ -1,4 +1,6 @@
-//! The training loop: seeded batching, forward/backward, accumulation, clipping, AdamW.
+//! The training loop: seeded batching, forward/backward, accumulation, clipping, AdamW, class
+//! weights; and around it, the evaluations during training, early stopping, checkpoints and the
+//! training curves.
 //!
 //! Every source of randomness is a function of the seed and a position (the epoch for shuffling,
 //! the micro-batch for dropout), so a run is fully determined by its inputs and any optimizer step
@@ -7,10 +9,14 @@
 mod batching;
 mod checkpoint;
 mod config;
+mod curves;
+mod evaluation;
 
 pub use batching::epoch_batches;
-pub use checkpoint::CHECKPOINT_FILE;
-pub use config::TrainConfig;
+pub use checkpoint::{CHECKPOINT_FILE, History};
+pub use config::{ClassWeights, EarlyStoppingConfig, TrainConfig};
+pub use curves::{CurvesError, draw_curves};
+pub use evaluation::{EarlyStopping, Evaluation};
 
 use candle_core::{Result, Tensor};
 
@@ -56,6 +62,8 @@ pub struct Trainer {
     schedule: ScheduleConfig,
     config: TrainConfig,
     seed: u64,
+    /// Loss weight per class, when `config.class_weights` asks for weighting.
+    class_weights: Option<Vec<f64>>,
     rows: usize,
     lengths: Vec<usize>,
     steps_per_epoch: u64,
@@ -81,12 +89,19 @@ impl Trainer {
         let micro_per_epoch = data.ids.len().div_ceil(config.batch_size) as u64;
         let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum_steps as u64);
         let total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+        let class_weights = config
+            .class_weights
+            .as_ref()
+            .map(|w| w.resolve(data.labels, model.labels().len()))
+            .transpose()
+            .map_err(candle_core::Error::Msg)?;
         let optimizer = AdamW::new(optimizer, model.params().to_vec())?;
         Ok(Self {
             model,
             optimizer,
             schedule,
             seed,
+            class_weights,
             rows: data.ids.len(),
             lengths: data.ids.iter().map(Vec::len).collect(),
             steps_per_epoch,
@@ -135,6 +150,23 @@ impl Trainer {
         self.steps_done() >= self.total_steps
     }
 
+    /// Epochs done so far, fractional mid-epoch.
+    pub fn epochs_done(&self) -> f64 {
+        self.steps_done() as f64 / self.steps_per_epoch as f64
+    }
+
+    /// Whether the configuration asks for an evaluation after the step just done: at an epoch's
+    /// end (`eval_every_epoch`), every `eval_every_steps` steps, and after the last step whenever
+    /// training evaluates at all (so that the last weights are always scored).
+    pub fn evaluation_due(&self) -> bool {
+        let step = self.steps_done();
+        let c = &self.config;
+        step > 0
+            && ((c.eval_every_epoch && step.is_multiple_of(self.steps_per_epoch))
+                || c.eval_every_steps.is_some_and(|n| step.is_multiple_of(n))
+                || (c.evaluates() && step == self.total_steps))
+    }
+
     /// Runs the next optimizer step: its micro-batches' forward and backward passes, clipping, and
     /// the update.
     pub fn step(&mut self, data: Examples<'_>) -> Result<StepReport> {
@@ -153,7 +185,7 @@ impl Trainer {
             let batch = Batch::pad(&row_ids, self.model.pad_id(), self.model.dtype(), self.model.device())?;
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
             let logits = self.model.forward(&batch, Mode::Train(&mut dropout_rng))?;
-            let loss = ops::cross_entropy(&logits, &labels, None)?;
+            let loss = ops::cross_entropy(&logits, &labels, self.class_weights.as_deref())?;
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * labels.len() as f64;
             rows += labels.len();
             real_tokens += batch.real_tokens;

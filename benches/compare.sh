@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of pipe and the PyTorch reference recipe on this machine.
+#
+#   benches/compare.sh [REPEATS]          (default 3; results under bench-results/<time>/)
+#
+# Needs models/all-MiniLM-L6-v2 (scripts/fetch-model.sh) and a Python with torch, transformers
+# and datasets: $PYTHON, default .venv/bin/python (python3 -m venv .venv &&
+# .venv/bin/pip install torch transformers datasets). The reference script is $REFERENCE, default
+# ../shared/reference/hf_finetune.py. Each repeat runs pipe and the reference back to back, so
+# both see the same machine state; the summary reports medians and pipe/PyTorch ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repeats=${1:-3}
+python=${PYTHON:-.venv/bin/python}
+reference=${REFERENCE:-../shared/reference/hf_finetune.py}
+model=models/all-MiniLM-L6-v2
+out=bench-results/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$out"
+[ -f "$model/model.safetensors" ] || scripts/fetch-model.sh "$model"
+cargo build --release --locked --quiet
+cargo bench --locked --no-run --quiet 2>/dev/null
+bench() { cargo bench --locked --quiet --bench "$@" 2>/dev/null | tail -n 1; }
+ref() { HF_HUB_OFFLINE=1 "$python" "$reference" --model-dir "$model" --threads 2 --validation data/sst2/validation.csv "$@" >/dev/null 2>&1; }
+timed() { /usr/bin/time -f '{"wall_s": %e, "max_rss_kib": %M}' -o "$1" "${@:2}"; }
+
+for i in $(seq 1 "$repeats"); do
+  echo "repeat $i/$repeats" >&2
+  bench tokenize >"$out/pipe-tokenize-$i.json"
+  bench train_step -- 128 32 >"$out/pipe-step128-$i.txt"
+  ref --train data/sst2/train.csv --max-length 128 --batch-size 32 --max-steps 12 \
+      --warmup-steps-for-timing 2 --no-eval --out-json "$out/ref-step128-$i.json"
+  rm -rf "$out/store"
+  timed "$out/pipe-recipe-time-$i.json" target/release/pipe run pipelines/quickstart.toml \
+      --store "$out/store" --json >"$out/pipe-recipe-$i.json"
+  for j in 1 2 3 4 5; do
+    timed "$out/pipe-cached-$i-$j.json" target/release/pipe run pipelines/quickstart.toml --store "$out/store" --json >/dev/null
+  done
+  timed "$out/ref-recipe-time-$i.json" ref --train data/sst2/train-4000.csv --max-length 64 --batch-size 32 \
+      --epochs 1 --out-json "$out/ref-recipe-$i.json"
+done
+
+"$python" - "$out" "$repeats" <<'PY'
+import glob, json, re, statistics, sys
+out, n = sys.argv[1], int(sys.argv[2])
+med = statistics.median
+load = lambda p: json.load(open(p))
+pipe_tok = med(load(f"{out}/pipe-tokenize-{i}.json")["rows_per_s"] for i in range(1, n + 1))
+ref_tok = med(load(f"{out}/ref-step128-{i}.json")["metrics"]["tokenize_train_rows_per_s"] for i in range(1, n + 1))
+step = [float(re.search(r"= ([0-9.]+) samples/s", open(f"{out}/pipe-step128-{i}.txt").read()).group(1)) for i in range(1, n + 1)]
+pipe_sps = med(step)
+ref_sps = med(load(f"{out}/ref-step128-{i}.json")["metrics"]["train_samples_per_s_median_step"] for i in range(1, n + 1))
+pipe_wall = med(load(f"{out}/pipe-recipe-time-{i}.json")["wall_s"] for i in range(1, n + 1))
+ref_wall = med(load(f"{out}/ref-recipe-time-{i}.json")["wall_s"] for i in range(1, n + 1))
+pipe_acc = med(load(f"{out}/pipe-recipe-{i}.json")["metrics"]["accuracy"] for i in range(1, n + 1))
+ref_acc = med(load(f"{out}/ref-recipe-{i}.json")["metrics"]["validation_accuracy"] for i in range(1, n + 1))
+pipe_rss = med(load(f"{out}/pipe-recipe-time-{i}.json")["max_rss_kib"] / 1024 for i in range(1, n + 1))
+ref_rss = med(load(f"{out}/ref-recipe-{i}.json")["metrics"]["peak_rss_mib"] for i in range(1, n + 1))
+cached = med(load(p)["wall_s"] for p in glob.glob(f"{out}/pipe-cached-*.json"))
+import tomllib
+record = tomllib.load(open(glob.glob(f"{out}/store/*.toml")[0], "rb"))
+train_facts = next(s for s in record["stages"] if s["name"] == "train")["facts"]
+ref_train_s = med(load(f"{out}/ref-recipe-{i}.json")["timings_s"]["train"] for i in range(1, n + 1))
+ref_recipe_sps = med(load(f"{out}/ref-recipe-{i}.json")["metrics"]["train_samples_per_s_overall"] for i in range(1, n + 1))
+rows = [
+    ("tokenization, rows/s (67,349 rows)", pipe_tok, ref_tok, pipe_tok / ref_tok),
+    ("training at len 128, batch 32, samples/s", pipe_sps, ref_sps, pipe_sps / ref_sps),
+    ("4,000-row recipe, wall s (lower is better)", pipe_wall, ref_wall, ref_wall / pipe_wall),
+    ("4,000-row recipe, training samples/s (pipe: padding to the batch's longest row)", train_facts["samples_per_second"], ref_recipe_sps, train_facts["samples_per_second"] / ref_recipe_sps),
+    ("4,000-row recipe, training s (lower is better)", train_facts["seconds"], ref_train_s, ref_train_s / train_facts["seconds"]),
+    ("4,000-row recipe, accuracy (last column: difference)", pipe_acc, ref_acc, pipe_acc - ref_acc),
+    ("peak RSS during the recipe, MiB (lower is better)", pipe_rss, ref_rss, ref_rss / pipe_rss),
+    ("fully cached pipe run, wall s", cached, float("nan"), float("nan")),
+]
+print(f"pipe training on the recipe: {train_facts['tokens_per_second']:.0f} real tokens/s (last repeat)")
+print(f"medians of {n} side-by-side repeats ({out})\n")
+print("| measure | pipe | PyTorch | pipe advantage |\n|---|---|---|---|")
+for name, a, b, r in rows:
+    print(f"| {name} | {a:.4g} | {b:.4g} | {r:.3g} |")
+PY
