@@ -19,8 +19,9 @@ mkdir -p "$out"
 [ -f "$model/model.safetensors" ] || scripts/fetch-model.sh "$model"
 cargo build --release --locked --quiet
 cargo bench --locked --no-run --quiet 2>/dev/null
-bench() { cargo bench --locked --quiet --bench "$@" 2>/dev/null | tail -n 1; }
-ref() { HF_HUB_OFFLINE=1 "$python" "$reference" --model-dir "$model" --threads 2 --validation data/sst2/validation.csv "$@" >/dev/null 2>&1; }
+bench() { cargo bench --locked --quiet --bench "$@" 2>/dev/null | grep -v '^$'; }
+ref=("$python" "$reference" --model-dir "$model" --threads 2 --validation data/sst2/validation.csv)
+ref() { HF_HUB_OFFLINE=1 "${ref[@]}" "$@" >/dev/null 2>&1; }
 timed() { /usr/bin/time -f '{"wall_s": %e, "max_rss_kib": %M}' -o "$1" "${@:2}"; }
 
 for i in $(seq 1 "$repeats"); do
@@ -35,8 +36,8 @@ for i in $(seq 1 "$repeats"); do
   for j in 1 2 3 4 5; do
     timed "$out/pipe-cached-$i-$j.json" target/release/pipe run pipelines/quickstart.toml --store "$out/store" --json >/dev/null
   done
-  timed "$out/ref-recipe-time-$i.json" ref --train data/sst2/train-4000.csv --max-length 64 --batch-size 32 \
-      --epochs 1 --out-json "$out/ref-recipe-$i.json"
+  HF_HUB_OFFLINE=1 timed "$out/ref-recipe-time-$i.json" "${ref[@]}" --train data/sst2/train-4000.csv --max-length 64 --batch-size 32 \
+      --epochs 1 --out-json "$out/ref-recipe-$i.json" >/dev/null 2>&1
 done
 
 "$python" - "$out" "$repeats" <<'PY'
@@ -46,7 +47,7 @@ med = statistics.median
 load = lambda p: json.load(open(p))
 pipe_tok = med(load(f"{out}/pipe-tokenize-{i}.json")["rows_per_s"] for i in range(1, n + 1))
 ref_tok = med(load(f"{out}/ref-step128-{i}.json")["metrics"]["tokenize_train_rows_per_s"] for i in range(1, n + 1))
-step = [float(re.search(r"= ([0-9.]+) samples/s", open(f"{out}/pipe-step128-{i}.txt").read()).group(1)) for i in range(1, n + 1)]
+step = [float(re.search(r"= ([0-9.]+) samples/s", open(f"{out}/pipe-step128-{i}.txt").read().splitlines()[-1]).group(1)) for i in range(1, n + 1)]
 pipe_sps = med(step)
 ref_sps = med(load(f"{out}/ref-step128-{i}.json")["metrics"]["train_samples_per_s_median_step"] for i in range(1, n + 1))
 pipe_wall = med(load(f"{out}/pipe-recipe-time-{i}.json")["wall_s"] for i in range(1, n + 1))
@@ -63,7 +64,7 @@ ref_train_s = med(load(f"{out}/ref-recipe-{i}.json")["timings_s"]["train"] for i
 ref_recipe_sps = med(load(f"{out}/ref-recipe-{i}.json")["metrics"]["train_samples_per_s_overall"] for i in range(1, n + 1))
 rows = [
     ("tokenization, rows/s (67,349 rows)", pipe_tok, ref_tok, pipe_tok / ref_tok),
-    ("training at len 128, batch 32, samples/s", pipe_sps, ref_sps, pipe_sps / ref_sps),
+    ("training on SST-2 rows padded to 128, batch 32, samples/s", pipe_sps, ref_sps, pipe_sps / ref_sps),
     ("4,000-row recipe, wall s (lower is better)", pipe_wall, ref_wall, ref_wall / pipe_wall),
     ("4,000-row recipe, training samples/s (pipe: padding to the batch's longest row)", train_facts["samples_per_second"], ref_recipe_sps, train_facts["samples_per_second"] / ref_recipe_sps),
     ("4,000-row recipe, training s (lower is better)", train_facts["seconds"], ref_train_s, ref_train_s / train_facts["seconds"]),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng as _;
 
 use super::BertConfig;
@@ -67,6 +67,50 @@ impl Batch {
             token_type_ids: Tensor::zeros(shape, DType::U32, device)?,
             real_tokens: rows.iter().map(|r| r.len()).sum(),
         })
+    }
+}
+
+/// The real tokens of a batch, row after row: what the model computes on.
+struct Packed {
+    ids: Vec<u32>,
+    types: Vec<u32>,
+    /// Each token's column in its row (its position id, as in the padded layout).
+    positions: Vec<u32>,
+    /// Each row's `(start, len)` in the packed order.
+    segments: Vec<(usize, usize)>,
+    /// Each row's `[CLS]` (column 0) in the packed order.
+    cls: Vec<u32>,
+}
+
+impl Packed {
+    fn new(batch: &Batch) -> Result<Self> {
+        let ids = batch.input_ids.to_vec2::<u32>()?;
+        let types = batch.token_type_ids.to_vec2::<u32>()?;
+        let mask = batch.attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut packed = Self {
+            ids: Vec::new(),
+            types: Vec::new(),
+            positions: Vec::new(),
+            segments: Vec::new(),
+            cls: Vec::new(),
+        };
+        for (row, keep) in mask.iter().enumerate() {
+            if keep.first().is_none_or(|&m| m == 0.0) {
+                // BERT pools column 0: it must be a real token (right padding).
+                candle_core::bail!("row {row}: the first token is padding; batches must be right-padded");
+            }
+            let start = packed.ids.len();
+            packed.cls.push(start as u32);
+            for (col, &m) in keep.iter().enumerate() {
+                if m != 0.0 {
+                    packed.ids.push(ids[row][col]);
+                    packed.types.push(types[row][col]);
+                    packed.positions.push(col as u32);
+                }
+            }
+            packed.segments.push((start, packed.ids.len() - start));
+        }
+        Ok(packed)
     }
 }
 
@@ -170,6 +214,12 @@ impl BertClassifier {
     }
 
     /// Class logits `(rows, classes)` for a batch.
+    ///
+    /// Only real tokens are computed. Padding never influences a real token (attention masks it
+    /// out as a key) nor the result (only `[CLS]` is pooled), so the real tokens of all rows are
+    /// packed one row after another and padding costs nothing: the reference's pad-to-max_length
+    /// batches run as fast as their real length. Every per-token op is unchanged; attention keeps
+    /// to each row's segment.
     pub fn forward(&self, batch: &Batch, mut mode: Mode<'_>) -> Result<Tensor> {
         let (rows, len) = batch.input_ids.dims2()?;
         let c = &self.config;
@@ -179,35 +229,23 @@ impl BertClassifier {
                 c.max_position_embeddings
             );
         }
-        let hidden = c.hidden_size;
+        let packed = Packed::new(batch)?;
+        let device = batch.input_ids.device();
+        let index = |v: &[u32]| Tensor::new(v, device);
         let e = &self.embeddings;
-        let words = e.word.index_select(&batch.input_ids.flatten_all()?, 0)?;
-        let types = e.token_type.index_select(&batch.token_type_ids.flatten_all()?, 0)?;
-        let positions = e.position.narrow(0, 0, len)?;
-        let x = (words + types)?.reshape((rows, len, hidden))?.broadcast_add(&positions)?;
-        let x = ops::layer_norm(
-            &x.reshape((rows * len, hidden))?,
-            &e.norm.weight,
-            &e.norm.bias,
-            c.layer_norm_eps,
-        )?;
+        let x = (e.word.index_select(&index(&packed.ids)?, 0)?
+            + e.token_type.index_select(&index(&packed.types)?, 0)?)?
+        .add(&e.position.index_select(&index(&packed.positions)?, 0)?)?;
+        let x = ops::layer_norm(&x, &e.norm.weight, &e.norm.bias, c.layer_norm_eps)?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
-        let keep: Arc<Vec<bool>> = Arc::new(
-            batch
-                .attention_mask
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|&m| m != 0.0)
-                .collect(),
-        );
+        let segments = Arc::new(packed.segments);
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &keep, rows, &mut mode)?;
+            x = self.layer_forward(layer, &x, &segments, &mut mode)?;
         }
-        let cls = x.reshape((rows, len, hidden))?.i((.., 0))?.contiguous()?;
+        let cls = x.index_select(&index(&packed.cls)?, 0)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
         let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
+        debug_assert_eq!(pooled.dim(0)?, rows);
         self.classifier.forward(&pooled)
     }
 
@@ -215,8 +253,7 @@ impl BertClassifier {
         &self,
         layer: &Layer,
         x: &Tensor,
-        keep: &Arc<Vec<bool>>,
-        rows: usize,
+        segments: &Arc<Vec<(usize, usize)>>,
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -226,7 +263,7 @@ impl BertClassifier {
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
             _ => 0,
         };
-        let context = ops::attention(&q, &k, &v, Arc::clone(keep), rows, c.num_attention_heads, p, key)?;
+        let context = ops::attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, p, key)?;
         let attended = dropout(&layer.attention_out.forward(&context)?, self.dropout.hidden, mode)?;
         let n = &layer.attention_norm;
         let x = ops::layer_norm(&(attended + x)?, &n.weight, &n.bias, c.layer_norm_eps)?;

@@ -1,14 +1,16 @@
-//! Multi-head scaled dot-product attention as one op, with its backward.
+//! Multi-head scaled dot-product attention over packed rows, as one op with its backward.
 //!
-//! Composed from candle ops, attention costs three head-splitting transposes (copies), a batched
-//! GEMM per product with its own transposed copies in the backward, the softmax, a dropout mask
-//! tensor and the head-merging transpose. Here each (row, head) pair is one task: it reads its
-//! query, key and value slices straight out of the `(rows * len, hidden)` projections through GEMM
-//! strides, keeps its `len x len` scores in a scratch buffer, and writes its slice of the context.
-//! The backward recomputes the probabilities (cheap next to the GEMMs, and nothing of size
-//! `heads * len^2` is kept between passes) and the dropout mask (a hash of the key and the
-//! element's position, see [`super::dropout`]). Tasks are independent and each runs its GEMMs on
-//! one thread, so results do not depend on the thread count.
+//! The model packs the real tokens of a batch one row after another and never computes padding
+//! (see `model::bert`); a row is a *segment* `(start, len)` of the packed `(tokens, hidden)`
+//! projections, and attends only within itself. Composed from candle ops, attention would also
+//! cost head-splitting transposes (copies), batched GEMMs with transposed copies in the backward,
+//! a mask, a dropout mask tensor and the head-merging transpose. Here each (segment, head) pair is
+//! one task: it reads its query, key and value slices through GEMM strides, keeps its `len x len`
+//! scores in a scratch buffer, and writes its slice of the context. The backward recomputes the
+//! probabilities (cheap next to the GEMMs; nothing of size `heads * len^2` is kept between passes)
+//! and the dropout mask (a hash of the key and the element's position, see [`super::dropout`]).
+//! Tasks are independent and each runs its GEMMs on one thread, so results do not depend on the
+//! thread count.
 
 use std::sync::Arc;
 
@@ -19,32 +21,36 @@ use super::dropout::DropMask;
 use super::linear::{Mat, gemm_serial, gemm_with};
 use super::{Real, slice, with_real};
 
-/// Attention over `q`, `k`, `v` of shape `(rows * len, heads * head_dim)` (the projections as they
-/// come out of the linear layers), where `keep[r * len + j]` says whether key `j` of row `r` is a
-/// real token. Returns the context in the same layout. Probabilities are dropped out with
+/// Attention over `q`, `k`, `v` of shape `(tokens, heads * head_dim)` (the projections as they
+/// come out of the linear layers), where `segments` lists each row's `(start, len)` in the packed
+/// token order. Returns the context in the same layout. Probabilities are dropped out with
 /// probability `dropout` using mask `key`.
-#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    keep: Arc<Vec<bool>>,
-    rows: usize,
+    segments: Arc<Vec<(usize, usize)>>,
     heads: usize,
     dropout: f64,
     key: u64,
 ) -> Result<Tensor> {
-    let (total, hidden) = q.dims2()?;
-    if rows == 0 || total % rows != 0 || hidden % heads != 0 || keep.len() != total {
+    let (tokens, hidden) = q.dims2()?;
+    let covered = segments.iter().all(|&(start, len)| len > 0 && start + len <= tokens);
+    if heads == 0 || hidden % heads != 0 || !covered {
         candle_core::bail!(
-            "attention: {total} positions, {rows} rows, {heads} heads, mask of {}",
-            keep.len()
+            "attention: {tokens} tokens of width {hidden}, {heads} heads, segments {segments:?}"
         );
     }
+    // Each task's first element in the dropout mask's counter space.
+    let mut mask_offsets = Vec::with_capacity(segments.len());
+    let mut offset = 0u64;
+    for &(_, len) in segments.iter() {
+        mask_offsets.push(offset);
+        offset += (heads * len * len) as u64;
+    }
     let op = Attention {
-        keep,
-        rows,
-        len: total / rows,
+        segments,
+        mask_offsets: Arc::new(mask_offsets),
         heads,
         head_dim: hidden / heads,
         mask: DropMask::new(dropout, key),
@@ -54,9 +60,8 @@ pub fn attention(
 
 #[derive(Clone)]
 struct Attention {
-    keep: Arc<Vec<bool>>,
-    rows: usize,
-    len: usize,
+    segments: Arc<Vec<(usize, usize)>>,
+    mask_offsets: Arc<Vec<u64>>,
     heads: usize,
     head_dim: usize,
     mask: Option<DropMask>,
@@ -83,64 +88,66 @@ impl Attention {
         self.heads * self.head_dim
     }
 
-    /// Offset of the first element of (row, head) in a `(rows * len, hidden)` buffer.
-    fn base(&self, row: usize, head: usize) -> usize {
-        row * self.len * self.hidden() + head * self.head_dim
+    /// The (segment, head) of task `task`, with the segment's `(start, len)`.
+    fn task(&self, task: usize) -> (usize, usize, usize, usize) {
+        let (segment, head) = (task / self.heads, task % self.heads);
+        let (start, len) = self.segments[segment];
+        (segment, head, start, len)
     }
 
-    /// The probabilities of one (row, head): `p = softmax(scale * q k^T)` over real keys, into
-    /// `p` (`len x len`, row-major). Returns nothing; masked keys get exactly 0.
-    fn probabilities<T: Real>(&self, q: &[T], k: &[T], row: usize, head: usize, p: &mut [T]) {
-        let (len, hd, hidden) = (self.len, self.head_dim, self.hidden());
-        let base = self.base(row, head);
+    /// Offset of a task's first element in a `(tokens, hidden)` buffer.
+    fn base(&self, start: usize, head: usize) -> usize {
+        start * self.hidden() + head * self.head_dim
+    }
+
+    /// Largest segment length (sizes the scratch buffers).
+    fn max_len(&self) -> usize {
+        self.segments.iter().map(|&(_, len)| len).max().unwrap_or(0)
+    }
+
+    /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`len x len`, row-major).
+    fn probabilities<T: Real>(&self, q: &[T], k: &[T], base: usize, len: usize, p: &mut [T]) {
+        let (hd, hidden) = (self.head_dim, self.hidden());
         let qm = Mat { ptr: q[base..].as_ptr(), rs: hidden as isize, cs: 1 };
         let kt = Mat { ptr: k[base..].as_ptr(), rs: 1, cs: hidden as isize };
         gemm_serial(p, false, len, len, hd, qm, kt);
         let scale = T::from_f64(1.0 / (hd as f64).sqrt());
-        let keep = &self.keep[row * len..(row + 1) * len];
         for scores in p.chunks_mut(len) {
-            let mut max = T::neg_infinity();
-            for (s, &kept) in scores.iter().zip(keep) {
-                if kept {
-                    max = num_traits::Float::max(max, *s * scale);
-                }
-            }
+            let max = scores.iter().fold(T::neg_infinity(), |m, &s| num_traits::Float::max(m, s * scale));
             let mut sum = T::zero();
-            for (s, &kept) in scores.iter_mut().zip(keep) {
-                *s = if kept { (*s * scale - max).exp() } else { T::zero() };
+            for s in scores.iter_mut() {
+                *s = (*s * scale - max).exp();
                 sum += *s;
             }
-            if sum > T::zero() {
-                let inv = sum.recip();
-                scores.iter_mut().for_each(|s| *s *= inv);
-            }
+            let inv = sum.recip();
+            scores.iter_mut().for_each(|s| *s *= inv);
         }
     }
 
-    /// Index of (row, head, query, key) in the dropout mask's counter space.
-    fn mask_start(&self, row: usize, head: usize) -> u64 {
-        ((row * self.heads + head) * self.len * self.len) as u64
+    /// The task's first element in the dropout mask's counter space.
+    fn mask_start(&self, segment: usize, head: usize, len: usize) -> u64 {
+        self.mask_offsets[segment] + (head * len * len) as u64
     }
 
     fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let (len, hidden) = (self.len, self.hidden());
-        let mut out = vec![T::zero(); self.rows * len * hidden];
+        let (hd, hidden) = (self.head_dim, self.hidden());
+        let mut out = vec![T::zero(); q.len()];
         let dst = SharedMut(out.as_mut_ptr());
-        (0..self.rows * self.heads).into_par_iter().for_each_init(
-            || vec![T::zero(); len * len],
+        let scratch = self.max_len() * self.max_len();
+        (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
+            || vec![T::zero(); scratch],
             |p, task| {
-                let (row, head) = (task / self.heads, task % self.heads);
-                self.probabilities(q, k, row, head, p);
+                let (segment, head, start, len) = self.task(task);
+                let base = self.base(start, head);
+                let p = &mut p[..len * len];
+                self.probabilities(q, k, base, len, p);
                 if let Some(mask) = &self.mask {
-                    mask.apply_in_place(self.mask_start(row, head), p);
+                    mask.apply_in_place(self.mask_start(segment, head, len), p);
                 }
-                let base = self.base(row, head);
-                // SAFETY: this task alone writes columns head*hd..(head+1)*hd of rows row*len..
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(dst.at(base), (len - 1) * hidden + self.head_dim)
-                };
+                // SAFETY: this task alone writes columns head*hd.. of rows start..start+len.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.at(base), (len - 1) * hidden + hd) };
                 let vm = Mat { ptr: v[base..].as_ptr(), rs: hidden as isize, cs: 1 };
-                gemm_strided(out, hidden, len, self.head_dim, len, Mat::rows(p.as_ptr(), len), vm);
+                gemm_strided(out, hidden, len, hd, len, Mat::rows(p.as_ptr(), len), vm);
             },
         );
         out
@@ -148,25 +155,27 @@ impl Attention {
 
     /// Gradients of q, k and v, packed as `[dq; dk; dv]`.
     fn backward<T: Real>(&self, q: &[T], k: &[T], v: &[T], g: &[T]) -> Vec<T> {
-        let (len, hd, hidden) = (self.len, self.head_dim, self.hidden());
-        let size = self.rows * len * hidden;
+        let (hd, hidden) = (self.head_dim, self.hidden());
+        let size = q.len();
         let mut out = vec![T::zero(); 3 * size];
         let dst = SharedMut(out.as_mut_ptr());
         let scale = T::from_f64(1.0 / (hd as f64).sqrt());
-        (0..self.rows * self.heads).into_par_iter().for_each_init(
-            || (vec![T::zero(); len * len], vec![T::zero(); len * len], vec![T::zero(); len * len]),
+        let scratch = self.max_len() * self.max_len();
+        (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
+            || (vec![T::zero(); scratch], vec![T::zero(); scratch], vec![T::zero(); scratch]),
             |(p, dropped, dp), task| {
-                let (row, head) = (task / self.heads, task % self.heads);
-                let base = self.base(row, head);
-                self.probabilities(q, k, row, head, p);
+                let (segment, head, start, len) = self.task(task);
+                let base = self.base(start, head);
+                let (p, dropped, dp) = (&mut p[..len * len], &mut dropped[..len * len], &mut dp[..len * len]);
+                self.probabilities(q, k, base, len, p);
                 dropped.copy_from_slice(p);
                 if let Some(mask) = &self.mask {
-                    mask.apply_in_place(self.mask_start(row, head), dropped);
+                    mask.apply_in_place(self.mask_start(segment, head, len), dropped);
                 }
                 let at = |m: &[T]| Mat { ptr: m[base..].as_ptr(), rs: hidden as isize, cs: 1 };
                 let at_t = |m: &[T]| Mat { ptr: m[base..].as_ptr(), rs: 1, cs: hidden as isize };
                 let block = (len - 1) * hidden + hd;
-                // SAFETY: this task alone writes its (row, head) block of each of dq, dk, dv.
+                // SAFETY: this task alone writes its (segment, head) block of each of dq, dk, dv.
                 let (dq, dk, dv) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(dst.at(base), block),
@@ -179,12 +188,12 @@ impl Attention {
                 // d dropped = g v^T, then through the dropout mask
                 gemm_serial(dp, false, len, len, hd, at(g), at_t(v));
                 if let Some(mask) = &self.mask {
-                    mask.apply_in_place(self.mask_start(row, head), dp);
+                    mask.apply_in_place(self.mask_start(segment, head, len), dp);
                 }
                 // d scores = scale * p * (dp - rowsum(dp * p))
                 for (dp_row, p_row) in dp.chunks_mut(len).zip(p.chunks(len)) {
-                    let dot = dp_row.iter().zip(p_row).map(|(&a, &b)| a * b).sum::<T>();
-                    for (d, &pv) in dp_row.iter_mut().zip(p_row) {
+                    let dot = dp_row.iter().zip(p_row.iter()).map(|(&a, &b)| a * b).sum::<T>();
+                    for (d, &pv) in dp_row.iter_mut().zip(p_row.iter()) {
                         *d = scale * pv * (*d - dot);
                     }
                 }
@@ -283,44 +292,40 @@ mod tests {
     use super::*;
     use crate::ops::testing::{check_grad, input};
 
-    const ROWS: usize = 2;
-    const LEN: usize = 4;
     const HEADS: usize = 2;
+    const WIDTH: usize = 6;
 
-    fn keep() -> Arc<Vec<bool>> {
-        Arc::new(vec![true, true, true, false, true, true, false, false])
+    /// Two rows of 3 and 2 tokens, packed.
+    fn segments() -> Arc<Vec<(usize, usize)>> {
+        Arc::new(vec![(0, 3), (3, 2)])
     }
 
-    /// The textbook composition, for comparison.
+    /// The textbook composition, row by row and head by head.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-        let split = |t: &Tensor| {
-            t.reshape((ROWS, LEN, HEADS, 3)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
-        };
-        let (q, k, v) = (split(q), split(k), split(v));
-        let bias: Vec<f64> = keep().iter().map(|&k| if k { 0.0 } else { f64::NEG_INFINITY }).collect();
-        let bias = Tensor::from_vec(bias, (ROWS, 1, 1, LEN), q.device()).unwrap();
-        let scores =
-            (q.matmul(&k.t().unwrap()).unwrap() / 3f64.sqrt()).unwrap().broadcast_add(&bias).unwrap();
-        let e = scores.broadcast_sub(&scores.max_keepdim(3).unwrap()).unwrap().exp().unwrap();
-        let p = e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap();
-        p.matmul(&v)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((ROWS * LEN, HEADS * 3))
-            .unwrap()
+        let hd = WIDTH / HEADS;
+        let mut rows = Vec::new();
+        for &(start, len) in segments().iter() {
+            let mut heads = Vec::new();
+            for h in 0..HEADS {
+                let part = |t: &Tensor| t.narrow(0, start, len).unwrap().narrow(1, h * hd, hd).unwrap();
+                let scores = (part(q).matmul(&part(k).t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+                let e = scores.broadcast_sub(&scores.max_keepdim(1).unwrap()).unwrap().exp().unwrap();
+                let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
+                heads.push(p.matmul(&part(v)).unwrap());
+            }
+            rows.push(Tensor::cat(&heads, 1).unwrap());
+        }
+        Tensor::cat(&rows, 0).unwrap()
+    }
+
+    fn qkv() -> (Tensor, Tensor, Tensor) {
+        (input(&[5, WIDTH], 1), input(&[5, WIDTH], 2), input(&[5, WIDTH], 3))
     }
 
     #[test]
     fn matches_the_textbook_composition() -> Result<()> {
-        let (q, k, v) = (
-            input(&[ROWS * LEN, HEADS * 3], 1),
-            input(&[ROWS * LEN, HEADS * 3], 2),
-            input(&[ROWS * LEN, HEADS * 3], 3),
-        );
-        let got = attention(&q, &k, &v, keep(), ROWS, HEADS, 0.0, 0)?;
+        let (q, k, v) = qkv();
+        let got = attention(&q, &k, &v, segments(), HEADS, 0.0, 0)?;
         let diff = (got - reference(&q, &k, &v))?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "{diff}");
         Ok(())
@@ -328,15 +333,11 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences_with_and_without_dropout() {
-        let (q, k, v) = (
-            input(&[ROWS * LEN, HEADS * 3], 1),
-            input(&[ROWS * LEN, HEADS * 3], 2),
-            input(&[ROWS * LEN, HEADS * 3], 3),
-        );
+        let (q, k, v) = qkv();
         for p in [0.0, 0.3] {
-            check_grad(&q, |q| attention(q, &k, &v, keep(), ROWS, HEADS, p, 5).unwrap());
-            check_grad(&k, |k| attention(&q, k, &v, keep(), ROWS, HEADS, p, 5).unwrap());
-            check_grad(&v, |v| attention(&q, &k, v, keep(), ROWS, HEADS, p, 5).unwrap());
+            check_grad(&q, |q| attention(q, &k, &v, segments(), HEADS, p, 5).unwrap());
+            check_grad(&k, |k| attention(&q, k, &v, segments(), HEADS, p, 5).unwrap());
+            check_grad(&v, |v| attention(&q, &k, v, segments(), HEADS, p, 5).unwrap());
         }
     }
 }
