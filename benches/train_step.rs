@@ -6,6 +6,7 @@
 //!   the reference recipe trains on; reports samples/s and real tokens/s.
 //! - `dense`: every one of the LEN positions a real token, to relate the step's matmul FLOP/s to
 //!   the machine's GEMM FLOP/s.
+//!
 //! The last line is the `sst2` result.
 
 use std::path::Path;

@@ -59,9 +59,13 @@ impl StageKind {
     /// Output format version: bump when the stage's outputs or numerics change.
     pub fn version(self) -> u32 {
         match self {
+            // 2: leakage counts per split and class, drop_duplicates.
             Self::Tokenize => 2,
-            Self::Train => 2,
-            Self::Evaluate => 1,
+            // 2: evaluations during training, metrics.jsonl, curves, early stopping, class weights.
+            // 3: the model computes only real tokens (packed rows), which changes rounding.
+            Self::Train => 3,
+            // 2: packed rows in the forward pass (rounding), shared scoring with training.
+            Self::Evaluate => 2,
         }
     }
 }
