@@ -10,71 +10,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{describe, pipe, pipe_command, pipe_ok, tiny_project};
+use common::{RunJson, STAGES, describe, pipe, pipe_command, pipe_ok, project};
 use serde_json::Value;
-
-const STAGES: [&str; 3] = ["tokenize", "train", "evaluate"];
-
-/// A fresh directory holding the tiny project.
-fn project() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    tiny_project(dir.path());
-    dir
-}
-
-/// One stage of `pipe run --json`.
-#[derive(Debug, Clone, PartialEq)]
-struct StageRun {
-    name: String,
-    key: String,
-    status: String,
-}
-
-/// The `pipe run --json` object.
-#[derive(Debug, Clone)]
-struct RunJson {
-    run: String,
-    stages: Vec<StageRun>,
-    metrics: serde_json::Map<String, Value>,
-}
-
-impl RunJson {
-    fn parse(stdout: &str) -> Self {
-        let v: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("`pipe run --json` printed no JSON object ({e}):\n{stdout}"));
-        let text = |v: &Value, k: &str| {
-            v[k].as_str()
-                .unwrap_or_else(|| panic!("no string `{k}` in {v}\nwhole output: {stdout}"))
-                .to_string()
-        };
-        let stages: Vec<StageRun> = v["stages"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no `stages` array in {stdout}"))
-            .iter()
-            .map(|s| {
-                assert!(s["seconds"].is_number(), "stage without numeric `seconds`: {s}");
-                StageRun { name: text(s, "name"), key: text(s, "key"), status: text(s, "status") }
-            })
-            .collect();
-        let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, STAGES, "stages of `pipe run --json`:\n{stdout}");
-        let metrics =
-            v["metrics"].as_object().unwrap_or_else(|| panic!("no `metrics` object in {stdout}")).clone();
-        Self { run: text(&v, "run"), stages, metrics }
-    }
-
-    fn statuses(&self) -> Vec<&str> {
-        self.stages.iter().map(|s| s.status.as_str()).collect()
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.stages.iter().map(|s| s.key.as_str()).collect()
-    }
-
-    fn status(&self, stage: &str) -> &str {
-        &self.stages.iter().find(|s| s.name == stage).expect("every stage is listed").status
-    }
-}
 
 /// `pipe run pipeline.toml --json` plus `extra` arguments, which must succeed.
 fn run_json(dir: &Path, extra: &[&str]) -> RunJson {

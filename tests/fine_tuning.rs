@@ -8,15 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{describe, pipe, pipe_ok, tiny_project};
+use common::{describe, pipe, pipe_ok, project};
 use serde_json::Value;
-
-/// A fresh directory holding the tiny project.
-fn project() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    tiny_project(dir.path());
-    dir
-}
 
 /// A finished `pipe run --json`: the run id and each stage's directory in the store.
 struct Run {

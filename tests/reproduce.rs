@@ -12,73 +12,13 @@ use std::process::{Child, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{describe, pipe, pipe_command, pipe_ok, tiny_project};
-use serde_json::Value;
-
-const STAGES: [&str; 3] = ["tokenize", "train", "evaluate"];
+use common::{RunJson, STAGES, describe, pipe, pipe_command, pipe_ok, project};
 
 /// Epochs that make training last a few seconds: 100 epochs of 6 steps (48 rows, batch 8), with a
 /// checkpoint at the end of every epoch.
 const LONG_EPOCHS: &str = "train.epochs=100";
 const LONG_TOTAL_STEPS: u64 = 600;
 const STEPS_PER_EPOCH: u64 = 6;
-
-/// A fresh directory holding the tiny project.
-fn project() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    tiny_project(dir.path());
-    dir
-}
-
-// --- `pipe run --json` -------------------------------------------------------------------------
-
-/// One stage of `pipe run --json`.
-#[derive(Debug, Clone, PartialEq)]
-struct StageRun {
-    name: String,
-    key: String,
-    status: String,
-}
-
-/// The `pipe run --json` object.
-#[derive(Debug, Clone)]
-struct RunJson {
-    run: String,
-    stages: Vec<StageRun>,
-}
-
-impl RunJson {
-    fn parse(stdout: &str) -> Self {
-        let v: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("`pipe run --json` printed no JSON object ({e}):\n{stdout}"));
-        let text = |v: &Value, k: &str| {
-            v[k].as_str()
-                .unwrap_or_else(|| panic!("no string `{k}` in {v}\nwhole output: {stdout}"))
-                .to_string()
-        };
-        let stages: Vec<StageRun> = v["stages"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no `stages` array in {stdout}"))
-            .iter()
-            .map(|s| StageRun { name: text(s, "name"), key: text(s, "key"), status: text(s, "status") })
-            .collect();
-        let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, STAGES, "stages of `pipe run --json`:\n{stdout}");
-        Self { run: text(&v, "run"), stages }
-    }
-
-    fn statuses(&self) -> Vec<&str> {
-        self.stages.iter().map(|s| s.status.as_str()).collect()
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.stages.iter().map(|s| s.key.as_str()).collect()
-    }
-
-    fn key(&self, stage: &str) -> &str {
-        &self.stages.iter().find(|s| s.name == stage).expect("every stage is listed").key
-    }
-}
 
 /// `pipe run pipeline.toml --json` plus `extra`, which must succeed, with `env` set.
 fn run_json_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> RunJson {

@@ -242,3 +242,74 @@ pub fn pipe_ok(dir: &Path, args: &[&str]) -> String {
     assert!(output.status.success(), "{}", describe(args, &output));
     String::from_utf8(output.stdout).expect("stdout is UTF-8")
 }
+
+/// The stages of a pipeline, in order.
+pub const STAGES: [&str; 3] = ["tokenize", "train", "evaluate"];
+
+/// A fresh directory holding the tiny project.
+pub fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_project(dir.path());
+    dir
+}
+
+/// One stage of `pipe run --json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageRun {
+    pub name: String,
+    pub key: String,
+    pub status: String,
+}
+
+/// The `pipe run --json` object.
+#[derive(Debug, Clone)]
+pub struct RunJson {
+    pub run: String,
+    pub stages: Vec<StageRun>,
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RunJson {
+    pub fn parse(stdout: &str) -> Self {
+        let v: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("`pipe run --json` printed no JSON object ({e}):\n{stdout}"));
+        let text = |v: &serde_json::Value, k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("no string `{k}` in {v}\nwhole output: {stdout}"))
+                .to_string()
+        };
+        let stages: Vec<StageRun> = v["stages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no `stages` array in {stdout}"))
+            .iter()
+            .map(|s| {
+                assert!(s["seconds"].is_number(), "stage without numeric `seconds`: {s}");
+                StageRun { name: text(s, "name"), key: text(s, "key"), status: text(s, "status") }
+            })
+            .collect();
+        let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, STAGES, "stages of `pipe run --json`:\n{stdout}");
+        let metrics =
+            v["metrics"].as_object().unwrap_or_else(|| panic!("no `metrics` object in {stdout}")).clone();
+        Self { run: text(&v, "run"), stages, metrics }
+    }
+
+    pub fn statuses(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.status.as_str()).collect()
+    }
+
+    pub fn keys(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.key.as_str()).collect()
+    }
+
+    pub fn status(&self, stage: &str) -> &str {
+        &self.stages.iter().find(|s| s.name == stage).expect("every stage is listed").status
+    }
+}
+
+impl RunJson {
+    /// The key of one stage.
+    pub fn key(&self, stage: &str) -> &str {
+        &self.stages.iter().find(|s| s.name == stage).expect("every stage is listed").key
+    }
+}
