@@ -26,6 +26,9 @@ pub enum EngineError {
     Stage { kind: StageKind, source: StageError },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Ctrl-C or SIGTERM arrived between stages; the finished stages are kept.
+    #[error("interrupted before the {0} stage; finished stages are kept, the next run goes on from there")]
+    Interrupted(StageKind),
 }
 
 impl EngineError {
@@ -33,7 +36,9 @@ impl EngineError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) | Self::Input(_) => 2,
-            Self::Stage { source: StageError::Interrupted { .. }, .. } => crate::interrupt::EXIT_CODE,
+            Self::Interrupted(_) | Self::Stage { source: StageError::Interrupted { .. }, .. } => {
+                crate::interrupt::EXIT_CODE
+            }
             Self::Stage { source, .. } if source.is_bad_input() => 2,
             _ => 1,
         }
@@ -173,6 +178,11 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
     for stage in &mut stages {
         let started = Instant::now();
         let kind = stage.kind();
+        // Only the train stage checks for Ctrl-C inside (at step boundaries); the others are short,
+        // so a stop request is honoured between stages.
+        if crate::interrupt::requested() {
+            return Err(EngineError::Interrupted(kind));
+        }
         let fields = stage.key_fields(&upstream);
         let key = fields.key();
         let stage_err = |source| EngineError::Stage { kind, source };
