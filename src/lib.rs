@@ -1,18 +1,32 @@
 //! pipe: fine-tune transformer language models from declarative TOML pipelines.
 //!
-//! The library is laid out by phase:
+//! A pipeline file becomes a typed [`config::Pipeline`]; the [`engine`] resolves it into the
+//! [`stages`] `tokenize -> train -> evaluate`, keys each by content ([`plan`]), reuses what the
+//! content-addressed [`store`] already holds and runs the rest, then writes a run record
+//! ([`records`]) that [`reproduce`] can re-execute bit for bit.
 //!
-//! - [`data`]: CSV datasets and tokenization into ragged token ids.
-//! - [`evaluate`]: accuracy, per-class precision/recall/F1 and the confusion matrix, as
-//!   scikit-learn computes them.
-//! - [`model`]: a training-grade BERT (encoder, pooler, classification head) on candle, loading and
-//!   saving Hugging Face checkpoints.
-//! - [`ops`]: fused kernels with forward *and* backward (layer norm, masked softmax, GELU, loss),
-//!   because candle's fast versions cut the gradient.
+//! Pipeline and bookkeeping:
+//!
+//! - [`config`]: pipeline files, layered (defaults < file < `PIPE_*` < `--set`), with exact error
+//!   positions; JSON Schema; hub ids through the Hugging Face cache.
+//! - [`plan`]: stage keys (what is hashed and why) and why a stage is dirty.
+//! - [`store`]: outputs committed by a manifest written last, verified on reuse, locked per key.
+//! - [`engine`]: plan and run a pipeline; [`stages`]: tokenize, train, evaluate behind one trait.
+//! - [`records`], [`reproduce`], [`predict`]: run records, `pipe diff`/`reproduce`/`predict`.
+//! - [`digest`]: SHA-256 of files and canonical JSON; [`interrupt`]: Ctrl-C at safe points;
+//!   [`runtime`]: process settings (allocator, thread pools) measured to matter for training.
+//!
+//! Training core:
+//!
+//! - [`data`]: CSV datasets, labels, splits, tokenization into ragged token ids, tokens on disk.
+//! - [`model`]: a training-grade BERT (encoder, pooler, classification head) on candle, computing
+//!   only real tokens, loading and saving Hugging Face checkpoints.
+//! - [`ops`]: fused kernels with forward *and* backward (linear, attention, layer norm, GELU,
+//!   dropout, loss), because candle's fast versions cut the gradient.
 //! - [`optim`]: the fused AdamW, schedules, clipping.
-//! - [`train`]: batching, the training loop, evaluations during training, early stopping and the
-//!   training curves.
-//! - [`predict`]: a recorded run's model on new texts (`pipe predict`).
+//! - [`train`]: batching, the training loop, checkpoints, evaluations during training, early
+//!   stopping and the training curves.
+//! - [`evaluate`]: metrics as scikit-learn computes them, and batched prediction.
 //! - [`rng`]: the one seeded source of randomness (candle's CPU RNG cannot be seeded).
 
 pub mod config;
