@@ -10,15 +10,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{RunJson, STAGES, describe, pipe, pipe_command, pipe_ok, project};
+use common::{
+    RunJson, STAGES, change_one_byte_of_the_rows, describe, pipe, pipe_command, pipe_ok, project,
+    recorded_digest, run_json,
+};
 use serde_json::Value;
-
-/// `pipe run pipeline.toml --json` plus `extra` arguments, which must succeed.
-fn run_json(dir: &Path, extra: &[&str]) -> RunJson {
-    let mut args = vec!["run", "pipeline.toml", "--json"];
-    args.extend_from_slice(extra);
-    RunJson::parse(&pipe_ok(dir, &args))
-}
 
 /// One stage of `pipe plan`'s table.
 #[derive(Debug, Clone)]
@@ -125,13 +121,7 @@ fn changing_a_train_parameter_reruns_train_and_evaluate_only() {
 fn editing_one_byte_of_the_train_csv_dirties_tokenize() {
     let dir = project();
     run_json(dir.path(), &[]);
-    let path = dir.path().join("data/train.csv");
-    let mut bytes = std::fs::read(&path).unwrap();
-    // The first `o` of the data rows (every filler sentence has one): same length, other bytes.
-    let header = bytes.iter().position(|&b| b == b'\n').unwrap();
-    let at = header + bytes[header..].iter().position(|&b| b == b'o').expect("an `o` in the rows");
-    bytes[at] = b'0';
-    std::fs::write(&path, &bytes).unwrap();
+    change_one_byte_of_the_rows(&dir.path().join("data/train.csv"));
 
     let (stages, text) = plan(dir.path(), &[]);
     let tokenize = planned(&stages, "tokenize");
@@ -272,15 +262,6 @@ fn validation_label_unseen_in_training_is_reported_with_its_line() {
 /// Epochs that make training last a few seconds (600 steps: about 2.4 s in the dev profile on 2
 /// cores), long enough to be killed in the middle and short enough to run to the end in the test.
 const LONG_EPOCHS: &str = "train.epochs=100";
-
-/// The output digest of `stage` in the run record `runs/<run>.toml` of `store`.
-fn recorded_digest(store: &Path, run: &str, stage: &str) -> String {
-    let path = store.join(format!("{run}.toml"));
-    let record: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let stages = record["stages"].as_array().unwrap_or_else(|| panic!("no stages in {}", path.display()));
-    let entry = stages.iter().find(|s| s["name"].as_str() == Some(stage)).expect("every stage is recorded");
-    entry["digest"].as_str().expect("a digest").to_string()
-}
 
 #[test]
 fn killed_training_leaves_nothing_done_and_the_next_run_succeeds() {

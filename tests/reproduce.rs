@@ -12,30 +12,16 @@ use std::process::{Child, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{RunJson, STAGES, describe, pipe, pipe_command, pipe_ok, project};
+use common::{
+    STAGES, change_one_byte_of_the_rows, describe, pipe, pipe_command, pipe_ok, project, recorded_digest,
+    run_json, run_json_env,
+};
 
 /// Epochs that make training last a few seconds: 100 epochs of 6 steps (48 rows, batch 8), with a
 /// checkpoint at the end of every epoch.
 const LONG_EPOCHS: &str = "train.epochs=100";
 const LONG_TOTAL_STEPS: u64 = 600;
 const STEPS_PER_EPOCH: u64 = 6;
-
-/// `pipe run pipeline.toml --json` plus `extra`, which must succeed, with `env` set.
-fn run_json_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> RunJson {
-    let mut args = vec!["run", "pipeline.toml", "--json"];
-    args.extend_from_slice(extra);
-    let mut command = pipe_command(dir, &args);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let output = command.output().expect("the pipe binary starts");
-    assert!(output.status.success(), "{}", describe(&args, &output));
-    RunJson::parse(&String::from_utf8_lossy(&output.stdout))
-}
-
-fn run_json(dir: &Path, extra: &[&str]) -> RunJson {
-    run_json_env(dir, extra, &[])
-}
 
 // --- Run records ---------------------------------------------------------------------------------
 
@@ -85,13 +71,6 @@ fn recorded_stages(store: &Path, run: &str) -> Vec<RecordedStage> {
             RecordedStage { name: text("name"), key: text("key"), digest: text("digest"), files }
         })
         .collect()
-}
-
-/// The output digest of `stage` in the record `<store>/<run>.toml`.
-fn recorded_digest(store: &Path, run: &str, stage: &str) -> String {
-    let stages = recorded_stages(store, run);
-    let found = stages.into_iter().find(|s| s.name == stage);
-    found.unwrap_or_else(|| panic!("no stage {stage} in {}/{run}.toml", store.display())).digest
 }
 
 // --- Processes -----------------------------------------------------------------------------------
@@ -329,13 +308,7 @@ fn reproduce_names_a_tampered_stored_model_file() {
 fn reproduce_names_an_edited_dataset_before_running() {
     let dir = project();
     let first = run_json(dir.path(), &[]);
-    let path = dir.path().join("data/train.csv");
-    let mut bytes = std::fs::read(&path).unwrap();
-    // The first `o` of the data rows: same length, other bytes.
-    let header = bytes.iter().position(|&b| b == b'\n').unwrap();
-    let at = header + bytes[header..].iter().position(|&b| b == b'o').expect("an `o` in the rows");
-    bytes[at] = b'0';
-    std::fs::write(&path, &bytes).unwrap();
+    change_one_byte_of_the_rows(&dir.path().join("data/train.csv"));
 
     let store = dir.path().join("runs");
     let before = tree(&store);

@@ -313,3 +313,40 @@ impl RunJson {
         &self.stages.iter().find(|s| s.name == stage).expect("every stage is listed").key
     }
 }
+
+/// `pipe run pipeline.toml --json` plus `extra` arguments, which must succeed, with `env` set.
+pub fn run_json_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> RunJson {
+    let mut args = vec!["run", "pipeline.toml", "--json"];
+    args.extend_from_slice(extra);
+    let mut command = pipe_command(dir, &args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("the pipe binary starts");
+    assert!(output.status.success(), "{}", describe(&args, &output));
+    RunJson::parse(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// `pipe run pipeline.toml --json` plus `extra` arguments, which must succeed.
+pub fn run_json(dir: &Path, extra: &[&str]) -> RunJson {
+    run_json_env(dir, extra, &[])
+}
+
+/// The output digest of `stage` in the run record `<store>/<run>.toml`.
+pub fn recorded_digest(store: &Path, run: &str, stage: &str) -> String {
+    let path = store.join(format!("{run}.toml"));
+    let record: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let stages = record["stages"].as_array().unwrap_or_else(|| panic!("no stages in {}", path.display()));
+    let entry = stages.iter().find(|s| s["name"].as_str() == Some(stage)).expect("every stage is recorded");
+    entry["digest"].as_str().expect("a digest").to_string()
+}
+
+/// Replaces the first `o` after the header of a CSV (every tiny-project sentence has one) with `0`:
+/// the same length, other bytes.
+pub fn change_one_byte_of_the_rows(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = bytes.iter().position(|&b| b == b'\n').unwrap();
+    let at = header + bytes[header..].iter().position(|&b| b == b'o').expect("an `o` in the rows");
+    bytes[at] = b'0';
+    std::fs::write(path, &bytes).unwrap();
+}
