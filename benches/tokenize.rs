@@ -9,7 +9,8 @@ use std::time::Instant;
 use pipe::data::{TextEncoder, read_csv};
 
 fn main() -> anyhow::Result<()> {
-    pipe::runtime::configure();
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { pipe::runtime::configure() }?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tokenizer = root.join("models/all-MiniLM-L6-v2/tokenizer.json");
     if !tokenizer.is_file() {

@@ -9,6 +9,8 @@
 //!
 //! The last line is the `sst2` result.
 
+#![allow(clippy::disallowed_methods)] // candle's matmul is printed for comparison
+
 use std::path::Path;
 use std::time::Instant;
 
@@ -23,19 +25,32 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Achieved GFLOP/s of candle's f32 matmul on `(m x k) * (k x n)`, median of 7.
-fn gemm_gflops(m: usize, k: usize, n: usize) -> f64 {
-    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu).unwrap();
-    let b = Tensor::ones((k, n), DType::F32, &Device::Cpu).unwrap();
-    let times: Vec<f64> = (0..8)
-        .map(|_| {
-            let t = Instant::now();
-            a.matmul(&b).unwrap();
-            t.elapsed().as_secs_f64()
-        })
-        .skip(1)
-        .collect();
-    2.0 * (m * k * n) as f64 / median(times) * 1e-9
+/// Achieved GFLOP/s of f32 `(m x k) * (k x n)` products, median of 7: pipe's GEMM (the one the
+/// training path uses) and candle's matmul (the `gemm` crate) for comparison.
+fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64) {
+    let time = |f: &dyn Fn()| {
+        let times: Vec<f64> = (0..8)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .skip(1)
+            .collect();
+        2.0 * (m * k * n) as f64 / median(times) * 1e-9
+    };
+    let (a, b) = (vec![0.5f32; m * k], vec![0.25f32; k * n]);
+    let pipe = time(&|| {
+        pipe::ops::gemm::matmul(&a, &b, m, k, n);
+    });
+    let (ta, tb) = (
+        Tensor::ones((m, k), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::ones((k, n), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let candle = time(&|| {
+        ta.matmul(&tb).unwrap();
+    });
+    (pipe, candle)
 }
 
 /// Rows padded (with 0, masked) to exactly `len` columns.
@@ -82,7 +97,8 @@ fn time_steps(model: &BertClassifier, batches: &[Batch]) -> anyhow::Result<(f64,
 }
 
 fn main() -> anyhow::Result<()> {
-    pipe::runtime::configure();
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { pipe::runtime::configure() }?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("models/all-MiniLM-L6-v2");
     if !dir.join("model.safetensors").is_file() {
@@ -99,12 +115,11 @@ fn main() -> anyhow::Result<()> {
         0,
     )?;
     let c = model.config();
+    let (rows, hidden, inner) = (batch * len, c.hidden_size, c.intermediate_size);
+    let (pipe_gemm, candle_gemm) = gemm_gflops(rows, hidden, inner);
     println!(
-        "machine: {:.0} GFLOP/s on a {}x{}x{} f32 GEMM (the FFN's shape)",
-        gemm_gflops(batch * len, c.hidden_size, c.intermediate_size),
-        batch * len,
-        c.hidden_size,
-        c.intermediate_size
+        "machine: {pipe_gemm:.0} GFLOP/s on a {rows}x{hidden}x{inner} f32 GEMM (the FFN's shape; pipe's GEMM, kernel path {}), candle's matmul {candle_gemm:.0}",
+        pipe::ops::cpu::kernel_path()
     );
 
     // Dense: all LEN positions real.

@@ -55,7 +55,11 @@ impl From<StoreError> for Failure {
 }
 
 fn main() -> ExitCode {
-    pipe::runtime::configure();
+    // SAFETY: first thing in main, before any other thread exists.
+    if let Err(e) = unsafe { pipe::runtime::configure() } {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     if let Err(e) = pipe::interrupt::install() {
         eprintln!("warning: cannot handle Ctrl-C gracefully: {e}");

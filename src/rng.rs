@@ -23,6 +23,21 @@ pub fn stream(seed: u64, domain: &str, index: u64) -> Rng {
     Rng::from_seed(h.finalize().into())
 }
 
+/// A draw from the standard normal distribution: Marsaglia's polar method, on uniform draws from
+/// `rng` and pipe's portable logarithm, so the same stream gives the same values on every machine
+/// (`rand_distr`'s samplers call the system's `exp`/`ln` and may change between its versions).
+pub fn standard_normal(rng: &mut Rng) -> f64 {
+    use rand::Rng as _;
+    loop {
+        let u = 2.0 * rng.random::<f64>() - 1.0;
+        let v = 2.0 * rng.random::<f64>() - 1.0;
+        let s = u * u + v * v;
+        if s > 0.0 && s < 1.0 {
+            return u * (-2.0 * crate::ops::math::ln_f64(s) / s).sqrt();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +50,16 @@ mod tests {
         assert_ne!(a, stream(42, "shuffle", 1).random::<u64>());
         assert_ne!(a, stream(43, "shuffle", 0).random::<u64>());
         assert_ne!(a, stream(42, "dropout", 0).random::<u64>());
+    }
+
+    #[test]
+    fn standard_normal_has_mean_zero_and_unit_variance() {
+        let mut rng = stream(7, "init", 0);
+        let draws: Vec<f64> = (0..200_000).map(|_| standard_normal(&mut rng)).collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        let var = draws.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / draws.len() as f64;
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean}, variance {var}");
+        let tail = draws.iter().filter(|x| x.abs() > 1.96).count() as f64 / draws.len() as f64;
+        assert!((tail - 0.05).abs() < 0.003, "two-sided 5% tail: {tail}");
     }
 }

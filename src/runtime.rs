@@ -11,11 +11,20 @@
 //!   the rayon workers that run the GEMMs and pipe's fused kernels. pipe's hot paths are its own
 //!   rayon kernels, so candle's pool is set to the calling thread only (`CANDLE_NUM_THREADS=1`)
 //!   unless the user chose otherwise.
+//!
+//! It also fixes the kernel path (`PIPE_KERNEL`, see [`crate::ops::cpu`]) before any kernel runs.
 
-/// Applies the settings. Call first thing in `main`, before any other thread exists.
-pub fn configure() {
+use crate::ops::cpu::{self, KernelPath, KernelPathError};
+
+/// Applies the settings and returns the kernel path; an invalid `PIPE_KERNEL` is an error.
+///
+/// # Safety
+///
+/// Call first thing in `main`, before any other thread exists: it may set an environment variable,
+/// which is unsound while another thread reads the environment.
+pub unsafe fn configure() -> Result<KernelPath, KernelPathError> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: called at start-up, before any other thread that could read the environment.
+        // SAFETY: the caller guarantees no other thread exists yet.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -26,4 +35,5 @@ pub fn configure() {
         // Keep up to 1 GiB of freed heap instead of returning it to the OS after every step.
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+    cpu::configure_from_env()
 }

@@ -62,7 +62,15 @@ fn every_parameter_gets_a_nonzero_gradient_except_the_provably_zero_key_bias() {
     let model = tiny(DType::F64);
     let (_, _, grads) = loss_and_grads(&model, &case);
     let norm = |g: &Tensor| scalar(&g.sqr().unwrap().sum_all().unwrap()).sqrt();
-    let global = grads.iter().flatten().map(|g| norm(g).powi(2)).sum::<f64>().sqrt();
+    let global = grads
+        .iter()
+        .flatten()
+        .map(|g| {
+            let n = norm(g);
+            n * n
+        })
+        .sum::<f64>()
+        .sqrt();
     for ((name, _), grad) in model.params().iter().zip(&grads) {
         let grad = grad.as_ref().unwrap_or_else(|| panic!("{name}: no gradient: an op dropped the graph"));
         let n = norm(grad);

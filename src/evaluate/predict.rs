@@ -1,6 +1,6 @@
 //! Batched inference: class probabilities for tokenized rows.
 
-use candle_core::{D, Result};
+use candle_core::Result;
 
 use super::ClassificationReport;
 use crate::model::{Batch, BertClassifier, Mode};
@@ -43,11 +43,10 @@ pub fn predict_probabilities(
     for chunk in order.chunks(batch_size.max(1)) {
         let ids: Vec<&[u32]> = chunk.iter().map(|&r| rows[r].as_slice()).collect();
         let batch = Batch::pad(&ids, model.pad_id(), model.dtype(), model.device())?;
-        let logits = model.forward(&batch, Mode::Eval)?;
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?.exp()?;
-        let probs = shifted.broadcast_div(&shifted.sum_keepdim(D::Minus1)?)?;
-        for (&r, p) in chunk.iter().zip(probs.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?) {
-            out[r] = p;
+        let logits =
+            model.forward(&batch, Mode::Eval)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        for (&r, row) in chunk.iter().zip(logits) {
+            out[r] = crate::ops::math::softmax(&row);
         }
     }
     Ok(out)
@@ -66,7 +65,10 @@ pub fn argmax(probabilities: &[Vec<f32>]) -> Vec<u32> {
 
 /// Mean cross-entropy of the true classes under `probabilities`.
 pub fn mean_log_loss(probabilities: &[Vec<f32>], labels: &[u32]) -> f64 {
-    let total: f64 =
-        probabilities.iter().zip(labels).map(|(p, &l)| -(f64::from(p[l as usize]).max(1e-45)).ln()).sum();
+    let total: f64 = probabilities
+        .iter()
+        .zip(labels)
+        .map(|(p, &l)| -crate::ops::math::ln_f64(f64::from(p[l as usize]).max(1e-45)))
+        .sum();
     total / labels.len().max(1) as f64
 }

@@ -243,7 +243,7 @@ impl BertClassifier {
             x = self.layer_forward(layer, &x, &segments, &mut mode)?;
         }
         let cls = x.index_select(&index(&packed.cls)?, 0)?;
-        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        let pooled = ops::activation(&self.pooler.forward(&cls)?, Activation::Tanh)?;
         let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
         debug_assert_eq!(pooled.dim(0)?, rows);
         self.classifier.forward(&pooled)

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand_distr::{Distribution, Normal};
 
 use super::bert::{Embeddings, Layer, Linear, Norm};
 use super::{BertClassifier, BertConfig, Dropout, ModelError};
@@ -204,11 +203,14 @@ impl Loader<'_> {
         if fits {
             return self.linear(prefix, out, inp);
         }
-        let normal = Normal::new(0f32, init.std as f32).map_err(|e| ModelError::Unsupported {
-            path: self.path.into(),
-            message: format!("initializer_range {}: {e}", init.std),
-        })?;
-        let weights: Vec<f32> = (0..out * inp).map(|_| normal.sample(&mut init.rng)).collect();
+        if !(init.std.is_finite() && init.std >= 0.0) {
+            return Err(ModelError::Unsupported {
+                path: self.path.into(),
+                message: format!("initializer_range {} must be a finite number >= 0", init.std),
+            });
+        }
+        let weights: Vec<f32> =
+            (0..out * inp).map(|_| (crate::rng::standard_normal(&mut init.rng) * init.std) as f32).collect();
         let weight = self.register(&w, Tensor::from_vec(weights, (out, inp), &Device::Cpu)?)?;
         let bias = self.register(&b, Tensor::zeros(out, DType::F32, &Device::Cpu)?)?;
         Ok(Linear { weight, bias })

@@ -18,8 +18,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::dropout::DropMask;
-use super::linear::{Mat, gemm_serial, gemm_with};
-use super::{Real, slice, with_real};
+use super::gemm::{Element, MatMut, MatRef, Threads, gemm};
+use super::{slice, with_real};
 
 /// Attention over `q`, `k`, `v` of shape `(tokens, heads * head_dim)` (the projections as they
 /// come out of the linear layers), where `segments` lists each row's `(start, len)` in the packed
@@ -35,11 +35,27 @@ pub fn attention(
     key: u64,
 ) -> Result<Tensor> {
     let (tokens, hidden) = q.dims2()?;
-    let covered = segments.iter().all(|&(start, len)| len > 0 && start + len <= tokens);
-    if heads == 0 || hidden % heads != 0 || !covered {
+    if k.dims() != q.dims() || v.dims() != q.dims() {
         candle_core::bail!(
-            "attention: {tokens} tokens of width {hidden}, {heads} heads, segments {segments:?}"
+            "attention: q {:?}, k {:?} and v {:?} must have one shape",
+            q.dims(),
+            k.dims(),
+            v.dims()
         );
+    }
+    // Segments in order, non-empty, not overlapping, inside the tokens: each task then owns its
+    // block of the output (the kernels rely on it).
+    let mut end = 0;
+    for &(start, len) in segments.iter() {
+        if len == 0 || start < end || start + len > tokens {
+            candle_core::bail!(
+                "attention: segments {segments:?} must be ordered, non-empty, disjoint and within {tokens} tokens"
+            );
+        }
+        end = start + len;
+    }
+    if heads == 0 || hidden % heads != 0 {
+        candle_core::bail!("attention: width {hidden} does not split into {heads} heads");
     }
     // Each task's first element in the dropout mask's counter space.
     let mut mask_offsets = Vec::with_capacity(segments.len());
@@ -67,21 +83,12 @@ struct Attention {
     mask: Option<DropMask>,
 }
 
-/// A raw pointer that may cross into rayon tasks writing disjoint parts of one buffer.
+/// The output buffer, shared by rayon tasks that each write their own (segment, head) blocks.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
-// SAFETY: tasks write disjoint (row, head) blocks; see the callers.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// The pointer, offset by `count` elements. (A method, so closures capture the `Send` wrapper
-    /// rather than the bare pointer field.)
-    fn at(self, count: usize) -> *mut T {
-        // SAFETY: callers stay inside the buffer the pointer came from.
-        unsafe { self.0.add(count) }
-    }
-}
+// SAFETY: the tasks that receive it write disjoint blocks (see `Attention::block`).
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl Attention {
     fn hidden(&self) -> usize {
@@ -105,18 +112,42 @@ impl Attention {
         self.segments.iter().map(|&(_, len)| len).max().unwrap_or(0)
     }
 
+    /// The `(len, head_dim)` block of a `(tokens, hidden)` buffer that holds one task's rows.
+    fn view<'a, T>(&self, m: &'a [T], base: usize, len: usize) -> MatRef<'a, T> {
+        MatRef::new(m, base, len, self.head_dim, self.hidden(), 1)
+    }
+
+    /// The task's writable block of `buffer` (`size` elements, of which the task's block starts at
+    /// `base`).
+    ///
+    /// # Safety
+    ///
+    /// `buffer` points to `size` elements of which no other live reference or view covers this
+    /// block; `base` and `len` come from [`Self::task`] for a validated segment list, so the block
+    /// lies inside the buffer, and distinct tasks' blocks are disjoint (segments do not overlap and
+    /// heads take distinct columns).
+    unsafe fn block<'a, T>(
+        &self,
+        buffer: SharedMut<T>,
+        size: usize,
+        base: usize,
+        len: usize,
+    ) -> MatMut<'a, T> {
+        debug_assert!(base + (len - 1) * self.hidden() + self.head_dim <= size);
+        // SAFETY: see the function's contract; rows are `hidden >= head_dim` apart.
+        unsafe { MatMut::from_raw(buffer.0.add(base), len, self.head_dim, self.hidden()) }
+    }
+
     /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`len x len`, row-major).
-    fn probabilities<T: Real>(&self, q: &[T], k: &[T], base: usize, len: usize, p: &mut [T]) {
-        let (hd, hidden) = (self.head_dim, self.hidden());
-        let qm = Mat { ptr: q[base..].as_ptr(), rs: hidden as isize, cs: 1 };
-        let kt = Mat { ptr: k[base..].as_ptr(), rs: 1, cs: hidden as isize };
-        gemm_serial(p, false, len, len, hd, qm, kt);
-        let scale = T::from_f64(1.0 / (hd as f64).sqrt());
+    fn probabilities<T: Element>(&self, q: &[T], k: &[T], base: usize, len: usize, p: &mut [T]) {
+        let (qm, km) = (self.view(q, base, len), self.view(k, base, len));
+        gemm(MatMut::row_major(p, len, len), false, qm, km.t(), Threads::Caller);
+        let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         for scores in p.chunks_mut(len) {
             let max = scores.iter().fold(T::neg_infinity(), |m, &s| num_traits::Float::max(m, s * scale));
             let mut sum = T::zero();
             for s in scores.iter_mut() {
-                *s = (*s * scale - max).exp();
+                *s = (*s * scale - max).portable_exp();
                 sum += *s;
             }
             let inv = sum.recip();
@@ -129,9 +160,9 @@ impl Attention {
         self.mask_offsets[segment] + (head * len * len) as u64
     }
 
-    fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let (hd, hidden) = (self.head_dim, self.hidden());
-        let mut out = vec![T::zero(); q.len()];
+    fn forward<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let size = q.len();
+        let mut out = vec![T::zero(); size];
         let dst = SharedMut(out.as_mut_ptr());
         let scratch = self.max_len() * self.max_len();
         (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
@@ -144,22 +175,30 @@ impl Attention {
                 if let Some(mask) = &self.mask {
                     mask.apply_in_place(self.mask_start(segment, head, len), p);
                 }
-                // SAFETY: this task alone writes columns head*hd.. of rows start..start+len.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.at(base), (len - 1) * hidden + hd) };
-                let vm = Mat { ptr: v[base..].as_ptr(), rs: hidden as isize, cs: 1 };
-                gemm_strided(out, hidden, len, hd, len, Mat::rows(p.as_ptr(), len), vm);
+                // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
+                let context = unsafe { self.block(dst, size, base, len) };
+                gemm(
+                    context,
+                    false,
+                    MatRef::row_major(p, len, len),
+                    self.view(v, base, len),
+                    Threads::Caller,
+                );
             },
         );
         out
     }
 
     /// Gradients of q, k and v, packed as `[dq; dk; dv]`.
-    fn backward<T: Real>(&self, q: &[T], k: &[T], v: &[T], g: &[T]) -> Vec<T> {
-        let (hd, hidden) = (self.head_dim, self.hidden());
+    fn backward<T: Element>(&self, q: &[T], k: &[T], v: &[T], g: &[T]) -> Vec<T> {
         let size = q.len();
         let mut out = vec![T::zero(); 3 * size];
-        let dst = SharedMut(out.as_mut_ptr());
-        let scale = T::from_f64(1.0 / (hd as f64).sqrt());
+        let (dq_all, dk_all, dv_all) = {
+            let ptr = out.as_mut_ptr();
+            // SAFETY: the three thirds of `out`.
+            unsafe { (SharedMut(ptr), SharedMut(ptr.add(size)), SharedMut(ptr.add(2 * size))) }
+        };
+        let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let scratch = self.max_len() * self.max_len();
         (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
             || (vec![T::zero(); scratch], vec![T::zero(); scratch], vec![T::zero(); scratch]),
@@ -172,51 +211,43 @@ impl Attention {
                 if let Some(mask) = &self.mask {
                     mask.apply_in_place(self.mask_start(segment, head, len), dropped);
                 }
-                let at = |m: &[T]| Mat { ptr: m[base..].as_ptr(), rs: hidden as isize, cs: 1 };
-                let at_t = |m: &[T]| Mat { ptr: m[base..].as_ptr(), rs: 1, cs: hidden as isize };
-                let block = (len - 1) * hidden + hd;
-                // SAFETY: this task alone writes its (segment, head) block of each of dq, dk, dv.
+                let g_block = self.view(g, base, len);
+                // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
                 let (dq, dk, dv) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(dst.at(base), block),
-                        std::slice::from_raw_parts_mut(dst.at(size + base), block),
-                        std::slice::from_raw_parts_mut(dst.at(2 * size + base), block),
+                        self.block(dq_all, size, base, len),
+                        self.block(dk_all, size, base, len),
+                        self.block(dv_all, size, base, len),
                     )
                 };
                 // dv = dropped^T g
-                gemm_strided(dv, hidden, len, hd, len, Mat::transposed(dropped.as_ptr(), len), at(g));
+                gemm(dv, false, MatRef::row_major(dropped, len, len).t(), g_block, Threads::Caller);
                 // d dropped = g v^T, then through the dropout mask
-                gemm_serial(dp, false, len, len, hd, at(g), at_t(v));
+                gemm(
+                    MatMut::row_major(dp, len, len),
+                    false,
+                    g_block,
+                    self.view(v, base, len).t(),
+                    Threads::Caller,
+                );
                 if let Some(mask) = &self.mask {
                     mask.apply_in_place(self.mask_start(segment, head, len), dp);
                 }
                 // d scores = scale * p * (dp - rowsum(dp * p))
                 for (dp_row, p_row) in dp.chunks_mut(len).zip(p.chunks(len)) {
-                    let dot = dp_row.iter().zip(p_row.iter()).map(|(&a, &b)| a * b).sum::<T>();
+                    let dot = dp_row.iter().zip(p_row.iter()).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
                     for (d, &pv) in dp_row.iter_mut().zip(p_row.iter()) {
                         *d = scale * pv * (*d - dot);
                     }
                 }
                 // dq = ds k ; dk = ds^T q
-                gemm_strided(dq, hidden, len, hd, len, Mat::rows(dp.as_ptr(), len), at(k));
-                gemm_strided(dk, hidden, len, hd, len, Mat::transposed(dp.as_ptr(), len), at(q));
+                let ds = MatRef::row_major(&*dp, len, len);
+                gemm(dq, false, ds, self.view(k, base, len), Threads::Caller);
+                gemm(dk, false, ds.t(), self.view(q, base, len), Threads::Caller);
             },
         );
         out
     }
-}
-
-/// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)`, on the calling thread.
-fn gemm_strided<T: Real>(
-    dst: &mut [T],
-    dst_rs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) {
-    gemm_with(dst, dst_rs, false, m, n, k, lhs, rhs, gemm::Parallelism::None);
 }
 
 impl CustomOp3 for Attention {
@@ -301,6 +332,7 @@ mod tests {
     }
 
     /// The textbook composition, row by row and head by head.
+    #[allow(clippy::disallowed_methods)] // candle as the reference
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let hd = WIDTH / HEADS;
         let mut rows = Vec::new();

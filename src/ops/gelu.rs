@@ -1,9 +1,9 @@
-//! Activation functions of the feed-forward block, with backward passes.
+//! Activation functions (the feed-forward block's, the pooler's tanh), with backward passes.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Real, slice, with_real};
+use super::{Real, slice, vectorized, with_real};
 
 /// Elements per parallel work item (element-wise, so the split cannot change results).
 const CHUNK: usize = 1 << 12;
@@ -17,6 +17,8 @@ pub enum Activation {
     GeluTanh,
     /// `relu`.
     Relu,
+    /// `tanh` (BERT's pooler).
+    Tanh,
 }
 
 impl Activation {
@@ -26,25 +28,33 @@ impl Activation {
             "gelu" => Some(Self::Gelu),
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
             "relu" => Some(Self::Relu),
+            "tanh" => Some(Self::Tanh),
             _ => None,
         }
     }
 
+    /// The activation and its derivative at `x` (inlined, so a caller that uses one of the two
+    /// computes only that one).
+    #[inline(always)]
     fn value_and_slope<T: Real>(self, x: T) -> (T, T) {
         let half = T::from_f64(0.5);
         let one = T::one();
         match self {
             Self::Gelu => {
-                let cdf = half * (one + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
-                let pdf = (-half * x * x).exp() * T::from_f64(0.398_942_280_401_432_7);
+                let cdf = half * (one + (x * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).portable_erf());
+                let pdf = (-half * x * x).portable_exp() * T::from_f64(0.398_942_280_401_432_7);
                 (x * cdf, cdf + x * pdf)
             }
             Self::GeluTanh => {
                 let (c, a) = (T::from_f64((2.0 / std::f64::consts::PI).sqrt()), T::from_f64(0.044715));
                 let inner = c * (x + a * x * x * x);
-                let t = inner.tanh();
+                let t = inner.portable_tanh();
                 let d_inner = c * (one + T::from_f64(3.0) * a * x * x);
                 (half * x * (one + t), half * (one + t) + half * x * (one - t * t) * d_inner)
+            }
+            Self::Tanh => {
+                let t = x.portable_tanh();
+                (t, one - t * t)
             }
             Self::Relu => {
                 if x > T::zero() {
@@ -55,6 +65,31 @@ impl Activation {
             }
         }
     }
+}
+
+/// Runs `$body` with `$a` bound to the activation as a constant, so that each variant gets its own
+/// branch-free loop (which the compiler vectorises) instead of a `match` per element.
+macro_rules! each_variant {
+    ($act:expr, $a:ident => $body:expr) => {
+        match $act {
+            Activation::Gelu => {
+                const $a: Activation = Activation::Gelu;
+                $body
+            }
+            Activation::GeluTanh => {
+                const $a: Activation = Activation::GeluTanh;
+                $body
+            }
+            Activation::Relu => {
+                const $a: Activation = Activation::Relu;
+                $body
+            }
+            Activation::Tanh => {
+                const $a: Activation = Activation::Tanh;
+                $body
+            }
+        }
+    };
 }
 
 /// Applies `act` element-wise.
@@ -74,9 +109,11 @@ impl CustomOp1 for ActivationOp {
             let x = slice::<T>("activation", xs, xl)?;
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = self.0.value_and_slope(x).0;
-                }
+                each_variant!(self.0, A => vectorized(|| {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = A.value_and_slope(x).0;
+                    }
+                }))
             });
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
         })
@@ -107,9 +144,11 @@ impl CustomOp2 for ActivationBackward {
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(
                 |(dx, (x, g))| {
-                    for i in 0..dx.len() {
-                        dx[i] = g[i] * self.0.value_and_slope(x[i]).1;
-                    }
+                    each_variant!(self.0, A => vectorized(|| {
+                        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                            *dx = g * A.value_and_slope(x).1;
+                        }
+                    }))
                 },
             );
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
@@ -136,7 +175,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        for act in [Activation::Gelu, Activation::GeluTanh] {
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Tanh] {
             check_grad(&input(&[5, 7], 3), |x| activation(x, act).unwrap());
         }
     }

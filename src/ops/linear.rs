@@ -5,102 +5,18 @@
 //! in the backward two GEMMs on transposed views, a transpose of the weight gradient and a
 //! strided reduction for the bias. Here the forward seeds the output with the bias and lets the
 //! GEMM accumulate into it; the backward calls the GEMM with the strides that express the
-//! transposes, and reduces the bias gradient in fixed row blocks. GEMM parallelises over output
-//! tiles only, so results do not depend on the thread count.
+//! transposes, and reduces the bias gradient in fixed row blocks. The GEMM ([`super::gemm`]) sums
+//! every element in one fixed order, so results depend neither on the thread count nor on the CPU.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{ROW_BLOCK, Real, slice, with_real};
+use super::gemm::{MatMut, MatRef, Threads, gemm};
+use super::{ROW_BLOCK, slice, with_real};
 
 /// `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)` (torch's layout), `bias` `(out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(weight, bias, Linear)
-}
-
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// A matrix view for GEMM: base pointer and (row, column) strides in elements.
-#[derive(Clone, Copy)]
-pub(super) struct Mat<T> {
-    pub ptr: *const T,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-impl<T> Mat<T> {
-    /// A row-major matrix with `cols` columns.
-    pub fn rows(ptr: *const T, cols: usize) -> Self {
-        Self { ptr, rs: cols as isize, cs: 1 }
-    }
-    /// The transpose of a row-major matrix with `cols` columns.
-    pub fn transposed(ptr: *const T, cols: usize) -> Self {
-        Self { ptr, rs: 1, cs: cols as isize }
-    }
-}
-
-/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, dst row-major, on the rayon pool.
-fn gemm<T: Real>(dst: &mut [T], accumulate: bool, m: usize, n: usize, k: usize, lhs: Mat<T>, rhs: Mat<T>) {
-    gemm_with(dst, n, accumulate, m, n, k, lhs, rhs, parallelism());
-}
-
-/// [`gemm`] on the calling thread only, for callers that parallelise over many small products.
-pub(super) fn gemm_serial<T: Real>(
-    dst: &mut [T],
-    accumulate: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) {
-    gemm_with(dst, n, accumulate, m, n, k, lhs, rhs, gemm::Parallelism::None);
-}
-
-/// `dst (m x n, row stride dst_rs) = [dst +] lhs (m x k) * rhs (k x n)`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_with<T: Real>(
-    dst: &mut [T],
-    dst_rs: usize,
-    accumulate: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-    parallelism: gemm::Parallelism,
-) {
-    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * dst_rs + n, "gemm: destination too small");
-    // SAFETY: every matrix lies inside a live slice whose length the callers derive from the same
-    // dimensions (checked above for dst; lhs and rhs come from tensors of the shapes named).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 struct Linear;
@@ -134,7 +50,8 @@ impl CustomOp3 for Linear {
             let w = slice::<T>("linear", ws, wl)?;
             let b = slice::<T>("linear", bs, bl)?;
             let mut y: Vec<T> = b.iter().copied().cycle().take(rows * out).collect();
-            gemm(&mut y, true, rows, out, inp, Mat::rows(x.as_ptr(), inp), Mat::transposed(w.as_ptr(), inp));
+            let (x, w) = (MatRef::row_major(x, rows, inp), MatRef::row_major(w, out, inp).t());
+            gemm(MatMut::row_major(&mut y, rows, out), true, x, w, Threads::Pool);
             Ok((T::to_cpu_storage_owned(y), Shape::from((rows, out))))
         })
     }
@@ -176,7 +93,8 @@ impl CustomOp2 for GradInput {
             let g = slice::<T>("linear-grad-input", gs, gl)?;
             let w = slice::<T>("linear-grad-input", ws, wl)?;
             let mut dx = vec![T::zero(); rows * inp];
-            gemm(&mut dx, false, rows, inp, out, Mat::rows(g.as_ptr(), out), Mat::rows(w.as_ptr(), inp));
+            let (g, w) = (MatRef::row_major(g, rows, out), MatRef::row_major(w, out, inp));
+            gemm(MatMut::row_major(&mut dx, rows, inp), false, g, w, Threads::Pool);
             Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, inp))))
         })
     }
@@ -203,7 +121,8 @@ impl CustomOp2 for GradWeight {
             let g = slice::<T>("linear-grad-weight", gs, gl)?;
             let x = slice::<T>("linear-grad-weight", xs, xl)?;
             let mut dw = vec![T::zero(); out * inp];
-            gemm(&mut dw, false, out, inp, rows, Mat::transposed(g.as_ptr(), out), Mat::rows(x.as_ptr(), inp));
+            let (g, x) = (MatRef::row_major(g, rows, out).t(), MatRef::row_major(x, rows, inp));
+            gemm(MatMut::row_major(&mut dw, out, inp), false, g, x, Threads::Pool);
             Ok((T::to_cpu_storage_owned(dw), Shape::from((out, inp))))
         })
     }
@@ -249,6 +168,7 @@ mod tests {
     use super::*;
     use crate::ops::testing::{check_grad, input};
 
+    #[allow(clippy::disallowed_methods)] // candle as the reference
     #[test]
     fn matches_matmul_plus_bias() -> Result<()> {
         let (x, w, b) = (input(&[70, 5], 1), input(&[3, 5], 2), input(&[3], 3));

@@ -1,34 +1,120 @@
-//! Cross-entropy loss over class logits.
+//! Cross-entropy loss over class logits, as one op with its backward.
 
-use candle_core::{D, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::{Real, slice, with_real};
 
 /// Mean cross-entropy of `logits` `(rows, classes)` against class indices `labels`, as
 /// `torch.nn.functional.cross_entropy`. With `class_weights`, each row counts with its class's
 /// weight and the mean is divided by the sum of those weights (torch's `weight=` semantics).
 ///
-/// Built from candle ops that all have a backward; the row maximum is a constant shift and is
-/// detached.
+/// One op rather than candle's `exp`/`log`/`sum` so that the exponentials are pipe's own (same
+/// bits on every machine, see [`super::math`]) and rows are summed in order.
 pub fn cross_entropy(logits: &Tensor, labels: &[u32], class_weights: Option<&[f64]>) -> Result<Tensor> {
     let (rows, classes) = logits.dims2()?;
     if labels.len() != rows {
         candle_core::bail!("cross_entropy: {} labels for {rows} rows", labels.len());
     }
-    let mut picks = vec![0f64; rows * classes];
-    let mut total_weight = 0f64;
-    for (row, &label) in labels.iter().enumerate() {
+    let mut weights = Vec::with_capacity(rows);
+    for &label in labels {
         let label = label as usize;
         if label >= classes {
             candle_core::bail!("cross_entropy: label {label} out of range for {classes} classes");
         }
-        let w = class_weights.map_or(1.0, |w| w[label]);
-        picks[row * classes + label] = w;
-        total_weight += w;
+        weights.push(match class_weights {
+            Some(w) if w.len() != classes => {
+                candle_core::bail!("cross_entropy: {} class weights for {classes} classes", w.len())
+            }
+            Some(w) => w[label],
+            None => 1.0,
+        });
     }
-    let picks = Tensor::from_vec(picks, (rows, classes), logits.device())?.to_dtype(logits.dtype())?;
-    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
-    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let log_probs = shifted.broadcast_sub(&log_sum_exp)?;
-    (log_probs * picks)?.sum_all()?.affine(-1.0 / total_weight, 0.0)
+    let total_weight: f64 = weights.iter().sum();
+    let op = CrossEntropy { labels: Arc::new(labels.to_vec()), weights: Arc::new(weights), total_weight };
+    logits.contiguous()?.apply_op1(op)
+}
+
+#[derive(Clone)]
+struct CrossEntropy {
+    labels: Arc<Vec<u32>>,
+    /// Each row's weight (its class's weight, or 1).
+    weights: Arc<Vec<f64>>,
+    total_weight: f64,
+}
+
+impl CrossEntropy {
+    /// Softmax of one row of logits into `p`, and `log(sum(exp(x - max)))` with the max.
+    fn softmax<T: Real>(row: &[T], p: &mut [T]) -> (T, T) {
+        let max = row.iter().fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
+        let mut sum = T::zero();
+        for (p, &x) in p.iter_mut().zip(row) {
+            *p = (x - max).portable_exp();
+            sum += *p;
+        }
+        let inv = sum.recip();
+        p.iter_mut().for_each(|v| *v *= inv);
+        (max, sum.portable_ln())
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, classes) = xl.shape().dims2()?;
+        with_real!("cross-entropy", xs, T => {
+            let x = slice::<T>("cross-entropy", xs, xl)?;
+            let mut p = vec![T::zero(); classes];
+            let mut total = T::zero();
+            for ((row, &label), &w) in x.chunks(classes).zip(self.labels.iter()).zip(self.weights.iter()) {
+                let (max, log_sum) = Self::softmax(row, &mut p);
+                // -log softmax(x)[label] = log(sum exp(x - max)) - (x[label] - max)
+                total += T::from_f64(w) * (log_sum - (row[label as usize] - max));
+            }
+            let loss = total / T::from_f64(self.total_weight);
+            Ok((T::to_cpu_storage_owned(vec![loss]), Shape::from(())))
+        })
+    }
+
+    fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(logits.apply_op2_no_bwd(grad, &CrossEntropyBackward(self.clone()))?))
+    }
+}
+
+/// `d logits = grad * w_row / total_weight * (softmax - onehot(label))`.
+struct CrossEntropyBackward(CrossEntropy);
+
+impl CustomOp2 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, classes) = xl.shape().dims2()?;
+        with_real!("cross-entropy-backward", xs, T => {
+            let x = slice::<T>("cross-entropy-backward", xs, xl)?;
+            let g = slice::<T>("cross-entropy-backward", gs, gl)?[0];
+            let op = &self.0;
+            let mut out = vec![T::zero(); x.len()];
+            for (((row, d), &label), &w) in x.chunks(classes).zip(out.chunks_mut(classes)).zip(op.labels.iter()).zip(op.weights.iter()) {
+                CrossEntropy::softmax(row, d);
+                d[label as usize] -= T::one();
+                let scale = g * T::from_f64(w / op.total_weight);
+                d.iter_mut().for_each(|v| *v *= scale);
+            }
+            Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -40,7 +126,24 @@ mod tests {
     fn uniform_logits_give_log_classes() -> Result<()> {
         let logits = Tensor::zeros((4, 3), candle_core::DType::F64, &candle_core::Device::Cpu)?;
         let loss = cross_entropy(&logits, &[0, 1, 2, 0], None)?.to_scalar::<f64>()?;
-        assert!((loss - 3f64.ln()).abs() < 1e-12);
+        assert!((loss - libm::log(3.0)).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn matches_the_definition() -> Result<()> {
+        // torch.nn.functional.cross_entropy(x, y, weight=w) for these values, computed in f64.
+        let x = input(&[4, 3], 5);
+        let (labels, w) = ([2u32, 0, 1, 1], [1.0, 2.0, 0.5]);
+        let rows = x.to_vec2::<f64>()?;
+        let mut want = 0.0;
+        for (row, &l) in rows.iter().zip(&labels) {
+            let lse = libm::log(row.iter().map(|&v| libm::exp(v)).sum::<f64>());
+            want += w[l as usize] * (lse - row[l as usize]);
+        }
+        want /= labels.iter().map(|&l| w[l as usize]).sum::<f64>();
+        let got = cross_entropy(&x, &labels, Some(&w))?.to_scalar::<f64>()?;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         Ok(())
     }
 

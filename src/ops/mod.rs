@@ -4,15 +4,23 @@
 //! candle 0.11's fast `layer_norm` and `softmax_last_dim` are built without a backward pass, so a
 //! model that uses them trains only the layers after its last LayerNorm, silently. Every op here is
 //! a candle `CustomOp` with a forward *and* a backward, written for f32 and f64 (f64 for the finite
-//! difference tests). Kernels run rows in parallel with rayon; any reduction across rows sums fixed
-//! blocks in a fixed order, so results are bit-identical whatever the thread count.
+//! difference tests).
+//!
+//! Results are a function of the inputs alone, never of the machine or the thread count: kernels
+//! run rows in parallel with rayon, and any reduction across rows sums fixed blocks in a fixed
+//! order; matrix products go through pipe's own [`gemm`], which sums each element in one fixed
+//! order on every CPU and kernel path ([`cpu`] picks or forces the path); exponentials, logarithms
+//! and tanh come from [`math`], never from the system's C library.
 
 mod attention;
+pub mod cpu;
 mod dropout;
 mod gelu;
+pub mod gemm;
 mod layer_norm;
 mod linear;
 mod loss;
+pub mod math;
 
 pub use attention::attention;
 pub use dropout::dropout;
@@ -27,7 +35,8 @@ use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 /// from the thread count, so the summation order is the same on every machine.
 pub(crate) const ROW_BLOCK: usize = 32;
 
-/// The float types the kernels are written for.
+/// The float types the kernels are written for, with transcendentals that give the same bits on
+/// every machine ([`math`]).
 pub(crate) trait Real:
     num_traits::Float
     + WithDType
@@ -38,25 +47,62 @@ pub(crate) trait Real:
     + std::ops::MulAssign
     + 'static
 {
-    fn erf(self) -> Self;
+    fn portable_exp(self) -> Self;
+    fn portable_ln(self) -> Self;
+    fn portable_tanh(self) -> Self;
+    fn portable_erf(self) -> Self;
 }
 
 impl Real for f32 {
-    /// Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, about one f32 ulp near 1): the same
-    /// approximation PyTorch's vectorised CPU `erf` uses, and several times faster than libm's.
-    fn erf(self) -> Self {
-        let a = self.abs();
-        let t = 1.0 / (1.0 + 0.327_591_1 * a);
-        let poly = t
-            * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-        (1.0 - poly * (-a * a).exp()).copysign(self)
+    #[inline(always)]
+    fn portable_exp(self) -> Self {
+        math::exp(self)
+    }
+    #[inline(always)]
+    fn portable_ln(self) -> Self {
+        math::ln(self)
+    }
+    #[inline(always)]
+    fn portable_tanh(self) -> Self {
+        math::tanh(self)
+    }
+    #[inline(always)]
+    fn portable_erf(self) -> Self {
+        math::erf(self)
     }
 }
 
 impl Real for f64 {
-    fn erf(self) -> Self {
+    fn portable_exp(self) -> Self {
+        libm::exp(self)
+    }
+    fn portable_ln(self) -> Self {
+        libm::log(self)
+    }
+    fn portable_tanh(self) -> Self {
+        libm::tanh(self)
+    }
+    fn portable_erf(self) -> Self {
         libm::erf(self)
     }
+}
+
+/// Runs `body`, compiled for AVX2 where the kernel path allows it, else as plain code: for
+/// element-wise loops, which the compiler then vectorises. The bits do not change, only the speed:
+/// additions, multiplications and divisions round the same in any vector width, and Rust never
+/// fuses them into FMA. (Reductions stay sequential: the compiler does not reorder float sums.)
+#[inline(always)]
+pub(crate) fn vectorized<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if cpu::kernel_path() >= cpu::KernelPath::Avx2 {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        // SAFETY: the kernel path is only AVX2 or wider on CPUs with AVX2 and FMA.
+        return unsafe { avx2(body) };
+    }
+    body()
 }
 
 /// The contiguous slice behind a storage and layout, or an error naming the op.

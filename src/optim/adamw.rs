@@ -12,6 +12,8 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
 use schemars::JsonSchema;
+
+use crate::ops::math::powi;
 use serde::{Deserialize, Serialize};
 
 /// Elements per parallel work item; fixed so that work splitting never depends on the thread count.
@@ -124,7 +126,7 @@ impl AdamW {
             candle_core::bail!("adamw: {} gradients for {} parameters", grads.len(), self.params.len());
         }
         self.state.step += 1;
-        let t = self.state.step as i32;
+        let t = self.state.step;
         let [b1, b2] = self.config.betas;
         for (i, (_, var)) in self.params.iter().enumerate() {
             let kernel = AdamWKernel {
@@ -133,8 +135,8 @@ impl AdamW {
                 beta1: b1 as f32,
                 beta2: b2 as f32,
                 eps: self.config.eps as f32,
-                step_size: (lr / (1.0 - b1.powi(t))) as f32,
-                bias_correction2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+                step_size: (lr / (1.0 - powi(b1, t))) as f32,
+                bias_correction2_sqrt: (1.0 - powi(b2, t)).sqrt() as f32,
                 grad_scale: grad_scale as f32,
                 m: RefCell::new(&mut self.state.m[i]),
                 v: RefCell::new(&mut self.state.v[i]),

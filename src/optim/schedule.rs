@@ -57,7 +57,9 @@ impl ScheduleConfig {
         let factor = match self.kind {
             ScheduleKind::Constant => 1.0,
             ScheduleKind::Linear => ((total_steps.saturating_sub(step)) as f64 / decay_steps).max(0.0),
-            ScheduleKind::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            ScheduleKind::Cosine => {
+                (0.5 * (1.0 + crate::ops::math::cos_f64(std::f64::consts::PI * progress))).max(0.0)
+            }
         };
         peak * factor
     }

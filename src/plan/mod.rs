@@ -63,9 +63,12 @@ impl StageKind {
             Self::Tokenize => 2,
             // 2: evaluations during training, metrics.jsonl, curves, early stopping, class weights.
             // 3: the model computes only real tokens (packed rows), which changes rounding.
-            Self::Train => 3,
+            // 4: machine-independent numerics: pipe's own GEMM (one FMA chain per element), its
+            //    own exp/tanh/ln, the loss as one op, head initialisation by the polar method.
+            Self::Train => 4,
             // 2: packed rows in the forward pass (rounding), shared scoring with training.
-            Self::Evaluate => 2,
+            // 3: machine-independent numerics (pipe's GEMM, exp and tanh; softmax in pipe).
+            Self::Evaluate => 3,
         }
     }
 }

@@ -1,0 +1,97 @@
+//! pipe's GEMM against candle's matmul (the `gemm` crate) on the products of a MiniLM training step.
+//!
+//! `cargo bench --bench gemm [-- ROWS]` (default 2048 = batch 32 x len 64, dense). For each product
+//! of a layer (forward `x W^T`, input gradient `g W`, weight gradient `g^T x`), the median of 15
+//! runs of each, interleaved, in GFLOP/s. pipe's kernel path is the CPU's best unless
+//! `PIPE_KERNEL` forces one.
+
+#![allow(clippy::disallowed_methods)] // candle's matmul is the comparison
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> candle_core::Result<()> {
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { pipe::runtime::configure() }.map_err(candle_core::Error::wrap)?;
+    let rows: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(2048);
+    println!(
+        "kernel path {}, {} threads, {rows} rows",
+        pipe::ops::cpu::kernel_path(),
+        rayon::current_num_threads()
+    );
+    let dev = Device::Cpu;
+    let fill = |n: usize, salt: usize| -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + salt) % 1000) as f32 / 1000.0 - 0.5).collect()
+    };
+    let (mut pipe_total, mut candle_total) = (0.0, 0.0);
+    for (inp, out) in [(384, 384), (384, 1536), (1536, 384)] {
+        let x = fill(rows * inp, 1);
+        let w = fill(out * inp, 2);
+        let g = fill(rows * out, 3);
+        let (tx, tw, tg) = (
+            Tensor::from_slice(&x, (rows, inp), &dev)?,
+            Tensor::from_slice(&w, (out, inp), &dev)?,
+            Tensor::from_slice(&g, (rows, out), &dev)?,
+        );
+        type Product<'a> = (&'a str, Box<dyn Fn() + 'a>, Box<dyn Fn() + 'a>);
+        let products: [Product; 3] = [
+            (
+                "x W^T",
+                Box::new(|| {
+                    drop(pipe::ops::gemm::matmul_t(&x, &w, rows, inp, out, pipe::ops::gemm::Transpose::Rhs))
+                }),
+                Box::new(|| drop(tx.matmul(&tw.t().unwrap()).unwrap())),
+            ),
+            (
+                "g W",
+                Box::new(|| {
+                    drop(pipe::ops::gemm::matmul_t(&g, &w, rows, out, inp, pipe::ops::gemm::Transpose::None))
+                }),
+                Box::new(|| drop(tg.matmul(&tw).unwrap())),
+            ),
+            (
+                "g^T x",
+                Box::new(|| {
+                    drop(pipe::ops::gemm::matmul_t(&g, &x, out, rows, inp, pipe::ops::gemm::Transpose::Lhs))
+                }),
+                Box::new(|| drop(tg.t().unwrap().matmul(&tx).unwrap())),
+            ),
+        ];
+        let (m_k_n, flops) = ((rows, inp, out), 2.0 * (rows * inp * out) as f64);
+        for (name, pipe_run, candle_run) in &products {
+            let (mut tp, mut tc) = (Vec::new(), Vec::new());
+            for _ in 0..15 {
+                let t = Instant::now();
+                pipe_run();
+                tp.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                candle_run();
+                tc.push(t.elapsed().as_secs_f64());
+            }
+            let (p, c) = (median(tp), median(tc));
+            pipe_total += p;
+            candle_total += c;
+            println!(
+                "{name:6} rows {rows} in {} out {}: pipe {:6.1} GFLOP/s  candle {:6.1} GFLOP/s  ratio {:.2}",
+                m_k_n.1,
+                m_k_n.2,
+                flops / p * 1e-9,
+                flops / c * 1e-9,
+                c / p
+            );
+        }
+    }
+    println!(
+        "all nine products: pipe {:.1} ms, candle {:.1} ms, candle/pipe {:.3}",
+        pipe_total * 1e3,
+        candle_total * 1e3,
+        candle_total / pipe_total
+    );
+    Ok(())
+}

@@ -1,0 +1,498 @@
+//! pipe's own matrix product, with one summation order on every machine.
+//!
+//! # The contract
+//!
+//! `C = [C +] A B` computes every element as one chain of fused multiply-adds in ascending `k`:
+//!
+//! ```text
+//! c = C[i][j]  (or +0.0)
+//! for p in 0..k:  c = fma(A[i][p], B[p][j], c)      // one rounding per step
+//! ```
+//!
+//! Nothing else touches the sum: no partial sums per K-block, no split of `k` across threads, no
+//! horizontal reductions. So the result is a function of the operands alone, whatever the blocking,
+//! the micro-kernel shape, the SIMD width (each vector lane runs one element's chain) or the thread
+//! count. FMA is correctly rounded wherever it runs (in hardware, or `fmaf` in software on the
+//! portable path), so the portable, AVX2 and AVX-512 kernels agree to the bit; the tests check it at
+//! MiniLM's shapes, on every path, with several blockings and thread counts.
+//!
+//! Why not the `gemm` crate candle uses: it sizes its K-blocks from the detected L1 cache (for
+//! `k = 1536`, three blocks of 512 on a 32 KiB 8-way L1, two of 768 on a 48 KiB 12-way one), adds
+//! each block's partial sum to `C` separately, picks different kernels by SIMD level and shape, and
+//! its scalar fallback does not fuse. Each of those changes the rounding from one CPU to another.
+//!
+//! # The algorithm
+//!
+//! A micro-kernel computes one `MR x NR` tile of `C` in registers: per step `p` it loads `NR`
+//! consecutive elements of row `p` of `B`, broadcasts the `MR` elements of column `p` of `A` and
+//! fuses them in. `A` is read in place through its strides (row-major, or transposed as in a weight
+//! gradient); `B` is read in place when its rows are contiguous, and otherwise (a transposed weight
+//! in the forward pass) packed once into panels of `NR` columns. Ragged last panels are copied
+//! zero-padded. Tiles are grouped into tasks of [`MC`] rows by [`NC`] columns on the rayon pool,
+//! each task walking its row panels (which stay in cache) against its column panels. There is no
+//! K-blocking in production: the product shapes of the models here keep a row panel of `A` and a
+//! column panel of `B` in L1/L2 for the whole `k`. (The tests split `k` into blocks anyway, to show
+//! that the bits do not depend on it: the chain continues through the tile's store and reload.)
+
+mod kernels;
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+use super::Real;
+use super::cpu::{KernelPath, kernel_path};
+pub(crate) use kernels::Element;
+
+/// Steps of `k` per pass over a task's tiles (its slices of A and B then stay in L1/L2).
+const KC: usize = 256;
+/// Rows of `C` per task; a multiple of every kernel's `MR`.
+const MC: usize = 96;
+/// Columns of `C` per task; a multiple of every kernel's `NR`.
+const NC: usize = 128;
+/// Products smaller than this many multiply-adds run on the calling thread only.
+const PARALLEL_WORK: usize = 1 << 17;
+
+/// A read-only matrix view: `rows x cols` elements at `offset + r * rs + c * cs` of a slice.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// A strided view into `data`. Panics if any element lies outside `data` (a bug in the caller,
+    /// never a property of user input: shapes are checked before any kernel runs).
+    pub fn new(data: &'a [T], offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            let last = offset + (rows - 1) * rs + (cols - 1) * cs;
+            assert!(
+                last < data.len(),
+                "gemm: a {rows}x{cols} view (strides {rs}, {cs}) at {offset} exceeds {}",
+                data.len()
+            );
+        }
+        Self { data, offset, rows, cols, rs, cs }
+    }
+
+    /// `data` as a row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self::new(data, 0, rows, cols, cols, 1)
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    fn at(&self, r: usize, c: usize) -> T
+    where
+        T: Copy,
+    {
+        self.data[self.offset + r * self.rs + c * self.cs]
+    }
+}
+
+/// A writable matrix view: `rows x cols` elements at `ptr + r * rs + c`.
+pub(crate) struct MatMut<'a, T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a `MatMut` is an exclusive borrow of its elements (see the constructors); sending it to
+// another thread is sending that borrow, like `&mut [T]`.
+unsafe impl<T: Send> Send for MatMut<'_, T> {}
+
+impl<'a, T> MatMut<'a, T> {
+    /// `rows x cols` elements of `data` at `offset`, rows `rs` apart. Panics if any lies outside.
+    pub fn new(data: &'a mut [T], offset: usize, rows: usize, cols: usize, rs: usize) -> Self {
+        if rows > 0 && cols > 0 {
+            assert!(cols <= rs || rows == 1, "gemm: rows of {cols} elements {rs} apart overlap");
+            let last = offset + (rows - 1) * rs + cols - 1;
+            assert!(last < data.len(), "gemm: a {rows}x{cols} output at {offset} exceeds {}", data.len());
+        }
+        // SAFETY: `offset` is within `data` when the view is not empty (checked above).
+        let ptr =
+            if rows > 0 && cols > 0 { unsafe { data.as_mut_ptr().add(offset) } } else { data.as_mut_ptr() };
+        Self { ptr, rows, cols, rs, _borrow: PhantomData }
+    }
+
+    /// `data` as a row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a mut [T], rows: usize, cols: usize) -> Self {
+        Self::new(data, 0, rows, cols, cols)
+    }
+
+    /// A view from a raw pointer, for callers that write disjoint blocks of one buffer from several
+    /// threads (attention's heads interleave within each row).
+    ///
+    /// # Safety
+    ///
+    /// For the view's lifetime, the `rows x cols` elements at `ptr + r * rs + c` must be valid for
+    /// writes and reads, `cols <= rs` (rows do not overlap), and no other reference may access them.
+    pub unsafe fn from_raw(ptr: *mut T, rows: usize, cols: usize, rs: usize) -> Self {
+        Self { ptr, rows, cols, rs, _borrow: PhantomData }
+    }
+}
+
+/// Whether a product may use the rayon pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Split into tasks on the current rayon pool (large products only).
+    Pool,
+    /// On the calling thread, for callers that parallelise over many small products.
+    Caller,
+}
+
+/// `c = a b` (`accumulate == false`) or `c += a b`, under the contract of the module doc, on the
+/// kernel path the process selected.
+pub(crate) fn gemm<T: Element>(
+    c: MatMut<'_, T>,
+    accumulate: bool,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+) {
+    gemm_on(kernel_path(), Blocking::STANDARD, c, accumulate, a, b, threads);
+}
+
+/// The block sizes; fixed in production, varied by the tests to show they do not matter.
+#[derive(Debug, Clone, Copy)]
+struct Blocking {
+    /// Steps of `k` per pass over a task's tiles.
+    kc: usize,
+    /// Task rows, in micro-tiles (0: [`MC`]).
+    mc_tiles: usize,
+    /// Task columns, in micro-tiles (0: [`NC`]).
+    nc_tiles: usize,
+}
+
+impl Blocking {
+    const STANDARD: Self = Self { kc: KC, mc_tiles: 0, nc_tiles: 0 };
+
+    fn tiles(&self, mr: usize, nr: usize) -> (usize, usize) {
+        let mc = if self.mc_tiles == 0 { MC / mr } else { self.mc_tiles };
+        let nc = if self.nc_tiles == 0 { NC / nr } else { self.nc_tiles };
+        (mc, nc)
+    }
+}
+
+/// A pointer shared by tasks: into the output (each task writes its own tiles) or into inputs
+/// (read only).
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: only used to hand disjoint tiles of one exclusively borrowed `MatMut`, or read-only
+// operands, to rayon tasks.
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// A method, so closures capture the whole `Send` wrapper rather than the raw pointer field.
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+fn gemm_on<T: Element>(
+    path: KernelPath,
+    blocking: Blocking,
+    c: MatMut<'_, T>,
+    accumulate: bool,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+) {
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    assert!(
+        a.rows == m && b.rows == k && b.cols == n,
+        "gemm: {m}x{n} = {}x{} * {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                // SAFETY: row r of the view (in bounds by the MatMut invariant).
+                unsafe { std::slice::from_raw_parts_mut(c.ptr.add(r * c.rs), n) }.fill(T::zero());
+            }
+        }
+        return;
+    }
+    let kernel = T::kernel(path);
+    let (mr, nr) = (kernel.mr, kernel.nr);
+    let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let (mc_tiles, nc_tiles) = blocking.tiles(mr, nr);
+    let (row_tasks, col_tasks) = (row_panels.div_ceil(mc_tiles), col_panels.div_ceil(nc_tiles));
+    let parallel = threads == Threads::Pool && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
+
+    // B's column panels as the kernels read them: in place when rows are contiguous and the panel
+    // is full, else packed (`k` rows of `nr`, zero-padded).
+    let direct_b = b.cs == 1;
+    let first_packed = if direct_b { n / nr } else { 0 };
+    let mut packed_b = vec![T::zero(); (col_panels - first_packed) * k * nr];
+    let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, (first_packed + i) * nr, nr, dst);
+    if parallel && !direct_b {
+        packed_b.par_chunks_mut(k * nr).enumerate().for_each(pack);
+    } else {
+        packed_b.chunks_mut(k * nr).enumerate().for_each(pack);
+    }
+    // A's ragged last row panel, copied zero-padded (`k` steps of `mr`).
+    let ragged_a = if m % mr == 0 { Vec::new() } else { pack_rows(&a, m - m % mr, mr) };
+
+    let out = Shared(c.ptr);
+    let (a_base, b_base) = (Shared(a.data.as_ptr().cast_mut()), Shared(b.data.as_ptr().cast_mut()));
+    let rs_c = c.rs;
+    // (pointer, row stride, column stride) of row panel `pi`'s elements (i, p) of A.
+    let a_panel = |pi: usize| {
+        let r0 = pi * mr;
+        if r0 + mr <= m {
+            // SAFETY: the panel's rows are inside the view.
+            (unsafe { a_base.ptr().add(a.offset + r0 * a.rs) }.cast_const(), a.rs, a.cs)
+        } else {
+            (ragged_a.as_ptr(), 1, mr)
+        }
+    };
+    // (pointer, row stride) of column panel `pj` of B.
+    let b_panel = |pj: usize| {
+        if pj < first_packed {
+            // SAFETY: a full panel of a view with contiguous rows.
+            (unsafe { b_base.ptr().add(b.offset + pj * nr) }.cast_const(), b.rs)
+        } else {
+            (packed_b[(pj - first_packed) * k * nr..].as_ptr(), nr)
+        }
+    };
+    let kc = blocking.kc.min(k);
+    let task = |t: usize| {
+        let (ti, tj) = (t / col_tasks, t % col_tasks);
+        // Steps of k outermost, so that a task's slices of A and B stay in cache across its tiles.
+        for k0 in (0..k).step_by(kc) {
+            let steps = kc.min(k - k0);
+            for pi in ti * mc_tiles..((ti + 1) * mc_tiles).min(row_panels) {
+                let (ap, rs_a, cs_a) = a_panel(pi);
+                for pj in tj * nc_tiles..((tj + 1) * nc_tiles).min(col_panels) {
+                    let (bp, rs_b) = b_panel(pj);
+                    let (r0, c0) = (pi * mr, pj * nr);
+                    let (rows, cols) = (mr.min(m - r0), nr.min(n - c0));
+                    // SAFETY: steps k0.. of the panels above.
+                    let (a, b) = unsafe { (ap.add(k0 * cs_a), bp.add(k0 * rs_b)) };
+                    let operands = kernels::Operands { a, rs_a, cs_a, b, rs_b };
+                    // SAFETY: the tile lies inside the output view (r0 + rows <= m, c0 + cols <= n)
+                    // and belongs to this task alone (tasks partition the panels); the operands
+                    // hold `steps` steps of full panels.
+                    unsafe {
+                        kernel.run_tile(
+                            steps,
+                            operands,
+                            out.ptr().add(r0 * rs_c + c0),
+                            rs_c,
+                            rows,
+                            cols,
+                            k0 == 0 && !accumulate,
+                        )
+                    };
+                }
+            }
+        }
+    };
+    if parallel {
+        (0..row_tasks * col_tasks).into_par_iter().for_each(task);
+    } else {
+        (0..row_tasks * col_tasks).for_each(task);
+    }
+}
+
+/// Rows `r0..` (at most `mr`) of `a` as `k` steps of `mr` (`dst[p * mr + i]`), zero-padded.
+fn pack_rows<T: Real>(a: &MatRef<'_, T>, r0: usize, mr: usize) -> Vec<T> {
+    let (rows, k) = (mr.min(a.rows - r0), a.cols);
+    let mut dst = vec![T::zero(); k * mr];
+    for p in 0..k {
+        for i in 0..rows {
+            dst[p * mr + i] = a.at(r0 + i, p);
+        }
+    }
+    dst
+}
+
+/// Columns `c0..` (at most `nr`) of `b` as `k` rows of `nr` (`dst[p * nr + j]`), zero-padded.
+fn pack_cols<T: Real>(b: &MatRef<'_, T>, c0: usize, nr: usize, dst: &mut [T]) {
+    let cols = nr.min(b.cols - c0);
+    if b.cs == 1 {
+        for p in 0..b.rows {
+            let start = b.offset + p * b.rs + c0;
+            dst[p * nr..p * nr + cols].copy_from_slice(&b.data[start..start + cols]);
+        }
+    } else if b.rs == 1 {
+        // A transposed row-major matrix: each column is a contiguous run along k.
+        for j in 0..cols {
+            let start = b.offset + (c0 + j) * b.cs;
+            for (d, &v) in dst[j..].iter_mut().step_by(nr).zip(&b.data[start..start + b.rows]) {
+                *d = v;
+            }
+        }
+    } else {
+        for j in 0..cols {
+            for p in 0..b.rows {
+                dst[p * nr + j] = b.at(p, c0 + j);
+            }
+        }
+    }
+}
+
+/// Which operand of [`matmul_t`] is stored transposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transpose {
+    None,
+    /// `a` is stored as a row-major `k x m` matrix.
+    Lhs,
+    /// `b` is stored as a row-major `n x k` matrix (a weight in torch's layout).
+    Rhs,
+}
+
+/// `a (m x k) * b (k x n)` for row-major f32 slices, as a new row-major vector: the product the
+/// training path uses, for benchmarks and tools.
+pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    matmul_t(a, b, m, k, n, Transpose::None)
+}
+
+/// [`matmul`] with one operand stored transposed.
+pub fn matmul_t(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, transpose: Transpose) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    let a =
+        if transpose == Transpose::Lhs { MatRef::row_major(a, k, m).t() } else { MatRef::row_major(a, m, k) };
+    let b =
+        if transpose == Transpose::Rhs { MatRef::row_major(b, n, k).t() } else { MatRef::row_major(b, k, n) };
+    gemm(MatMut::row_major(&mut c, m, n), false, a, b, Threads::Pool);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values with varied exponents, so that rounding differences would show.
+    fn values(n: usize, salt: u64) -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1d ^ salt;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                unit * [1.0, 0.01, 30.0, 0.3][(state & 3) as usize]
+            })
+            .collect()
+    }
+
+    /// The contract, literally: one fma chain per element in ascending k.
+    fn reference(c0: &[f32], a: &MatRef<'_, f32>, b: &MatRef<'_, f32>) -> Vec<f32> {
+        let (m, n, k) = (a.rows, b.cols, a.cols);
+        let mut c = c0.to_vec();
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = c[i * n + j];
+                for p in 0..k {
+                    acc = a.at(i, p).mul_add(b.at(p, j), acc);
+                }
+                c[i * n + j] = acc;
+            }
+        }
+        c
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn run(
+        path: KernelPath,
+        blocking: Blocking,
+        threads: usize,
+        c0: &[f32],
+        acc: bool,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+    ) -> Vec<u32> {
+        let mut c = c0.to_vec();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            gemm_on(path, blocking, MatMut::row_major(&mut c, a.rows, b.cols), acc, a, b, Threads::Pool)
+        });
+        bits(&c)
+    }
+
+    /// Every path, several blockings and thread counts, transposed operands and ragged edges, at
+    /// shapes of MiniLM's layers (k = 1536 crosses several K-blocks; these products are large
+    /// enough to run on the pool): all equal the literal chain, bit for bit.
+    #[test]
+    fn every_path_blocking_and_thread_count_gives_the_contract_bits() {
+        let blockings = [
+            Blocking::STANDARD,
+            Blocking { kc: usize::MAX, mc_tiles: 0, nc_tiles: 0 },
+            Blocking { kc: 64, mc_tiles: 1, nc_tiles: 1 },
+            Blocking { kc: 512, mc_tiles: 3, nc_tiles: 5 },
+            Blocking { kc: 1000, mc_tiles: 64, nc_tiles: 64 },
+        ];
+        // (m, k, n, a transposed, b transposed): the FFN down-projection forward, its weight
+        // gradient (transposed lhs), the input gradient, and a ragged small case.
+        let shapes = [
+            (70, 1536, 384, false, true),
+            (384, 70, 1536, true, false),
+            (37, 384, 1536, false, false),
+            (5, 33, 7, true, true),
+        ];
+        for (m, k, n, ta, tb) in shapes {
+            let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+            let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
+            let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
+            for acc in [false, true] {
+                let start = if acc { c0.clone() } else { vec![0.0; m * n] };
+                let want = bits(&reference(&start, &a, &b));
+                for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
+                    for blocking in blockings {
+                        for threads in [1, 2, 3] {
+                            let got = run(path, blocking, threads, &c0, acc, a, b);
+                            assert!(
+                                got == want,
+                                "{path} {blocking:?} {threads} threads, {m}x{k}x{n} acc={acc}: bits differ"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_views_and_f64() {
+        // A (3 x 4) taken from every other column of a wider buffer; f64 on the portable kernel.
+        let data: Vec<f64> = (0..40).map(|i| f64::from(i) * 0.25 - 3.0).collect();
+        let a = MatRef::new(&data, 1, 3, 4, 10, 2);
+        let b = MatRef::new(&data, 0, 4, 2, 3, 1);
+        let mut c = vec![0f64; 6];
+        gemm(MatMut::row_major(&mut c, 3, 2), false, a, b, Threads::Caller);
+        for i in 0..3 {
+            for j in 0..2 {
+                let want = (0..4).fold(0f64, |acc, p| a.at(i, p).mul_add(b.at(p, j), acc));
+                assert_eq!(c[i * 2 + j].to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds")]
+    fn views_outside_their_slice_are_refused() {
+        let data = [0f32; 10];
+        let _ = MatRef::new(&data, 2, 3, 3, 3, 1);
+    }
+}
