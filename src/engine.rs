@@ -305,7 +305,7 @@ fn record_toml(
         "pipeline": pipeline.name,
         "created": now_rfc3339(),
         "metrics": metrics,
-        "environment": environment(),
+        "environment": crate::environment::current(),
         "stages": stages,
     });
     let mut table: toml::Table = serde_json::from_value(doc).expect("the record is a TOML-compatible table");
@@ -314,18 +314,6 @@ fn record_toml(
         "# pipe run record: `pipe show {run}`, `pipe reproduce {run}`.\n{}",
         toml::to_string(&table).expect("tables serialise")
     )
-}
-
-/// Facts about the machine and build that may explain differing results.
-pub fn environment() -> serde_json::Value {
-    json!({
-        "pipe_version": env!("CARGO_PKG_VERSION"),
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-        "threads": rayon::current_num_threads(),
-        "device": "cpu",
-        "dtype": "f32",
-    })
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.

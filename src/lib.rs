@@ -13,6 +13,7 @@
 //! - [`store`]: outputs committed by a manifest written last, verified on reuse, locked per key.
 //! - [`engine`]: plan and run a pipeline; [`stages`]: tokenize, train, evaluate behind one trait.
 //! - [`records`], [`reproduce`], [`predict`]: run records, `pipe diff`/`reproduce`/`predict`.
+//! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
 //! - [`digest`]: SHA-256 of files and canonical JSON; [`interrupt`]: Ctrl-C at safe points;
 //!   [`runtime`]: process settings (allocator, thread pools) measured to matter for training.
 //!
@@ -33,6 +34,7 @@ pub mod config;
 pub mod data;
 pub mod digest;
 pub mod engine;
+pub mod environment;
 pub mod evaluate;
 pub mod interrupt;
 pub mod model;

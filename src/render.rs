@@ -228,7 +228,12 @@ pub fn reproduction(id: &str, r: &Reproduction) -> String {
         let _ = writeln!(out, "  stored copy: {line}");
     }
     if !r.environment.is_empty() {
-        let _ = writeln!(out, "environment differences (possible explanations):");
+        let heading = if r.identical() {
+            "environment differences (the bits did not depend on them):"
+        } else {
+            "environment differences (possible explanations):"
+        };
+        let _ = writeln!(out, "{heading}");
         for line in &r.environment {
             let _ = writeln!(out, "  {line}");
         }

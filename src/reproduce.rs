@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use crate::config;
-use crate::engine::{self, EngineError, build_stages, environment};
+use crate::engine::{self, EngineError, build_stages};
 use crate::plan::StageKind;
 use crate::records::Record;
 use crate::stages::{Observer, Upstream};
@@ -176,19 +176,35 @@ fn check_stored_copies(store: &Store, record: &Record) -> Result<Vec<String>, St
     Ok(problems)
 }
 
-/// Environment facts that differ between the record and this process.
+/// Environment facts that differ between the record and this process, as `field: then -> now`
+/// (nested tables by dotted field, e.g. `stage_versions.train`).
 fn environment_differences(record: &Record) -> Vec<String> {
-    let now = environment();
-    let recorded = record.table.get("environment").and_then(toml::Value::as_table);
-    let mut out = Vec::new();
-    for (field, value) in now.as_object().expect("an object") {
-        let now_text = value.as_str().map_or_else(|| value.to_string(), str::to_string);
-        let then = recorded
-            .and_then(|t| t.get(field))
-            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
-        if then.as_deref() != Some(now_text.as_str()) {
-            out.push(format!("{field}: {} -> {now_text}", then.unwrap_or_else(|| "(unrecorded)".into())));
+    let now = crate::environment::current();
+    let now: toml::Value = toml::Value::try_from(&now).unwrap_or(toml::Value::Table(Default::default()));
+    let empty = toml::Table::new();
+    let then = record.table.get("environment").and_then(toml::Value::as_table).unwrap_or(&empty);
+    let (now, then) = (environment_fields(now.as_table().unwrap_or(&empty)), environment_fields(then));
+    now.iter()
+        .filter(|(field, value)| then.get(*field) != Some(value))
+        .map(|(field, value)| {
+            format!("{field}: {} -> {value}", then.get(field).map_or("(unrecorded)", String::as_str))
+        })
+        .collect()
+}
+
+/// `dotted.field -> text` for every leaf (strings as they are, other values as TOML).
+fn environment_fields(table: &toml::Table) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (key, value) in table {
+            let field = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            match value {
+                toml::Value::Table(t) => walk(&field, t, out),
+                toml::Value::String(s) => drop(out.insert(field, s.clone())),
+                other => drop(out.insert(field, other.to_string())),
+            }
         }
     }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
     out
 }
