@@ -229,6 +229,9 @@ fn gemm_on<T: Element>(
         }
         return;
     }
+    // Small products (attention's, per row and head) waste most of a 12 x 32 AVX-512 tile; the
+    // 6 x 16 AVX2 kernel fits them better and computes the same bits (the contract above).
+    let path = if path == KernelPath::Avx512 && (m < 4 * 12 || n < 2 * 32) { KernelPath::Avx2 } else { path };
     let kernel = T::kernel(path);
     let (mr, nr) = (kernel.mr, kernel.nr);
     let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
