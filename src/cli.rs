@@ -49,6 +49,12 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Re-hash every stored stage and run record; set aside what is corrupt (into `corrupt/`) and
+    /// clear what killed runs left behind. Exits 1 when something was corrupt.
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Classify texts with a run's trained model: prints CSV with the predicted label and each
     /// class's probability (and the accuracy when the input has labels).
     Predict {

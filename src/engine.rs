@@ -115,6 +115,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, E
             model_config,
             model_weights,
             tokenizer,
+            max_length: pipeline.tokenizer.max_length,
         }),
         Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone() }),
     ])
@@ -172,10 +173,28 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<Vec<PlannedStage>, Eng
 /// Runs every stage that is not already in the store and writes the run record.
 pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<RunOutcome, EngineError> {
     let mut stages = build_stages(pipeline)?;
+    // Every stage that will run is checked before the first one runs, so that bad input (a
+    // max_length the model cannot take, say) exits before anything is written.
+    let mut probe = Upstream::new();
+    let mut checked = vec![false; stages.len()];
+    for (i, stage) in stages.iter_mut().enumerate() {
+        if checked[..i].iter().any(|&c| c) {
+            stage.preflight().map_err(|source| EngineError::Stage { kind: stage.kind(), source })?;
+            checked[i] = true;
+            continue;
+        }
+        match store.lookup(stage.kind().name(), &stage.key_fields(&probe).key())? {
+            Lookup::Hit(out) => drop(probe.insert(stage.kind(), out)),
+            _ => {
+                stage.preflight().map_err(|source| EngineError::Stage { kind: stage.kind(), source })?;
+                checked[i] = true;
+            }
+        }
+    }
     let mut upstream = Upstream::new();
     let mut outcomes = Vec::new();
     let mut inputs = BTreeMap::new();
-    for stage in &mut stages {
+    for (stage, checked) in stages.iter_mut().zip(checked) {
         let started = Instant::now();
         let kind = stage.kind();
         // Only the train stage checks for Ctrl-C inside (at step boundaries); the others are short,
@@ -195,8 +214,10 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
                         short(&key)
                     )));
                 }
-                // Checked before anything is written, so bad input leaves the store as it was.
-                stage.preflight().map_err(stage_err)?;
+                // Found done above but not now (removed meanwhile): check it before it runs.
+                if !checked {
+                    stage.preflight().map_err(stage_err)?;
+                }
                 match store.begin(kind.name(), &key, || observe(Event::Waiting { kind }))? {
                     Begin::Done(out) => (out, true),
                     Begin::Work(work) => {
@@ -308,12 +329,28 @@ fn record_toml(
         "environment": crate::environment::current(),
         "stages": stages,
     });
-    let mut table: toml::Table = serde_json::from_value(doc).expect("the record is a TOML-compatible table");
+    // TOML has no null: a fact without a value (a metric that was NaN, say) is left out.
+    let mut table: toml::Table =
+        serde_json::from_value(without_nulls(doc)).expect("a JSON object without nulls is a TOML table");
     table.insert("config".into(), toml::Value::Table(config));
     format!(
         "# pipe run record: `pipe show {run}`, `pipe reproduce {run}`.\n{}",
         toml::to_string(&table).expect("tables serialise")
     )
+}
+
+/// `value` with every null object entry and array item removed.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, without_nulls(v))).collect(),
+        ),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().filter(|v| !v.is_null()).map(without_nulls).collect())
+        }
+        other => other,
+    }
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.

@@ -12,7 +12,8 @@
 //! - [`plan`]: stage keys (what is hashed and why) and why a stage is dirty.
 //! - [`store`]: outputs committed by a manifest written last, verified on reuse, locked per key.
 //! - [`engine`]: plan and run a pipeline; [`stages`]: tokenize, train, evaluate behind one trait.
-//! - [`records`], [`reproduce`], [`predict`]: run records, `pipe diff`/`reproduce`/`predict`.
+//! - [`records`], [`reproduce`], [`predict`], [`verify`]: run records, `pipe diff`/`reproduce`/
+//!   `predict`, and `pipe verify` (re-hash the whole store, set aside what is corrupt).
 //! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
 //! - [`digest`]: SHA-256 of files and canonical JSON; [`interrupt`]: Ctrl-C at safe points;
 //!   [`runtime`]: process settings (allocator, thread pools) measured to matter for training.
@@ -49,3 +50,4 @@ pub mod runtime;
 pub mod stages;
 pub mod store;
 pub mod train;
+pub mod verify;

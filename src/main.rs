@@ -119,6 +119,16 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 Err(Failure { code: 1, message: format!("run {} did not reproduce", record.id) })
             }
         }
+        Command::Verify { store } => {
+            let store = Store::new(store.store);
+            let v = pipe::verify::verify(&store)?;
+            print!("{}", render::verification(&store, &v));
+            if v.clean() {
+                Ok(())
+            } else {
+                Err(Failure { code: 1, message: format!("{} corrupt item(s) set aside", v.corrupt.len()) })
+            }
+        }
         Command::Predict { run, texts, input, output, text_column, label_column, store } => {
             let store = Store::new(store.store);
             let record = Record::find(&store, &run)?;

@@ -11,6 +11,8 @@ pub enum RecordError {
     NotFound { store: String, prefix: String },
     #[error("`{prefix}` is ambiguous: it starts {}", candidates.join(", "))]
     Ambiguous { prefix: String, candidates: Vec<String> },
+    #[error("`{0}` is not a run id: expected 1 to 12 lowercase hexadecimal digits (see `pipe ls`)")]
+    BadPrefix(String),
     #[error("{path}: not a valid run record: {message}")]
     Invalid { path: String, message: String },
     #[error(transparent)]
@@ -27,6 +29,9 @@ pub struct Record {
 impl Record {
     /// The record whose id starts with `prefix` (it must be the only one).
     pub fn find(store: &Store, prefix: &str) -> Result<Self, RecordError> {
+        if prefix.is_empty() || prefix.len() > RUN_ID_LEN || !is_lower_hex(prefix) {
+            return Err(RecordError::BadPrefix(prefix.into()));
+        }
         let ids: Vec<String> = store.record_ids()?.into_iter().filter(|id| id.starts_with(prefix)).collect();
         match ids.as_slice() {
             [id] => Self::read(store, id),
@@ -47,6 +52,10 @@ impl Record {
         if !table.get("config").is_some_and(toml::Value::is_table) {
             return Err(invalid("it has no [config] table".into()));
         }
+        if table.get("run").and_then(toml::Value::as_str) != Some(id) {
+            return Err(invalid(format!("its `run` is not {id}, the id in its file name")));
+        }
+        check_digests(&table).map_err(invalid)?;
         Ok(Self { id: id.to_string(), table })
     }
 
@@ -91,6 +100,47 @@ impl Record {
     pub fn text(&self, key: &str) -> &str {
         self.table.get(key).and_then(toml::Value::as_str).unwrap_or("?")
     }
+}
+
+/// Characters in a run id.
+pub const RUN_ID_LEN: usize = 12;
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether a file name stem is a run id (what `pipe` names its records).
+pub fn is_run_id(s: &str) -> bool {
+    s.len() == RUN_ID_LEN && is_lower_hex(s)
+}
+
+/// Every key, digest and output path a record holds is well formed: they become paths and keys
+/// when the record is reproduced, so an edited record must not point anywhere else.
+fn check_digests(table: &toml::Table) -> Result<(), String> {
+    let Some(stages) = table.get("stages") else { return Ok(()) };
+    let stages = stages.as_array().ok_or("`stages` is not an array of tables")?;
+    for stage in stages {
+        let stage = stage.as_table().ok_or("`stages` holds something other than tables")?;
+        let name = stage.get("name").and_then(toml::Value::as_str).unwrap_or("?");
+        for field in ["key", "digest"] {
+            if let Some(v) = stage.get(field)
+                && !v.as_str().is_some_and(crate::store::is_digest)
+            {
+                return Err(format!("stage {name}: `{field}` is not a SHA-256 digest"));
+            }
+        }
+        for table_name in ["inputs", "files"] {
+            let Some(entries) = stage.get(table_name) else { continue };
+            let entries =
+                entries.as_table().ok_or_else(|| format!("stage {name}: `{table_name}` is not a table"))?;
+            for (entry, v) in entries {
+                if !v.as_str().is_some_and(crate::store::is_digest) {
+                    return Err(format!("stage {name}: {table_name}.{entry:?} is not a SHA-256 digest"));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `dotted.key -> value` for every leaf of a table.

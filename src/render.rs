@@ -244,6 +244,26 @@ pub fn reproduction(id: &str, r: &Reproduction) -> String {
     out
 }
 
+/// `pipe verify`: what was checked, what was corrupt, what was cleared.
+pub fn verification(store: &pipe::store::Store, v: &pipe::verify::Verification) -> String {
+    let mut out = String::new();
+    for line in &v.corrupt {
+        let _ = writeln!(out, "CORRUPT  {line}");
+    }
+    for line in &v.cleaned {
+        let _ = writeln!(out, "cleared  {line}");
+    }
+    let _ = writeln!(
+        out,
+        "{}: {} stage(s) and {} record(s) verified, {} corrupt",
+        store.root().display(),
+        v.stages_ok,
+        v.records_ok,
+        v.corrupt.len()
+    );
+    out
+}
+
 /// `pipe ls`: one line per run.
 pub fn runs_table(records: &[Record]) -> String {
     let mut names: Vec<String> = Vec::new();

@@ -12,6 +12,10 @@ pub(crate) struct Problem {
     pub help: Option<String>,
 }
 
+/// More epochs than any fine-tuning needs; a larger value is a typo (and would overflow the step
+/// count).
+const MAX_EPOCHS: u64 = 1_000_000;
+
 fn problem(path: &'static str, message: impl Into<String>) -> Problem {
     Problem { path, message: message.into(), help: None }
 }
@@ -20,7 +24,7 @@ fn problem(path: &'static str, message: impl Into<String>) -> Problem {
 pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
     let d = &p.dataset;
     let checks = [
-        non_empty("name", &p.name),
+        pipeline_name(&p.name),
         (!is_device(&p.device)).then(|| Problem {
             path: "device",
             message: format!("invalid device {:?}", p.device),
@@ -93,6 +97,12 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
             )
         }),
         at_least_one("train.epochs", p.train.epochs),
+        (p.train.epochs > MAX_EPOCHS).then(|| {
+            problem(
+                "train.epochs",
+                format!("`train.epochs` must be at most {MAX_EPOCHS}, got {}", p.train.epochs),
+            )
+        }),
         at_least_one("train.batch_size", p.train.batch_size as u64),
         at_least_one("train.grad_accum_steps", p.train.grad_accum_steps as u64),
         p.train.max_grad_norm.and_then(|norm| positive("train.max_grad_norm", norm)),
@@ -168,6 +178,30 @@ fn is_device(device: &str) -> bool {
         Some(index) => !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()),
         None => device == "cpu" || device == "cuda",
     }
+}
+
+/// The pipeline's `name` becomes a directory under the store (`refs/<name>/`), so it must be one
+/// plain path component: no separators, no `..`, nothing hidden, no control characters.
+fn pipeline_name(name: &str) -> Option<Problem> {
+    let bad_char = name
+        .chars()
+        .find(|c| c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|'));
+    let message = if name.trim().is_empty() {
+        "`name` must not be empty".to_string()
+    } else if let Some(c) = bad_char {
+        format!("`name` {name:?} contains {c:?}; a pipeline name is one path component")
+    } else if name.starts_with('.') || name.trim() != name {
+        format!("`name` {name:?} must not start with a dot or with or end in spaces")
+    } else if name.chars().count() > 100 {
+        "`name` must be at most 100 characters".to_string()
+    } else {
+        return None;
+    };
+    Some(Problem {
+        path: "name",
+        message,
+        help: Some("use letters, digits, spaces, `.`, `_` and `-`, e.g. name = \"sst2-minilm\"".into()),
+    })
 }
 
 fn non_empty(path: &'static str, value: &str) -> Option<Problem> {

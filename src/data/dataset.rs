@@ -98,8 +98,10 @@ pub enum DataError {
     /// A label set with no class at all.
     #[error("no labels to build classes from: the training data has no rows")]
     NoClasses,
-    /// More classes than a `u32` class index can number.
-    #[error("{count} distinct labels are too many classes")]
+    /// More classes than pipe supports (a label column of ids, most likely).
+    #[error(
+        "{count} distinct labels: pipe supports at most {MAX_CLASSES} classes (is the label column the right one?)"
+    )]
     TooManyClasses {
         /// How many distinct labels there are.
         count: usize,
@@ -368,6 +370,10 @@ pub struct LabelMap {
     indices: HashMap<String, u32>,
 }
 
+/// The most classes a classifier may have: the evaluation's confusion matrix is `classes^2`, and a
+/// label column with more distinct values is almost surely the wrong column (ids, free text).
+pub const MAX_CLASSES: usize = 1024;
+
 impl LabelMap {
     /// The classes of the training labels: their distinct values, sorted as in the reference
     /// recipe (a sorted set of the train labels). When every label is an integer they sort
@@ -393,6 +399,9 @@ impl LabelMap {
     pub fn from_names(names: Vec<String>) -> Result<LabelMap, DataError> {
         if names.is_empty() {
             return Err(DataError::NoClasses);
+        }
+        if names.len() > MAX_CLASSES {
+            return Err(DataError::TooManyClasses { count: names.len() });
         }
         let mut indices = HashMap::with_capacity(names.len());
         for (index, name) in names.iter().enumerate() {
@@ -463,25 +472,17 @@ pub fn stratified_split(labels: &[u32], fraction: f64, seed: u64) -> (Vec<usize>
     (train, validation)
 }
 
-/// Every `(train row, validation row)` pair whose texts are exactly equal, sorted: validation
-/// rows that the model has seen in training inflate the validation score.
-///
-/// A text repeated `a` times in train and `b` times in validation gives `a * b` pairs.
-pub fn duplicate_texts(train: &[String], validation: &[String]) -> Vec<(usize, usize)> {
-    let mut train_rows_by_text: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (row, text) in train.iter().enumerate() {
-        train_rows_by_text.entry(text.as_str()).or_default().push(row);
-    }
-    let mut pairs: Vec<(usize, usize)> = validation
+/// The validation rows whose text is exactly a training row's, in order: rows the model has seen
+/// in training inflate the validation score. Linear in the rows (a set of the training texts), so
+/// many equal texts on both sides cost nothing extra.
+pub fn leaked_validation_rows(train: &[String], validation: &[String]) -> Vec<usize> {
+    let train_texts: std::collections::HashSet<&str> = train.iter().map(String::as_str).collect();
+    validation
         .iter()
         .enumerate()
-        .filter_map(|(validation_row, text)| {
-            train_rows_by_text.get(text.as_str()).map(|rows| (rows, validation_row))
-        })
-        .flat_map(|(rows, validation_row)| rows.iter().map(move |&train_row| (train_row, validation_row)))
-        .collect();
-    pairs.sort_unstable();
-    pairs
+        .filter(|(_, text)| train_texts.contains(text.as_str()))
+        .map(|(row, _)| row)
+        .collect()
 }
 
 #[cfg(test)]
@@ -683,10 +684,19 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_texts_pairs_every_equal_row() {
+    fn leaked_rows_are_found_in_linear_time() {
         let train = strings(&["a", "b", "a", "c"]);
         let validation = strings(&["c", "a", "d", "A"]);
-        assert_eq!(duplicate_texts(&train, &validation), vec![(0, 1), (2, 1), (3, 0)]);
-        assert!(duplicate_texts(&train, &[]).is_empty());
+        assert_eq!(leaked_validation_rows(&train, &validation), vec![0, 1]);
+        assert!(leaked_validation_rows(&train, &[]).is_empty());
+        // 100k equal empty texts against 10k: 10^9 pairs if they were materialised.
+        let (train, validation) = (vec![String::new(); 100_000], vec![String::new(); 10_000]);
+        assert_eq!(leaked_validation_rows(&train, &validation).len(), 10_000);
+    }
+
+    #[test]
+    fn a_label_column_of_ids_is_too_many_classes() {
+        let ids: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+        assert!(matches!(LabelMap::from_train(&ids), Err(DataError::TooManyClasses { count: 100_000 })));
     }
 }

@@ -6,7 +6,7 @@ mod tokenize;
 mod tokens;
 
 pub use dataset::{
-    DataError, LabelMap, LabeledTexts, TextsToPredict, duplicate_texts, read_csv, read_csv_to_predict,
+    DataError, LabelMap, LabeledTexts, TextsToPredict, leaked_validation_rows, read_csv, read_csv_to_predict,
     stratified_split,
 };
 pub use tokenize::{TextEncoder, TokenizeError};

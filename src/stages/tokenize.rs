@@ -57,7 +57,7 @@ impl Leakage {
         drop: bool,
     ) -> Result<Self, StageError> {
         let leaked: BTreeSet<usize> =
-            data::duplicate_texts(train, &validation.0).into_iter().map(|(_, v)| v).collect();
+            data::leaked_validation_rows(train, &validation.0).into_iter().collect();
         let of = validation.0.len();
         let examples = leaked.iter().take(3).map(|&v| validation.0[v].clone()).collect();
         let dropped = drop && !leaked.is_empty();

@@ -45,6 +45,9 @@ pub struct TrainStage {
     pub(crate) model_config: Input,
     pub(crate) model_weights: Input,
     pub(crate) tokenizer: Input,
+    /// `tokenizer.max_length`: checked against the model's positions before anything runs (not
+    /// part of the key: the tokenize output it shapes already is).
+    pub(crate) max_length: usize,
 }
 
 impl TrainStage {
@@ -139,7 +142,15 @@ impl Stage for TrainStage {
     }
 
     fn preflight(&mut self) -> Result<(), StageError> {
-        crate::model::BertConfig::from_file(&self.model_config.path)?;
+        let config = crate::model::BertConfig::from_file(&self.model_config.path)?;
+        if self.max_length > config.max_position_embeddings {
+            return Err(StageError::Invalid(format!(
+                "tokenizer.max_length = {} exceeds the model's max_position_embeddings = {} ({})",
+                self.max_length,
+                config.max_position_embeddings,
+                self.model_config.path.display()
+            )));
+        }
         Ok(())
     }
 

@@ -47,6 +47,25 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: unreadable manifest: {source}", path.display())]
     Manifest { path: PathBuf, source: serde_json::Error },
+    /// A stage key that is not a SHA-256 digest (64 lowercase hex digits), e.g. from an edited
+    /// record: it is never joined to a path.
+    #[error("`{0}` is not a stage key (64 lowercase hexadecimal digits)")]
+    InvalidKey(String),
+}
+
+/// Whether `s` is a SHA-256 digest as pipe writes them: 64 lowercase hexadecimal digits. Keys and
+/// digests read from records, refs or manifests are checked with this before they become paths.
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `rel` is a safe path for a file inside a stage directory: relative, `/`-separated,
+/// with no empty, `.` or `..` component (so joining it never leaves the directory).
+fn is_safe_relative(rel: &str) -> bool {
+    !rel.is_empty()
+        && !rel.contains('\\')
+        && !rel.contains('\0')
+        && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -122,7 +141,18 @@ impl Store {
 
     /// Looks a stage up and verifies its files against the manifest.
     pub fn lookup(&self, kind: &str, key: &str) -> Result<Lookup, StoreError> {
+        if !is_digest(key) {
+            return Err(StoreError::InvalidKey(key.into()));
+        }
         let dir = self.stage_dir(kind, key);
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lookup::Miss),
+            Err(e) => return Err(io(&dir)(e)),
+            Ok(meta) if !meta.is_dir() => {
+                return Ok(Lookup::Corrupt("not a directory (a symbolic link or a file)".into()));
+            }
+            Ok(_) => {}
+        }
         let manifest_path = dir.join(MANIFEST);
         let text = match fs::read(&manifest_path) {
             Ok(t) => t,
@@ -138,8 +168,23 @@ impl Store {
         if manifest.key != key || manifest.kind != kind {
             return Ok(Lookup::Corrupt("manifest belongs to another stage".into()));
         }
+        if manifest.files.is_empty() {
+            return Ok(Lookup::Corrupt("the manifest lists no files".into()));
+        }
+        // The digest downstream keys are made of must be the one these files give.
+        if manifest.digest != listing_digest(&manifest.files) {
+            return Ok(Lookup::Corrupt("the manifest's digest does not match its file list".into()));
+        }
         for (rel, entry) in &manifest.files {
+            if !is_safe_relative(rel) || rel == MANIFEST {
+                return Ok(Lookup::Corrupt(format!("the manifest lists an invalid path {rel:?}")));
+            }
             let path = dir.join(rel);
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_file() => {}
+                Ok(_) => return Ok(Lookup::Corrupt(format!("{rel}: not a regular file"))),
+                Err(e) => return Ok(Lookup::Corrupt(format!("{rel}: {e}"))),
+            }
             match digest::file(&path) {
                 Ok(d) if d == entry.sha256 => {}
                 Ok(d) => {
@@ -158,6 +203,9 @@ impl Store {
     /// Starts work on a stage: takes its lock (waiting for another run that holds it, after
     /// calling `on_wait`), then looks again in case that run finished it.
     pub fn begin(&self, kind: &str, key: &str, on_wait: impl FnOnce()) -> Result<Begin, StoreError> {
+        if !is_digest(key) {
+            return Err(StoreError::InvalidKey(key.into()));
+        }
         let locks = self.root.join("locks");
         fs::create_dir_all(&locks).map_err(io(&locks))?;
         self.write_gitignore()?;
@@ -238,7 +286,8 @@ impl Store {
         for entry in entries {
             let entry = entry.map_err(io(&self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".toml") {
+            // Only files named like records: a stray `notes.toml` is not a run.
+            if let Some(id) = name.strip_suffix(".toml").filter(|id| crate::records::is_run_id(id)) {
                 ids.push(id.to_string());
             }
         }
@@ -315,11 +364,10 @@ impl WorkDir {
                 entry.metadata().map_err(|e| StoreError::Io { path: path.into(), source: e.into() })?.len();
             files.insert(rel, FileEntry { sha256, bytes });
         }
-        let listing: String = files.iter().map(|(p, e)| format!("{p}\0{}\n", e.sha256)).collect();
         let manifest = Manifest {
             kind: self.kind.clone(),
             key: self.key.clone(),
-            digest: digest::bytes(listing.as_bytes()),
+            digest: listing_digest(&files),
             files,
             facts,
         };
@@ -343,14 +391,26 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// The first 12 hex digits of a digest, for messages.
+/// A stage's output digest: SHA-256 over its sorted `(path, file digest)` list.
+fn listing_digest(files: &BTreeMap<String, FileEntry>) -> String {
+    let listing: String = files.iter().map(|(p, e)| format!("{p}\0{}\n", e.sha256)).collect();
+    digest::bytes(listing.as_bytes())
+}
+
+/// The first 12 characters of a digest, for messages (whole if shorter; never splits a character,
+/// whatever an edited record holds).
 pub fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
+    digest.char_indices().nth(12).map_or(digest, |(at, _)| &digest[..at])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A valid stage key (64 hex digits) made from a small number.
+    fn key(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
 
     fn finish(store: &Store, key: &str, content: &[u8]) -> StageOutput {
         let Begin::Work(work) = store.begin("tokenize", key, || {}).unwrap() else { panic!("expected work") };
@@ -364,50 +424,50 @@ mod tests {
     fn a_committed_stage_is_found_and_verified() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path().join("runs"));
-        assert!(matches!(store.lookup("tokenize", "k1").unwrap(), Lookup::Miss));
+        assert!(matches!(store.lookup("tokenize", &key(1)).unwrap(), Lookup::Miss));
         assert!(!store.root().exists(), "a lookup must not create the store");
-        let out = finish(&store, "k1", b"hello");
+        let out = finish(&store, &key(1), b"hello");
         assert_eq!(out.manifest.files.len(), 2);
-        let Lookup::Hit(hit) = store.lookup("tokenize", "k1").unwrap() else { panic!("expected a hit") };
+        let Lookup::Hit(hit) = store.lookup("tokenize", &key(1)).unwrap() else { panic!("expected a hit") };
         assert_eq!(hit.manifest, out.manifest);
-        assert!(!tmp.path().join("runs/tmp/tokenize-k1").exists());
+        assert!(!tmp.path().join(format!("runs/tmp/tokenize-{}", key(1))).exists());
     }
 
     #[test]
     fn the_digest_depends_on_content_only() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let da = finish(&Store::new(a.path()), "k", b"same").manifest.digest;
-        let db = finish(&Store::new(b.path()), "k", b"same").manifest.digest;
+        let da = finish(&Store::new(a.path()), &key(0), b"same").manifest.digest;
+        let db = finish(&Store::new(b.path()), &key(0), b"same").manifest.digest;
         assert_eq!(da, db);
         let c = tempfile::tempdir().unwrap();
-        assert_ne!(da, finish(&Store::new(c.path()), "k", b"other").manifest.digest);
+        assert_ne!(da, finish(&Store::new(c.path()), &key(0), b"other").manifest.digest);
     }
 
     #[test]
     fn an_edited_output_is_corrupt_and_gets_redone() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let out = finish(&store, "k1", b"hello");
+        let out = finish(&store, &key(1), b"hello");
         fs::write(out.file("a.bin"), b"hellO").unwrap();
-        let Lookup::Corrupt(why) = store.lookup("tokenize", "k1").unwrap() else {
+        let Lookup::Corrupt(why) = store.lookup("tokenize", &key(1)).unwrap() else {
             panic!("expected corrupt")
         };
         assert!(why.contains("a.bin"), "{why}");
-        finish(&store, "k1", b"hello");
-        assert!(matches!(store.lookup("tokenize", "k1").unwrap(), Lookup::Hit(_)));
+        finish(&store, &key(1), b"hello");
+        assert!(matches!(store.lookup("tokenize", &key(1)).unwrap(), Lookup::Hit(_)));
     }
 
     #[test]
     fn an_unfinished_stage_is_a_miss_and_partial_outputs_are_cleared() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let Begin::Work(work) = store.begin("train", "k", || {}).unwrap() else { panic!() };
+        let Begin::Work(work) = store.begin("train", &key(0), || {}).unwrap() else { panic!() };
         fs::write(work.out().join("partial"), b"x").unwrap();
         fs::create_dir_all(work.checkpoint_dir()).unwrap();
         drop(work); // as if killed: no commit
-        assert!(matches!(store.lookup("train", "k").unwrap(), Lookup::Miss));
-        let Begin::Work(work) = store.begin("train", "k", || {}).unwrap() else { panic!() };
+        assert!(matches!(store.lookup("train", &key(0)).unwrap(), Lookup::Miss));
+        let Begin::Work(work) = store.begin("train", &key(0), || {}).unwrap() else { panic!() };
         assert!(!work.out().join("partial").exists());
         assert!(work.checkpoint_dir().exists(), "checkpoints survive for resuming");
     }
@@ -416,16 +476,70 @@ mod tests {
     fn a_second_runner_waits_and_then_reuses() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let Begin::Work(work) = store.begin("train", "k", || {}).unwrap() else { panic!() };
+        let Begin::Work(work) = store.begin("train", &key(0), || {}).unwrap() else { panic!() };
         let other = store.clone();
         let waiter = std::thread::spawn(move || {
             let mut waited = false;
-            let r = other.begin("train", "k", || waited = true).unwrap();
+            let r = other.begin("train", &key(0), || waited = true).unwrap();
             (waited, matches!(r, Begin::Done(_)))
         });
         std::thread::sleep(std::time::Duration::from_millis(200));
         fs::write(work.out().join("model"), b"m").unwrap();
         work.commit(serde_json::Value::Null).unwrap();
         assert_eq!(waiter.join().unwrap(), (true, true));
+    }
+
+    #[test]
+    fn keys_and_manifest_paths_from_disk_are_validated_before_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        for bad in ["../../etc", "", "k1", &"A".repeat(64), &format!("{}/x", "a".repeat(62))] {
+            assert!(matches!(store.lookup("train", bad), Err(StoreError::InvalidKey(_))), "{bad}");
+            assert!(matches!(store.begin("train", bad, || {}), Err(StoreError::InvalidKey(_))), "{bad}");
+        }
+        let out = finish(&store, &key(2), b"hello");
+        let manifest_path = out.file(MANIFEST);
+        let original = fs::read_to_string(&manifest_path).unwrap();
+        let edit = |f: &dyn Fn(&mut Manifest)| {
+            let mut m: Manifest = serde_json::from_str(&original).unwrap();
+            f(&mut m);
+            fs::write(&manifest_path, serde_json::to_string(&m).unwrap()).unwrap();
+            match store.lookup("tokenize", &key(2)).unwrap() {
+                Lookup::Corrupt(why) => why,
+                other => panic!("expected corrupt, got {other:?}"),
+            }
+        };
+        assert!(edit(&|m| m.files.clear()).contains("no files"));
+        assert!(edit(&|m| m.digest = key(9)).contains("digest"));
+        let escape = |m: &mut Manifest| {
+            let entry = m.files.values().next().unwrap().clone();
+            m.files.insert("../../outside".into(), entry);
+            m.digest = listing_digest(&m.files);
+        };
+        assert!(edit(&escape).contains("invalid path"));
+        fs::write(&manifest_path, &original).unwrap();
+        assert!(matches!(store.lookup("tokenize", &key(2)).unwrap(), Lookup::Hit(_)));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_stage_directory_replaced_by_a_symlink_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let out = finish(&store, &key(3), b"x");
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::rename(&out.dir, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &out.dir).unwrap();
+        let Lookup::Corrupt(why) = store.lookup("tokenize", &key(3)).unwrap() else {
+            panic!("expected corrupt")
+        };
+        assert!(why.contains("symbolic link"), "{why}");
+    }
+
+    #[test]
+    fn short_never_splits_a_character() {
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("ééééééééééééé"), "éééééééééééé");
+        assert_eq!(short("abc"), "abc");
     }
 }

@@ -88,7 +88,15 @@ impl Trainer {
         }
         let micro_per_epoch = data.ids.len().div_ceil(config.batch_size) as u64;
         let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum_steps as u64);
-        let total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+        let total_steps = match config.max_steps {
+            Some(steps) => steps,
+            None => config.epochs.checked_mul(steps_per_epoch).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "train.epochs = {} at {steps_per_epoch} steps per epoch is more steps than can be counted",
+                    config.epochs
+                ))
+            })?,
+        };
         let class_weights = config
             .class_weights
             .as_ref()
