@@ -15,6 +15,7 @@
 //! - [`records`], [`reproduce`], [`predict`], [`verify`]: run records, `pipe diff`/`reproduce`/
 //!   `predict`, and `pipe verify` (re-hash the whole store, set aside what is corrupt).
 //! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
+//! - [`fault`]: `PIPE_FAULT`, aborting at named points of the commit protocols (failure tests).
 //! - [`digest`]: SHA-256 of files and canonical JSON; [`interrupt`]: Ctrl-C at safe points;
 //!   [`runtime`]: process settings (allocator, thread pools) measured to matter for training.
 //!
@@ -37,6 +38,7 @@ pub mod digest;
 pub mod engine;
 pub mod environment;
 pub mod evaluate;
+pub mod fault;
 pub mod interrupt;
 pub mod model;
 pub mod ops;

@@ -192,7 +192,18 @@ impl Stage for TrainStage {
             data,
         )?;
         let checkpoints = work.checkpoint_dir();
-        let mut history = trainer.load_checkpoint(&checkpoints)?;
+        let mut history = match trainer.load_checkpoint(&checkpoints) {
+            Ok(history) => history,
+            Err(e) => {
+                // A damaged checkpoint (a disk error, a truncated copy) costs the progress it held,
+                // never the run: it was read in full before anything was restored, so training
+                // starts afresh from the pretrained weights.
+                observe(Event::Warning(format!("ignoring the checkpoint, starting the stage afresh: {e}")));
+                let bad = checkpoints.join(crate::train::CHECKPOINT_FILE);
+                std::fs::remove_file(&bad).map_err(io_error(&bad))?;
+                History::default()
+            }
+        };
         if !history.steps.is_empty() {
             observe(Event::Resumed {
                 kind: StageKind::Train,
@@ -267,6 +278,17 @@ impl Stage for TrainStage {
         model.save_pretrained(&model_dir)?;
         let tokenizer_copy = model_dir.join("tokenizer.json");
         std::fs::copy(&self.tokenizer.path, &tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
+        // The key names the tokenizer's bytes as they were hashed before training; an edit since
+        // then must not be stored under that key.
+        let copied = crate::digest::file(&tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
+        if copied != self.tokenizer.sha256 {
+            return Err(StageError::Invalid(format!(
+                "{} changed while the stage ran (sha256 {} when it started, {} now); run again",
+                self.tokenizer.path.display(),
+                crate::store::short(&self.tokenizer.sha256),
+                crate::store::short(&copied)
+            )));
+        }
         let mut facts = json!({
             "seconds": seconds,
             "evaluation_seconds": evaluating.as_secs_f64(),

@@ -266,7 +266,11 @@ impl Store {
         fs::create_dir_all(&self.root).map_err(io(&self.root))?;
         self.write_gitignore()?;
         let path = self.record_path(id);
-        write_atomic(&path, text.as_bytes())?;
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+        crate::fault::point("record.written");
+        fs::rename(&tmp, &path).map_err(io(&path))?;
         Ok(path)
     }
 
@@ -364,6 +368,7 @@ impl WorkDir {
                 entry.metadata().map_err(|e| StoreError::Io { path: path.into(), source: e.into() })?.len();
             files.insert(rel, FileEntry { sha256, bytes });
         }
+        crate::fault::point("store.outputs-hashed");
         let manifest = Manifest {
             kind: self.kind.clone(),
             key: self.key.clone(),
@@ -373,11 +378,13 @@ impl WorkDir {
         };
         let text = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
         write_atomic(&self.out.join(MANIFEST), text.as_bytes())?;
+        crate::fault::point("store.manifest-written");
         let dest = self.store.stage_dir(&self.kind, &self.key);
         let parent = dest.parent().expect("stage dirs have a parent");
         fs::create_dir_all(parent).map_err(io(parent))?;
         fs::rename(&self.out, &dest).map_err(io(&dest))?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
+        crate::fault::point("store.renamed");
         fs::remove_dir_all(&self.dir).map_err(io(&self.dir))?;
         Ok(StageOutput { dir: dest, manifest })
     }
@@ -388,6 +395,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
+    crate::fault::point("atomic.before-rename");
     fs::rename(&tmp, path).map_err(io(path))
 }
 

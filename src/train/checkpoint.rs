@@ -19,6 +19,9 @@ use crate::optim::AdamWState;
 /// The checkpoint's file name inside a stage's checkpoint directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
+/// The checkpoint format written and accepted (its `format` metadata).
+const FORMAT: &str = "pipe-checkpoint-2";
+
 /// What a run has produced so far besides its parameters and optimizer state.
 #[derive(Debug, Clone, Default)]
 pub struct History {
@@ -72,14 +75,16 @@ impl Trainer {
             }
         }
         let metadata = HashMap::from([
-            ("format".to_string(), "pipe-checkpoint-2".to_string()),
+            ("format".to_string(), FORMAT.to_string()),
             ("step".to_string(), state.step.to_string()),
         ]);
         let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
         safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
         std::fs::File::open(&tmp)?.sync_all()?;
+        crate::fault::point("checkpoint.written");
         std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
+        crate::fault::point("checkpoint.saved");
         Ok(())
     }
 
@@ -90,20 +95,38 @@ impl Trainer {
         if !path.is_file() {
             return Ok(History::default());
         }
-        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
-        let missing = |name: &str| candle_core::Error::Msg(format!("{}: no tensor {name}", path.display()));
+        let invalid = |why: String| candle_core::Error::Msg(format!("{}: {why}", path.display()));
+        // Everything is read and checked before the model or optimizer is touched, so a bad
+        // checkpoint leaves the trainer as it was (the caller then starts afresh).
+        let bytes = std::fs::read(&path)?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let format = meta.metadata().as_ref().and_then(|m| m.get("format")).cloned();
+        if format.as_deref() != Some(FORMAT) {
+            return Err(invalid(format!("format {format:?}, expected {FORMAT:?}")));
+        }
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        let missing = |name: &str| invalid(format!("no tensor {name}"));
         let mut state = AdamWState::default();
-        let mut best_params = Vec::new();
+        let (mut params, mut best_params) = (Vec::new(), Vec::new());
         for (name, var) in self.model().params() {
             let mut take = |prefix: &str| {
                 let key = format!("{prefix}.{name}");
                 tensors.remove(&key).ok_or_else(|| missing(&key))
             };
-            var.set(&take("param")?.to_device(var.device())?)?;
+            let param = take("param")?;
+            if param.dims() != var.dims() {
+                return Err(invalid(format!(
+                    "param.{name} has shape {:?}, the model {:?}",
+                    param.dims(),
+                    var.dims()
+                )));
+            }
+            params.push(param);
             state.m.push(take("adam_m")?.to_vec1::<f32>()?);
             state.v.push(take("adam_v")?.to_vec1::<f32>()?);
             if let Ok(best) = take("best") {
-                best_params.push(best.to_device(var.device())?);
+                best_params.push(best);
             }
         }
         let mut column = |name: &str| -> candle_core::Result<Vec<f64>> {
@@ -114,9 +137,22 @@ impl Trainer {
         let norms = column("log.grad_norm")?;
         let rows = column("log.rows")?;
         let tokens = column("log.real_tokens")?;
+        if [&lrs, &norms, &rows, &tokens].iter().any(|c| c.len() != losses.len()) {
+            return Err(invalid("log.* columns differ in length".into()));
+        }
         let evaluations = self.evaluations_from(&mut tensors, &path)?;
         state.step = losses.len() as u64;
+        if state.step > self.total_steps() {
+            return Err(invalid(format!(
+                "{} steps, more than this run's {}",
+                state.step,
+                self.total_steps()
+            )));
+        }
         self.optimizer_mut().set_state(state)?;
+        for ((_, var), param) in self.model().params().iter().zip(&params) {
+            var.set(&param.to_device(var.device())?)?;
+        }
         let steps = (0..losses.len())
             .map(|i| StepReport {
                 epoch: i as u64 / self.steps_per_epoch(),
@@ -129,8 +165,12 @@ impl Trainer {
                 real_tokens: tokens[i] as usize,
             })
             .collect();
+        let device = self.model().device().clone();
         let best_params = (!best_params.is_empty() && best_params.len() == self.model().params().len())
-            .then_some(best_params);
+            .then(|| {
+                best_params.iter().map(|t| t.to_device(&device)).collect::<candle_core::Result<Vec<_>>>()
+            })
+            .transpose()?;
         Ok(History { steps, evaluations, best_params })
     }
 
