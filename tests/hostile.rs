@@ -196,3 +196,100 @@ fn a_label_column_with_100000_distinct_values_is_refused() {
     assert_refused(dir.path(), &["run", "pipeline.toml"], "at most 1024 classes");
     assert!(!dir.path().join("runs/stages").exists(), "no stage may be committed");
 }
+
+/// Runs the tiny pipeline after `damage` and expects exit 2 naming `expect`, with no stage stored.
+fn refused_after(damage: impl FnOnce(&Path), expect: &str) {
+    let dir = project();
+    damage(dir.path());
+    assert_refused(dir.path(), &["run", "pipeline.toml"], expect);
+    assert!(!dir.path().join("runs/stages").exists(), "no stage may be committed");
+}
+
+fn write(dir: &Path, rel: &str, bytes: &[u8]) {
+    std::fs::write(dir.join(rel), bytes).unwrap();
+}
+
+#[test]
+fn hostile_csv_files_are_refused_with_file_and_line() {
+    let rows = tiny_csv(48, 1, false);
+    let mut invalid_utf8 = rows.clone().into_bytes();
+    invalid_utf8.extend_from_slice(b"bad \xff\xfe bytes,pos\n");
+    refused_after(|d| write(d, "data/train.csv", &invalid_utf8), "data/train.csv");
+    let nul = format!("{rows}nul\0inside,pos\n");
+    refused_after(|d| write(d, "data/train.csv", nul.as_bytes()), "data/train.csv");
+    let ragged = format!("{rows}one,two,three\n");
+    refused_after(|d| write(d, "data/train.csv", ragged.as_bytes()), "data/train.csv");
+    let duplicate_header = rows
+        .replacen("text,label", "text,text,label", 1)
+        .replace(",pos\n", ",x,pos\n")
+        .replace(",neg\n", ",x,neg\n");
+    refused_after(|d| write(d, "data/train.csv", duplicate_header.as_bytes()), "text");
+    let huge = format!("{rows}{},pos\n", "a".repeat(10 << 20));
+    let dir = project();
+    write(dir.path(), "data/train.csv", huge.as_bytes());
+    let output = pipe(dir.path(), &["run", "pipeline.toml"]);
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("panicked"),
+        "a 10 MB field: {}",
+        describe(&["run"], &output)
+    );
+}
+
+#[test]
+fn a_bom_and_crlf_line_ends_read_as_the_same_rows() {
+    let dir = project();
+    let plain = run_json(dir.path(), &[]);
+    for (what, bytes) in [
+        ("a BOM", [b"\xef\xbb\xbf".as_slice(), tiny_csv(48, 1, true).as_bytes()].concat()),
+        ("CRLF", tiny_csv(48, 1, true).replace('\n', "\r\n").into_bytes()),
+    ] {
+        write(dir.path(), "data/train.csv", &bytes);
+        let run = run_json(dir.path(), &[]);
+        let store = dir.path().join("runs");
+        assert_eq!(
+            recorded_digest(&store, &run.run, "tokenize"),
+            recorded_digest(&store, &plain.run, "tokenize"),
+            "{what}: the same tokens and labels"
+        );
+    }
+}
+
+#[test]
+fn broken_model_files_are_refused() {
+    refused_after(|d| write(d, "model/tokenizer.json", b"{ not json"), "tokenizer.json");
+    refused_after(|d| write(d, "model/tokenizer.json", b"{}"), "tokenizer.json");
+    refused_after(|d| write(d, "model/config.json", b"[1, 2"), "config.json");
+    refused_after(|d| write(d, "model/config.json", b"{\"model_type\": \"bert\"}"), "config.json");
+    // A safetensors header that claims more bytes than the file has, and one of several GB.
+    let weights = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
+    refused_after(
+        |d| {
+            let mut bytes = weights(d);
+            bytes.truncate(bytes.len() / 2);
+            write(d, "model/model.safetensors", &bytes);
+        },
+        "model.safetensors",
+    );
+    refused_after(
+        |d| {
+            let mut bytes = weights(d);
+            bytes[..8].copy_from_slice(&(5u64 << 30).to_le_bytes());
+            write(d, "model/model.safetensors", &bytes);
+        },
+        "model.safetensors",
+    );
+}
+
+#[test]
+fn extends_must_name_a_file_inside_the_project() {
+    let dir = project();
+    let file = std::fs::read_to_string(dir.path().join("pipeline.toml")).unwrap();
+    std::fs::create_dir_all(dir.path().join("adir")).unwrap();
+    write(dir.path(), "a.toml", format!("extends = \"adir\"\n{file}").as_bytes());
+    assert_refused(dir.path(), &["run", "a.toml"], "adir");
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("base.toml"), "seed = 1\n").unwrap();
+    let base = outside.path().join("base.toml");
+    write(dir.path(), "b.toml", format!("extends = {:?}\n{file}", base.to_str().unwrap()).as_bytes());
+    assert_refused(dir.path(), &["run", "b.toml"], "outside");
+}

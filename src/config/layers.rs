@@ -81,7 +81,16 @@ pub(crate) fn origin_of(provenance: &Provenance, path: &[String], part: Part) ->
 /// The layers of the file at `path` and the files it extends, base first.
 pub(crate) fn file_chain(path: &Path) -> Result<Vec<Layer>, ConfigError> {
     let mut layers = Vec::new();
-    read_file_chain(path, None, &mut Vec::new(), &mut layers)?;
+    // A chain stays inside the project: under the first file's directory or the working directory
+    // (a pipeline pulled from git must not read files elsewhere on the machine).
+    let roots: Vec<PathBuf> = [
+        std::fs::canonicalize(path).ok().and_then(|p| p.parent().map(Path::to_path_buf)),
+        std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    read_file_chain(path, None, &roots, &mut Vec::new(), &mut layers)?;
     Ok(layers)
 }
 
@@ -90,6 +99,7 @@ pub(crate) fn file_chain(path: &Path) -> Result<Vec<Layer>, ConfigError> {
 fn read_file_chain(
     path: &Path,
     extended_by: Option<&Origin>,
+    roots: &[PathBuf],
     visiting: &mut Vec<(PathBuf, PathBuf)>,
     layers: &mut Vec<Layer>,
 ) -> Result<(), ConfigError> {
@@ -102,6 +112,18 @@ fn read_file_chain(
         },
     };
     let canonical = std::fs::canonicalize(path).map_err(read_error)?;
+    if let Some(origin) = extended_by
+        && !roots.iter().any(|root| canonical.starts_with(root))
+    {
+        return Err(ConfigError::Invalid {
+            origin: origin.clone(),
+            message: format!("`extends` points outside the project: {}", canonical.display()),
+            help: Some("a pipeline may extend files under its own directory or the working directory".into()),
+        });
+    }
+    if canonical.is_dir() {
+        return Err(read_error(std::io::Error::other("it is a directory, not a pipeline file")));
+    }
     if let Some(start) = visiting.iter().position(|(seen, _)| *seen == canonical) {
         let chain: Vec<String> = visiting[start..]
             .iter()
@@ -143,7 +165,7 @@ fn read_file_chain(
             });
         };
         let base = path.parent().unwrap_or(Path::new("")).join(base);
-        read_file_chain(&base, Some(&origin), visiting, layers)?;
+        read_file_chain(&base, Some(&origin), roots, visiting, layers)?;
     }
     visiting.pop();
     layers.push(Layer { table, provenance });

@@ -236,6 +236,15 @@ fn read_rows(
             })
         })
         .collect::<Result<Vec<String>, DataError>>()?;
+    for (i, name) in columns.iter().enumerate() {
+        if columns[..i].contains(name) {
+            return Err(DataError::MalformedRow {
+                path: path.into(),
+                line: header_line,
+                message: format!("the header names column `{name}` twice"),
+            });
+        }
+    }
     let text_index = column_index(path, &columns, text_column)?;
     let label_index = match column_index(path, &columns, label_column) {
         Ok(index) => Some(index),
@@ -253,6 +262,13 @@ fn read_rows(
                 line,
                 message: format!("no field for column `{column}`"),
             })?;
+            if bytes.contains(&0) {
+                return Err(DataError::MalformedRow {
+                    path: path.into(),
+                    line,
+                    message: format!("column `{column}` holds a NUL byte (is this a binary file?)"),
+                });
+            }
             std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DataError::InvalidUtf8 {
                 path: path.into(),
                 line,

@@ -29,6 +29,47 @@ pub enum ModelError {
     Shape { path: PathBuf, name: String, got: Vec<usize>, want: Vec<usize> },
     #[error("{}: {source}", path.display())]
     Safetensors { path: PathBuf, source: safetensors::SafeTensorError },
+    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    InvalidWeights { path: PathBuf, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// Checks a safetensors file's framing without loading it: the header length fits the file, the
+/// header is JSON, and the tensors' byte ranges end exactly at the end of the file. Run before a
+/// stage starts, so that a truncated or forged file is bad input (exit 2), found before any work.
+pub fn check_safetensors(path: &std::path::Path) -> Result<(), ModelError> {
+    use std::io::Read;
+    /// Larger headers are refused before being read (safetensors' own limit is 100 MB).
+    const MAX_HEADER: u64 = 100 << 20;
+    let invalid = |message: String| ModelError::InvalidWeights { path: path.into(), message };
+    let io = |source| ModelError::Io { path: path.into(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).map_err(|_| invalid(format!("{len} bytes, too short for a header")))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_HEADER || header_len > len - 8 {
+        return Err(invalid(format!("its header claims {header_len} bytes; the file has {len}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("its header is not a JSON object: {e}")))?;
+    let mut end = 0u64;
+    for (name, info) in header.iter().filter(|(name, _)| name.as_str() != "__metadata__") {
+        let offsets =
+            info["data_offsets"].as_array().and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
+        let Some((_, stop)) = offsets.filter(|(a, b)| a <= b) else {
+            return Err(invalid(format!("tensor `{name}` has no valid data_offsets")));
+        };
+        end = end.max(stop);
+    }
+    if 8 + header_len + end != len {
+        return Err(invalid(format!(
+            "its tensors end at byte {}, the file has {len} bytes (truncated or padded?)",
+            8 + header_len + end
+        )));
+    }
+    Ok(())
 }

@@ -143,6 +143,7 @@ impl Stage for TrainStage {
 
     fn preflight(&mut self) -> Result<(), StageError> {
         let config = crate::model::BertConfig::from_file(&self.model_config.path)?;
+        crate::model::check_safetensors(&self.model_weights.path)?;
         if self.max_length > config.max_position_embeddings {
             return Err(StageError::Invalid(format!(
                 "tokenizer.max_length = {} exceeds the model's max_position_embeddings = {} ({})",
