@@ -293,3 +293,48 @@ fn extends_must_name_a_file_inside_the_project() {
     write(dir.path(), "b.toml", format!("extends = {:?}\n{file}", base.to_str().unwrap()).as_bytes());
     assert_refused(dir.path(), &["run", "b.toml"], "outside");
 }
+
+#[test]
+fn a_null_fact_in_a_stored_manifest_does_not_break_the_record() {
+    let dir = project();
+    let run = run_json(dir.path(), &[]);
+    let store = dir.path().join("runs");
+    let manifest = store.join("stages/train").join(run.key("train")).join("MANIFEST.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["facts"]["final_loss"] = serde_json::Value::Null;
+    m["facts"]["list"] = serde_json::json!([1, null]);
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    std::fs::remove_file(store.join(format!("{}.toml", run.run))).unwrap();
+    let again = run_json(dir.path(), &[]);
+    assert_eq!(again.statuses(), ["cached"; 3]);
+    assert!(store.join(format!("{}.toml", run.run)).exists(), "the record is written");
+}
+
+#[test]
+fn a_tokenizer_edited_while_training_is_not_stored_under_the_old_key() {
+    let dir = project();
+    let args = ["run", "pipeline.toml", "--set", "train.epochs=400"];
+    let mut child = pipe_command(dir.path(), &args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (the train stage's work directory exists), then edit the file.
+    let tmp = dir.path().join("runs/tmp");
+    let started = std::time::Instant::now();
+    while !std::fs::read_dir(&tmp)
+        .is_ok_and(|mut d| d.any(|e| e.unwrap().file_name().to_string_lossy().starts_with("train-")))
+    {
+        assert!(started.elapsed().as_secs() < 60, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let path = dir.path().join("model/tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}\n")).unwrap(); // the same tokenizer, other bytes
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("changed while the stage ran"), "{stderr}");
+    assert!(!dir.path().join("runs/stages/train").exists(), "nothing stored under the old key");
+}

@@ -355,6 +355,21 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_out_of_range_or_mismatched_inputs_are_refused() {
+        // Each task owns its rows' block of the output: overlapping segments would alias it.
+        let (q, k, v) = qkv();
+        for segments in [vec![(0, 3), (2, 2)], vec![(3, 3)], vec![(0, 0)], vec![(3, 2), (0, 3)]] {
+            assert!(
+                attention(&q, &k, &v, Arc::new(segments.clone()), HEADS, 0.0, 0).is_err(),
+                "{segments:?}"
+            );
+        }
+        let short = input(&[4, WIDTH], 9);
+        assert!(attention(&q, &short, &v, segments(), HEADS, 0.0, 0).is_err(), "k of another shape");
+        assert!(attention(&q, &k, &v, segments(), 4, 0.0, 0).is_err(), "width 6 in 4 heads");
+    }
+
+    #[test]
     fn matches_the_textbook_composition() -> Result<()> {
         let (q, k, v) = qkv();
         let got = attention(&q, &k, &v, segments(), HEADS, 0.0, 0)?;
