@@ -315,7 +315,7 @@ fn a_null_fact_in_a_stored_manifest_does_not_break_the_record() {
 fn a_tokenizer_edited_while_training_is_not_stored_under_the_old_key() {
     let dir = project();
     let args = ["run", "pipeline.toml", "--set", "train.epochs=400"];
-    let mut child = pipe_command(dir.path(), &args)
+    let child = pipe_command(dir.path(), &args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
