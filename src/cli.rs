@@ -52,6 +52,10 @@ pub enum Command {
     /// Re-hash every stored stage and run record; set aside what is corrupt (into `corrupt/`) and
     /// clear what killed runs left behind. Exits 1 when something was corrupt.
     Verify {
+        /// Also remove the checkpoints of interrupted runs (kept by default: the next run of
+        /// their stage resumes from them).
+        #[arg(long)]
+        drop_checkpoints: bool,
         #[command(flatten)]
         store: StoreArgs,
     },

@@ -1,9 +1,10 @@
 //! Fault injection for the failure tests: abort the process at a named point.
 //!
 //! `PIPE_FAULT=<point>` makes the process abort (as abruptly as `kill -9`: no destructors, no
-//! flushing) when it reaches that point, so tests can stop pipe at exact moments of its commit
-//! protocols instead of only at random times. Without the variable every point is a no-op (one
-//! cached environment lookup). The points, in the order a run reaches them:
+//! flushing) when it first reaches that point, and `PIPE_FAULT=<point>:<stage>` when it reaches it
+//! in that stage (`store.manifest-written:train`), so tests can stop pipe at exact moments of its
+//! commit protocols instead of only at random times. Without the variable every point is a no-op
+//! (one cached environment lookup). The points, in the order a run reaches them:
 //!
 //! | point | where |
 //! |---|---|
@@ -33,10 +34,20 @@ pub const POINTS: [&str; 7] = [
 
 /// Aborts the process if `PIPE_FAULT` names `name`.
 pub fn point(name: &str) {
+    point_in(name, "");
+}
+
+/// Aborts the process if `PIPE_FAULT` names `name`, or `name:stage`.
+pub fn point_in(name: &str, stage: &str) {
     static TARGET: OnceLock<Option<String>> = OnceLock::new();
     debug_assert!(POINTS.contains(&name), "unknown fault point {name}");
-    if TARGET.get_or_init(|| std::env::var(FAULT_ENV).ok()).as_deref() == Some(name) {
-        eprintln!("{FAULT_ENV}: aborting at {name}");
+    let Some(target) = TARGET.get_or_init(|| std::env::var(FAULT_ENV).ok()) else { return };
+    let hit = match target.split_once(':') {
+        Some((point, in_stage)) => point == name && in_stage == stage,
+        None => target == name,
+    };
+    if hit {
+        eprintln!("{FAULT_ENV}: aborting at {target}");
         std::process::abort();
     }
 }

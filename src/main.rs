@@ -119,9 +119,9 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 Err(Failure { code: 1, message: format!("run {} did not reproduce", record.id) })
             }
         }
-        Command::Verify { store } => {
+        Command::Verify { drop_checkpoints, store } => {
             let store = Store::new(store.store);
-            let v = pipe::verify::verify(&store)?;
+            let v = pipe::verify::verify(&store, drop_checkpoints)?;
             print!("{}", render::verification(&store, &v));
             if v.clean() {
                 Ok(())

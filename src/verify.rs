@@ -10,8 +10,10 @@
 //!   digests are well formed, and where its stages are stored their digests agree; a bad record is
 //!   moved to `corrupt/` too;
 //! - work left by a killed run (`tmp/<kind>-<key>/` whose lock nobody holds) loses its partial
-//!   outputs, which are never trusted; its checkpoint is kept, since the next run resumes from it.
-//!   Temporary files of interrupted atomic writes are removed.
+//!   outputs, which are never trusted; its checkpoint is kept, with its size reported, since the
+//!   next run of that key resumes from it, unless asked to drop checkpoints (a key that will not
+//!   run again would keep hundreds of MB otherwise). Temporary files of interrupted atomic writes
+//!   are removed.
 //!
 //! Work in progress (a lock held by a running process) is left alone.
 
@@ -46,8 +48,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
-/// Verifies the store at `store` (see the module doc).
-pub fn verify(store: &Store) -> Result<Verification, StoreError> {
+/// Verifies the store at `store` (see the module doc); `drop_checkpoints` also removes the
+/// checkpoints of interrupted work.
+pub fn verify(store: &Store, drop_checkpoints: bool) -> Result<Verification, StoreError> {
     let mut v = Verification::default();
     if !store.root().exists() {
         return Ok(v);
@@ -135,10 +138,18 @@ pub fn verify(store: &Store) -> Result<Verification, StoreError> {
             fs::remove_dir_all(&out).map_err(io(&out))?;
             v.cleaned.push(format!("tmp/{name}: partial outputs of an interrupted run, removed"));
         }
-        if dir.join("checkpoint").exists() {
-            v.cleaned
-                .push(format!("tmp/{name}: checkpoint kept (the next run of that stage resumes from it)"));
+        let checkpoint = dir.join("checkpoint");
+        if checkpoint.exists() && !drop_checkpoints {
+            let mib = size(&checkpoint) as f64 / (1 << 20) as f64;
+            v.cleaned.push(format!(
+                "tmp/{name}: checkpoint kept, {mib:.1} MiB (the next run of that stage resumes from it; \
+                 --drop-checkpoints removes it)"
+            ));
         } else {
+            if checkpoint.exists() {
+                let mib = size(&checkpoint) as f64 / (1 << 20) as f64;
+                v.cleaned.push(format!("tmp/{name}: checkpoint removed, {mib:.1} MiB"));
+            }
             fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
     }
@@ -180,6 +191,17 @@ fn record_problem(store: &Store, record: &Record) -> Result<Option<String>, Stor
         return Ok(Some("its id is not the hash of its stage keys (edited by hand?)".into()));
     }
     Ok(None)
+}
+
+/// Bytes of the files under `dir`.
+fn size(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The entries of `dir`, sorted by name; none when it does not exist.

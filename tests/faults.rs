@@ -28,7 +28,7 @@ fn assert_verifies(dir: &Path, store: &str, after: &str) {
 }
 
 /// The run finishes with exactly the reference's run id and stage digests.
-fn assert_finishes_like(dir: &Path, store: &str, reference: &RunJson, after: &str) {
+fn assert_finishes_like(dir: &Path, store: &str, reference: &RunJson, after: &str) -> RunJson {
     let args = args_for(store);
     let output = pipe(dir, &args);
     assert!(output.status.success(), "the run after {after}: {}", describe(&args, &output));
@@ -41,6 +41,7 @@ fn assert_finishes_like(dir: &Path, store: &str, reference: &RunJson, after: &st
             "{stage} after {after}"
         );
     }
+    run
 }
 
 fn reference(dir: &Path) -> RunJson {
@@ -53,8 +54,13 @@ fn reference(dir: &Path) -> RunJson {
 fn a_kill_at_every_named_point_leaves_a_store_that_verifies_and_finishes_the_same() {
     let dir = project();
     let reference = reference(dir.path());
-    for point in pipe::fault::POINTS {
-        let store = format!("store-{point}");
+    // Every point, first where a run reaches it, then in each stage that reaches it.
+    let mut targets: Vec<String> = pipe::fault::POINTS.iter().map(|p| p.to_string()).collect();
+    for point in ["store.outputs-hashed", "store.manifest-written", "store.renamed"] {
+        targets.extend(STAGES.iter().map(|stage| format!("{point}:{stage}")));
+    }
+    for point in &targets {
+        let store = format!("store-{}", point.replace(':', "-"));
         let args = args_for(&store);
         let mut command = pipe_command(dir.path(), &args);
         command.env("PIPE_FAULT", point);
@@ -66,7 +72,12 @@ fn a_kill_at_every_named_point_leaves_a_store_that_verifies_and_finishes_the_sam
             describe(&args, &output)
         );
         assert_verifies(dir.path(), &store, point);
-        assert_finishes_like(dir.path(), &store, &reference, point);
+        let run = assert_finishes_like(dir.path(), &store, &reference, point);
+        // A stage killed before its rename is redone; one killed after it is reused.
+        if let Some((point, stage)) = point.split_once(':') {
+            let want = if point == "store.renamed" { "cached" } else { "ran" };
+            assert_eq!(run.status(stage), want, "{stage} after a kill at {point}");
+        }
         assert_verifies(dir.path(), &store, &format!("the run after {point}"));
     }
 }
@@ -189,10 +200,30 @@ fn a_truncated_checkpoint_is_ignored_with_a_warning_and_the_run_finishes_the_sam
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{}", describe(&args, &output));
     assert!(stderr.contains("ignoring the checkpoint"), "{stderr}");
+    assert!(!dir.path().join("store/tmp").read_dir().unwrap().any(|_| true), "the stage's work is cleared");
     let run = RunJson::parse(&String::from_utf8_lossy(&output.stdout));
     assert_eq!(run.run, reference.run);
     assert_eq!(
         recorded_digest(&dir.path().join("store"), &run.run, "train"),
         recorded_digest(&dir.path().join("reference"), &reference.run, "train")
     );
+}
+
+#[test]
+fn verify_reports_kept_checkpoints_and_drops_them_when_asked() {
+    let dir = project();
+    let args = args_for("store");
+    let mut command = pipe_command(dir.path(), &args);
+    command.env("PIPE_FAULT", "checkpoint.saved");
+    assert_eq!(command.output().unwrap().status.signal(), Some(libc::SIGABRT));
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--store", "store"];
+        args.extend_from_slice(extra);
+        let output = pipe(dir.path(), &args);
+        assert!(output.status.success(), "{}", describe(&args, &output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(verify(&[]).contains("checkpoint kept"), "kept by default");
+    assert!(verify(&["--drop-checkpoints"]).contains("checkpoint removed"));
+    assert!(!dir.path().join("store/tmp").read_dir().unwrap().any(|_| true), "nothing left in tmp/");
 }

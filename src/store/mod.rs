@@ -368,7 +368,7 @@ impl WorkDir {
                 entry.metadata().map_err(|e| StoreError::Io { path: path.into(), source: e.into() })?.len();
             files.insert(rel, FileEntry { sha256, bytes });
         }
-        crate::fault::point("store.outputs-hashed");
+        crate::fault::point_in("store.outputs-hashed", &self.kind);
         let manifest = Manifest {
             kind: self.kind.clone(),
             key: self.key.clone(),
@@ -378,13 +378,13 @@ impl WorkDir {
         };
         let text = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
         write_atomic(&self.out.join(MANIFEST), text.as_bytes())?;
-        crate::fault::point("store.manifest-written");
+        crate::fault::point_in("store.manifest-written", &self.kind);
         let dest = self.store.stage_dir(&self.kind, &self.key);
         let parent = dest.parent().expect("stage dirs have a parent");
         fs::create_dir_all(parent).map_err(io(parent))?;
         fs::rename(&self.out, &dest).map_err(io(&dest))?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
-        crate::fault::point("store.renamed");
+        crate::fault::point_in("store.renamed", &self.kind);
         fs::remove_dir_all(&self.dir).map_err(io(&self.dir))?;
         Ok(StageOutput { dir: dest, manifest })
     }

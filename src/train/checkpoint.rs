@@ -82,9 +82,9 @@ impl Trainer {
         safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", tmp.display())))?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        crate::fault::point("checkpoint.written");
+        crate::fault::point_in("checkpoint.written", "train");
         std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
-        crate::fault::point("checkpoint.saved");
+        crate::fault::point_in("checkpoint.saved", "train");
         Ok(())
     }
 
