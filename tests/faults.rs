@@ -227,3 +227,78 @@ fn verify_reports_kept_checkpoints_and_drops_them_when_asked() {
     assert!(verify(&["--drop-checkpoints"]).contains("checkpoint removed"));
     assert!(!dir.path().join("store/tmp").read_dir().unwrap().any(|_| true), "nothing left in tmp/");
 }
+
+#[test]
+fn a_checkpoint_of_another_format_or_with_inconsistent_columns_is_ignored() {
+    type Tensors = std::collections::HashMap<String, candle_core::Tensor>;
+    type Metadata = std::collections::HashMap<String, String>;
+    let other_format: &dyn Fn(&mut Tensors, &mut Metadata) = &|_, meta| {
+        meta.insert("format".into(), "pipe-checkpoint-1".into());
+    };
+    let short_column: &dyn Fn(&mut Tensors, &mut Metadata) = &|tensors, _| {
+        let lr = tensors["log.lr"].narrow(0, 0, 1).unwrap();
+        tensors.insert("log.lr".into(), lr);
+    };
+    for (what, edit) in [("another format", other_format), ("a short log column", short_column)] {
+        let dir = project();
+        let reference = reference(dir.path());
+        let args = args_for("store");
+        let mut command = pipe_command(dir.path(), &args);
+        command.env("PIPE_FAULT", "checkpoint.saved");
+        assert_eq!(command.output().unwrap().status.signal(), Some(libc::SIGABRT));
+        let tmp = dir.path().join("store/tmp");
+        let work = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("train-"));
+        let path = work.expect("a train work directory").join("checkpoint/checkpoint.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = header.metadata().clone().unwrap_or_default();
+        let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+        edit(&mut tensors, &mut meta);
+        assert!(tensors["log.loss"].dim(0).unwrap() >= 1, "{what}: the checkpoint holds steps");
+        let views: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
+        // Written back through safetensors itself, which keeps the (edited) metadata.
+        let data: Vec<(String, Vec<u8>, Vec<usize>)> = views
+            .iter()
+            .map(|(n, t)| {
+                let v = t.flatten_all().unwrap();
+                let bytes: Vec<u8> = match t.dtype() {
+                    candle_core::DType::F32 => {
+                        v.to_vec1::<f32>().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect()
+                    }
+                    _ => v
+                        .to_dtype(candle_core::DType::F64)
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                };
+                (n.clone(), bytes, t.dims().to_vec())
+            })
+            .collect();
+        let tensor_views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .zip(&views)
+            .map(|((n, b, shape), (_, t))| {
+                let dtype = if t.dtype() == candle_core::DType::F32 {
+                    safetensors::Dtype::F32
+                } else {
+                    safetensors::Dtype::F64
+                };
+                (n.clone(), safetensors::tensor::TensorView::new(dtype, shape.clone(), b).unwrap())
+            })
+            .collect();
+        safetensors::serialize_to_file(tensor_views, Some(meta), &path).unwrap();
+
+        let output = pipe(dir.path(), &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{what}: {}", describe(&args, &output));
+        assert!(stderr.contains("ignoring the checkpoint"), "{what}: {stderr}");
+        let run = RunJson::parse(&String::from_utf8_lossy(&output.stdout));
+        assert_eq!(run.run, reference.run, "{what}");
+    }
+}
