@@ -166,75 +166,58 @@ mod x86 {
         unsafe { super::portable::<f64, 4, 8>(kc, ops, c, rs_c, zero) }
     }
 
-    /// 6 x 16 f32 tile: 12 ymm accumulators, two vectors of B and one broadcast of A per step.
-    ///
-    /// # Safety
-    ///
-    /// As [`super::TileFn`], on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn f32_avx2(kc: usize, ops: Operands<f32>, c: *mut f32, rs_c: usize, zero: bool) {
-        const MR: usize = 6;
-        // SAFETY (whole body): offsets within the contract's sizes.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-            if !zero {
-                for (i, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm256_loadu_ps(c.add(i * rs_c));
-                    row[1] = _mm256_loadu_ps(c.add(i * rs_c + 8));
+    /// One f32 micro-kernel: `MR` rows by two vectors of `LANES` columns. Per step it loads two
+    /// vectors of B, broadcasts each of the MR elements of A and fuses them in (`2 * MR`
+    /// accumulators in registers).
+    macro_rules! f32_kernel {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, MR = $mr:literal, LANES = $lanes:literal,
+         $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            ///
+            #[doc = concat!("As [`super::TileFn`], on a CPU with ", $feature, ".")]
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(kc: usize, ops: Operands<f32>, c: *mut f32, rs_c: usize, zero: bool) {
+                // SAFETY (whole body): offsets within the contract's sizes.
+                unsafe {
+                    let mut acc = [[$zero(); 2]; $mr];
+                    if !zero {
+                        for (i, row) in acc.iter_mut().enumerate() {
+                            row[0] = $load(c.add(i * rs_c));
+                            row[1] = $load(c.add(i * rs_c + $lanes));
+                        }
+                    }
+                    let (mut a, mut b) = (ops.a, ops.b);
+                    for _ in 0..kc {
+                        let b0 = $load(b);
+                        let b1 = $load(b.add($lanes));
+                        for (i, row) in acc.iter_mut().enumerate() {
+                            let ai = $set1(*a.add(i * ops.rs_a));
+                            row[0] = $fmadd(ai, b0, row[0]);
+                            row[1] = $fmadd(ai, b1, row[1]);
+                        }
+                        a = a.add(ops.cs_a);
+                        b = b.add(ops.rs_b);
+                    }
+                    for (i, row) in acc.iter().enumerate() {
+                        $store(c.add(i * rs_c), row[0]);
+                        $store(c.add(i * rs_c + $lanes), row[1]);
+                    }
                 }
             }
-            let (mut a, mut b) = (ops.a, ops.b);
-            for _ in 0..kc {
-                let b0 = _mm256_loadu_ps(b);
-                let b1 = _mm256_loadu_ps(b.add(8));
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let ai = _mm256_broadcast_ss(&*a.add(i * ops.rs_a));
-                    row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-                }
-                a = a.add(ops.cs_a);
-                b = b.add(ops.rs_b);
-            }
-            for (i, row) in acc.iter().enumerate() {
-                _mm256_storeu_ps(c.add(i * rs_c), row[0]);
-                _mm256_storeu_ps(c.add(i * rs_c + 8), row[1]);
-            }
-        }
+        };
     }
 
-    /// 12 x 32 f32 tile: 24 zmm accumulators, two vectors of B and one broadcast of A per step.
-    ///
-    /// # Safety
-    ///
-    /// As [`super::TileFn`], on a CPU with AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn f32_avx512(kc: usize, ops: Operands<f32>, c: *mut f32, rs_c: usize, zero: bool) {
-        const MR: usize = 12;
-        // SAFETY (whole body): offsets within the contract's sizes.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            if !zero {
-                for (i, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_loadu_ps(c.add(i * rs_c));
-                    row[1] = _mm512_loadu_ps(c.add(i * rs_c + 16));
-                }
-            }
-            let (mut a, mut b) = (ops.a, ops.b);
-            for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(b);
-                let b1 = _mm512_loadu_ps(b.add(16));
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let ai = _mm512_set1_ps(*a.add(i * ops.rs_a));
-                    row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
-                }
-                a = a.add(ops.cs_a);
-                b = b.add(ops.rs_b);
-            }
-            for (i, row) in acc.iter().enumerate() {
-                _mm512_storeu_ps(c.add(i * rs_c), row[0]);
-                _mm512_storeu_ps(c.add(i * rs_c + 16), row[1]);
-            }
-        }
-    }
+    f32_kernel!(
+        /// 6 x 16 f32 tile in ymm registers (12 accumulators).
+        f32_avx2, "avx2,fma", MR = 6, LANES = 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps
+    );
+
+    f32_kernel!(
+        /// 12 x 32 f32 tile in zmm registers (24 accumulators).
+        f32_avx512, "avx512f", MR = 12, LANES = 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps
+    );
 }
