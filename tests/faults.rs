@@ -179,20 +179,25 @@ fn a_full_disk_fails_the_run_with_the_path_and_keeps_what_was_stored() {
     assert!(again.status.success(), "{}", describe(&args, &again));
 }
 
+/// Runs the two-epoch pipeline into `store` until its first checkpoint is saved, aborts it there,
+/// and returns the checkpoint's path.
+fn checkpoint_of_a_killed_run(dir: &Path) -> std::path::PathBuf {
+    let mut command = pipe_command(dir, &args_for("store"));
+    command.env("PIPE_FAULT", "checkpoint.saved");
+    assert_eq!(command.output().unwrap().status.signal(), Some(libc::SIGABRT));
+    let work = std::fs::read_dir(dir.join("store/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("train-"));
+    work.expect("a train work directory").join("checkpoint/checkpoint.safetensors")
+}
+
 #[test]
 fn a_truncated_checkpoint_is_ignored_with_a_warning_and_the_run_finishes_the_same() {
     let dir = project();
     let reference = reference(dir.path());
     let args = args_for("store");
-    let mut command = pipe_command(dir.path(), &args);
-    command.env("PIPE_FAULT", "checkpoint.saved");
-    assert_eq!(command.output().unwrap().status.signal(), Some(libc::SIGABRT));
-    let tmp = dir.path().join("store/tmp");
-    let work = std::fs::read_dir(&tmp)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("train-"));
-    let checkpoint = work.expect("a train work directory").join("checkpoint/checkpoint.safetensors");
+    let checkpoint = checkpoint_of_a_killed_run(dir.path());
     let bytes = std::fs::read(&checkpoint).unwrap();
     std::fs::write(&checkpoint, &bytes[..bytes.len() / 2]).unwrap();
 
@@ -212,10 +217,7 @@ fn a_truncated_checkpoint_is_ignored_with_a_warning_and_the_run_finishes_the_sam
 #[test]
 fn verify_reports_kept_checkpoints_and_drops_them_when_asked() {
     let dir = project();
-    let args = args_for("store");
-    let mut command = pipe_command(dir.path(), &args);
-    command.env("PIPE_FAULT", "checkpoint.saved");
-    assert_eq!(command.output().unwrap().status.signal(), Some(libc::SIGABRT));
+    checkpoint_of_a_killed_run(dir.path());
     let verify = |extra: &[&str]| {
         let mut args = vec!["verify", "--store", "store"];
         args.extend_from_slice(extra);
@@ -243,15 +245,7 @@ fn a_checkpoint_of_another_format_or_with_inconsistent_columns_is_ignored() {
         let dir = project();
         let reference = reference(dir.path());
         let args = args_for("store");
-        let mut command = pipe_command(dir.path(), &args);
-        command.env("PIPE_FAULT", "checkpoint.saved");
-        assert_eq!(command.output().unwrap().status.signal(), Some(libc::SIGABRT));
-        let tmp = dir.path().join("store/tmp");
-        let work = std::fs::read_dir(&tmp)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("train-"));
-        let path = work.expect("a train work directory").join("checkpoint/checkpoint.safetensors");
+        let path = checkpoint_of_a_killed_run(dir.path());
         let bytes = std::fs::read(&path).unwrap();
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let mut meta = header.metadata().clone().unwrap_or_default();
