@@ -205,7 +205,12 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         let fields = stage.key_fields(&upstream);
         let key = fields.key();
         let stage_err = |source| EngineError::Stage { kind, source };
-        let (output, cached) = match store.lookup(kind.name(), &key)? {
+        // A stage the probe above found done is not hashed a second time.
+        let found = match probe.remove(&kind).filter(|out| out.manifest.key == key) {
+            Some(out) => Lookup::Hit(out),
+            None => store.lookup(kind.name(), &key)?,
+        };
+        let (output, cached) = match found {
             Lookup::Hit(out) => (out, true),
             lookup => {
                 if let Lookup::Corrupt(why) = &lookup {
