@@ -127,10 +127,11 @@ pub fn verify(store: &Store, drop_checkpoints: bool) -> Result<Verification, Sto
     for entry in read_dir(&tmp)? {
         let name = entry.file_name().to_string_lossy().into_owned();
         let dir = entry.path();
+        // Held until this entry is dealt with, so that a run starting on the same key meanwhile
+        // waits instead of having its fresh work removed.
         let lock = store.root().join("locks").join(format!("{name}.lock"));
-        if let Ok(file) = File::options().write(true).open(&lock)
-            && file.try_lock().is_err()
-        {
+        let held = File::options().write(true).open(&lock).ok();
+        if held.as_ref().is_some_and(|file| file.try_lock().is_err()) {
             continue; // a running process owns it
         }
         let out = dir.join("out");
