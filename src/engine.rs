@@ -338,6 +338,17 @@ fn record_toml(
     let mut table: toml::Table =
         serde_json::from_value(without_nulls(doc)).expect("a JSON object without nulls is a TOML table");
     table.insert("config".into(), toml::Value::Table(config));
+    // The checksum goes right after `created`, with the record's other plain fields.
+    let sum = crate::records::checksum(&table);
+    let mut with_sum = toml::Table::new();
+    for (key, value) in table {
+        let after_created = key == "created";
+        with_sum.insert(key, value);
+        if after_created {
+            with_sum.insert("checksum".into(), toml::Value::String(sum.clone()));
+        }
+    }
+    let table = with_sum;
     format!(
         "# pipe run record: `pipe show {run}`, `pipe reproduce {run}`.\n{}",
         toml::to_string(&table).expect("tables serialise")

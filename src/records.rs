@@ -56,6 +56,11 @@ impl Record {
             return Err(invalid(format!("its `run` is not {id}, the id in its file name")));
         }
         check_digests(&table).map_err(invalid)?;
+        if let Some(sum) = table.get("checksum")
+            && sum.as_str() != Some(checksum(&table).as_str())
+        {
+            return Err(invalid("its checksum does not match its content (edited by hand?)".into()));
+        }
         Ok(Self { id: id.to_string(), table })
     }
 
@@ -100,6 +105,15 @@ impl Record {
     pub fn text(&self, key: &str) -> &str {
         self.table.get(key).and_then(toml::Value::as_str).unwrap_or("?")
     }
+}
+
+/// A record's checksum: SHA-256 of the record as TOML without its `checksum` field. pipe writes
+/// it into every record, so that an edit anywhere (a metric, the configuration) is found by
+/// `pipe verify` and `pipe show`; records written before it existed have none and are accepted.
+pub fn checksum(table: &toml::Table) -> String {
+    let mut content = table.clone();
+    content.remove("checksum");
+    crate::digest::bytes(toml::to_string(&content).expect("tables serialise").as_bytes())
 }
 
 /// Characters in a run id.
