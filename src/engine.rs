@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::config::{ConfigError, Pipeline, resolve_source};
+use crate::device::Target;
 use crate::plan::{KeyFields, StageKind, run_id};
 use crate::stages::{
     EvaluateStage, Event, Input, Observer, Stage, StageError, TokenizeStage, TrainStage, Upstream,
@@ -77,13 +78,12 @@ pub struct PlannedStage {
 }
 
 /// The stages of `pipeline`, with every input resolved and hashed.
-pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, EngineError> {
-    if pipeline.device != "cpu" {
-        return Err(EngineError::Input(format!(
-            "device `{}`: this build of pipe trains on the CPU only (device = \"cpu\")",
-            pipeline.device
-        )));
-    }
+///
+/// The device is opened here, so that a pipeline for a GPU this machine lacks (or a build without
+/// CUDA) is bad input before anything runs; the resolved device comes back for the run record.
+pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, Target), EngineError> {
+    let target = crate::device::resolve(&pipeline.device, pipeline.dtype)
+        .map_err(|e| EngineError::Input(e.to_string()))?;
     let input =
         |path: PathBuf, what: &str| Input::hash(path, what).map_err(|e| EngineError::Input(e.to_string()));
     let d = &pipeline.dataset;
@@ -94,7 +94,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, E
     let model_dir = resolve_source(&pipeline.model.source)?;
     let model_config = input(model_dir.join("config.json"), "model.source")?;
     let model_weights = input(model_dir.join("model.safetensors"), "model.source")?;
-    Ok(vec![
+    let stages: Vec<Box<dyn Stage>> = vec![
         Box::new(TokenizeStage::new(
             d.clone(),
             pipeline.tokenizer.max_length,
@@ -105,7 +105,8 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, E
         )),
         Box::new(TrainStage {
             seed: pipeline.seed,
-            device: pipeline.device.clone(),
+            target: target.clone(),
+            precision: pipeline.dtype,
             model: pipeline.model.clone(),
             optimizer: pipeline.optimizer.clone(),
             schedule: pipeline.schedule.clone(),
@@ -118,7 +119,8 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<Vec<Box<dyn Stage>>, E
             max_length: pipeline.tokenizer.max_length,
         }),
         Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone() }),
-    ])
+    ];
+    Ok((stages, target))
 }
 
 /// Why a stage whose key is not in the store will run.
@@ -140,7 +142,7 @@ fn dirty_reasons(store: &Store, pipeline: &Pipeline, fields: &KeyFields, lookup:
 
 /// Each stage's key and whether it is fresh, without running anything.
 pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<Vec<PlannedStage>, EngineError> {
-    let stages = build_stages(pipeline)?;
+    let (stages, _) = build_stages(pipeline)?;
     let mut upstream = Upstream::new();
     let mut blocked_by: Option<StageKind> = None;
     let mut planned = Vec::new();
@@ -172,7 +174,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<Vec<PlannedStage>, Eng
 
 /// Runs every stage that is not already in the store and writes the run record.
 pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<RunOutcome, EngineError> {
-    let mut stages = build_stages(pipeline)?;
+    let (mut stages, target) = build_stages(pipeline)?;
     // Every stage that will run is checked before the first one runs, so that bad input (a
     // max_length the model cannot take, say) exits before anything is written.
     let mut probe = Upstream::new();
@@ -254,7 +256,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
     let run = run_id(&keys);
     let record = store.record_path(&run);
     if !record.exists() {
-        store.write_record(&run, &record_toml(pipeline, &run, &upstream, &inputs, &metrics))?;
+        store.write_record(&run, &record_toml(pipeline, &target, &run, &upstream, &inputs, &metrics))?;
     }
     Ok(RunOutcome { run, record, stages: outcomes, metrics })
 }
@@ -304,6 +306,7 @@ fn selected_metrics(pipeline: &Pipeline, upstream: &Upstream) -> Result<BTreeMap
 /// The run record: small, deterministic apart from `created` and timings, meant for git.
 fn record_toml(
     pipeline: &Pipeline,
+    target: &Target,
     run: &str,
     upstream: &Upstream,
     inputs: &BTreeMap<StageKind, BTreeMap<String, String>>,
@@ -331,7 +334,7 @@ fn record_toml(
         "pipeline": pipeline.name,
         "created": now_rfc3339(),
         "metrics": metrics,
-        "environment": crate::environment::current(),
+        "environment": crate::environment::current(target, pipeline.dtype),
         "stages": stages,
     });
     // TOML has no null: a fact without a value (a metric that was NaN, say) is left out.

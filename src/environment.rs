@@ -8,15 +8,17 @@
 
 use serde_json::json;
 
+use crate::device::{Precision, Target};
 use crate::ops::cpu::{CpuInfo, kernel_path};
 use crate::plan::StageKind;
 
-/// The environment of this process, as recorded in run records.
-pub fn current() -> serde_json::Value {
+/// The environment of this process computing on `target` in `precision`, as recorded in run
+/// records.
+pub fn current(target: &Target, precision: Precision) -> serde_json::Value {
     let cpu = CpuInfo::detect();
     let stage_versions: serde_json::Map<String, serde_json::Value> =
         StageKind::ALL.iter().map(|k| (k.name().to_string(), json!(k.version()))).collect();
-    json!({
+    let mut env = json!({
         "pipe_version": env!("CARGO_PKG_VERSION"),
         "pipe_commit": env!("PIPE_GIT_COMMIT"),
         "stage_versions": stage_versions,
@@ -28,9 +30,14 @@ pub fn current() -> serde_json::Value {
         "cpu_caches": cpu.caches,
         "kernel": kernel_path().name(),
         "threads": rayon::current_num_threads(),
-        "device": "cpu",
-        "dtype": "f32",
-    })
+    });
+    let device = if target.device.is_cpu() { "cpu" } else { "cuda" };
+    env["device"] = json!(device);
+    env["dtype"] = json!(precision.name());
+    if let Some(gpu) = &target.gpu {
+        env["gpu"] = json!(gpu);
+    }
+    env
 }
 
 /// The C library the binary runs against (it no longer affects results: pipe calls none of its

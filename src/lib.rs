@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod digest;
 pub mod engine;
 pub mod environment;

@@ -10,7 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::config;
+use crate::config::{self, Pipeline};
+use crate::device::Target;
 use crate::engine::{self, EngineError, build_stages};
 use crate::plan::StageKind;
 use crate::records::Record;
@@ -69,10 +70,11 @@ fn reproduce_in(
         .map_err(|source| StoreError::Io { path: config_path.clone(), source })?;
     // The record's configuration alone: no PIPE_* variables, no overrides.
     let pipeline = config::load_with_env(&config_path, &[], &[])?;
-    let environment = environment_differences(record);
 
     let mut changed_inputs = Vec::new();
-    for stage in build_stages(&pipeline)? {
+    let (stages, target) = build_stages(&pipeline)?;
+    let environment = environment_differences(record, &target, &pipeline);
+    for stage in stages {
         let kind = stage.kind();
         let now = stage.key_fields(&Upstream::new()).inputs;
         let recorded = recorded_inputs(record, kind);
@@ -178,8 +180,8 @@ fn check_stored_copies(store: &Store, record: &Record) -> Result<Vec<String>, St
 
 /// Environment facts that differ between the record and this process, as `field: then -> now`
 /// (nested tables by dotted field, e.g. `stage_versions.train`).
-fn environment_differences(record: &Record) -> Vec<String> {
-    let now = crate::environment::current();
+fn environment_differences(record: &Record, target: &Target, pipeline: &Pipeline) -> Vec<String> {
+    let now = crate::environment::current(target, pipeline.dtype);
     let now: toml::Value = toml::Value::try_from(&now).unwrap_or(toml::Value::Table(Default::default()));
     let empty = toml::Table::new();
     let then = record.table.get("environment").and_then(toml::Value::as_table).unwrap_or(&empty);

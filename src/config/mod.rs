@@ -90,6 +90,10 @@ pub struct Pipeline {
     #[serde(default = "default_device")]
     #[schemars(regex(pattern = r"^(cpu|cuda|cuda:[0-9]+)$"))]
     pub device: String,
+    /// How to compute: "f32", or "bf16" mixed precision (CUDA only: bf16 matrix products and
+    /// activations, f32 master weights, optimizer moments and loss).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub dtype: crate::device::Precision,
     /// The training and validation data.
     pub dataset: DatasetConfig,
     /// The tokenizer.
@@ -120,6 +124,10 @@ fn without_default(schema: &mut schemars::Schema) {
 
 fn default_seed() -> u64 {
     42
+}
+
+fn is_f32(p: &crate::device::Precision) -> bool {
+    *p == crate::device::Precision::F32
 }
 
 fn default_device() -> String {

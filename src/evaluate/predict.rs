@@ -42,7 +42,8 @@ pub fn predict_probabilities(
     let mut out = vec![Vec::new(); rows.len()];
     for chunk in order.chunks(batch_size.max(1)) {
         let ids: Vec<&[u32]> = chunk.iter().map(|&r| rows[r].as_slice()).collect();
-        let batch = Batch::pad(&ids, model.pad_id(), model.dtype(), model.device())?;
+        // Built on the CPU: the model reads it back to pack the real tokens, then indexes on its device.
+        let batch = Batch::pad(&ids, model.pad_id(), model.dtype(), &candle_core::Device::Cpu)?;
         let logits =
             model.forward(&batch, Mode::Eval)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
         for (&r, row) in chunk.iter().zip(logits) {

@@ -122,9 +122,22 @@ pub(super) struct Linear {
 }
 
 impl Linear {
+    /// `x W^T + b` in `x`'s dtype (the parameters are cast to it for mixed precision).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, &self.bias)
+        ops::linear(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?)
     }
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        ops::layer_norm(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, eps)
+    }
+}
+
+/// `t` in `dtype`: itself when it already is, else a differentiable cast (its gradient comes back
+/// in `t`'s dtype, so f32 master weights get f32 gradients).
+fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype { Ok(t.clone()) } else { t.to_dtype(dtype) }
 }
 
 #[derive(Clone)]
@@ -165,6 +178,9 @@ pub struct BertClassifier {
     pub(super) classifier: Linear,
     pub(super) activation: Activation,
     pub(super) dropout: Dropout,
+    /// The dtype of activations and matrix products: the parameters' own, or bf16 for mixed
+    /// precision (parameters stay f32 and are cast as they are used).
+    pub(super) compute: DType,
 }
 
 impl BertClassifier {
@@ -186,6 +202,12 @@ impl BertClassifier {
     /// The parameters' dtype.
     pub fn dtype(&self) -> DType {
         self.embeddings.word.dtype()
+    }
+
+    /// Computes in `dtype` from now on (bf16: mixed precision; logits still come back in the
+    /// parameters' dtype).
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = dtype;
     }
 
     /// The device the parameters live on.
@@ -229,24 +251,24 @@ impl BertClassifier {
                 c.max_position_embeddings
             );
         }
-        let packed = Packed::new(batch)?;
-        let device = batch.input_ids.device();
-        let index = |v: &[u32]| Tensor::new(v, device);
+        // Batches may live anywhere: they are read back to pack them, and the packed indices are
+        // host data that the gathers take to the parameters' device.
+        let Packed { ids, types, positions, segments, cls } = Packed::new(batch)?;
         let e = &self.embeddings;
-        let x = (e.word.index_select(&index(&packed.ids)?, 0)?
-            + e.token_type.index_select(&index(&packed.types)?, 0)?)?
-        .add(&e.position.index_select(&index(&packed.positions)?, 0)?)?;
-        let x = ops::layer_norm(&x, &e.norm.weight, &e.norm.bias, c.layer_norm_eps)?;
+        let x = (ops::embedding(&e.word, Arc::new(ids))? + ops::embedding(&e.token_type, Arc::new(types))?)?
+            .add(&ops::embedding(&e.position, Arc::new(positions))?)?;
+        let x = e.norm.forward(&cast(&x, self.compute)?, c.layer_norm_eps)?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
-        let segments = Arc::new(packed.segments);
+        let segments = Arc::new(segments);
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &segments, &mut mode)?;
         }
-        let cls = x.index_select(&index(&packed.cls)?, 0)?;
+        let cls = ops::embedding(&x, Arc::new(cls))?;
         let pooled = ops::activation(&self.pooler.forward(&cls)?, Activation::Tanh)?;
         let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
         debug_assert_eq!(pooled.dim(0)?, rows);
-        self.classifier.forward(&pooled)
+        // The loss and predictions read logits in the parameters' dtype (f32 under bf16).
+        cast(&self.classifier.forward(&pooled)?, self.dtype())
     }
 
     fn layer_forward(
@@ -265,12 +287,10 @@ impl BertClassifier {
         };
         let context = ops::attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, p, key)?;
         let attended = dropout(&layer.attention_out.forward(&context)?, self.dropout.hidden, mode)?;
-        let n = &layer.attention_norm;
-        let x = ops::layer_norm(&(attended + x)?, &n.weight, &n.bias, c.layer_norm_eps)?;
+        let x = layer.attention_norm.forward(&(attended + x)?, c.layer_norm_eps)?;
         let inner = ops::activation(&layer.intermediate.forward(&x)?, self.activation)?;
         let out = dropout(&layer.output.forward(&inner)?, self.dropout.hidden, mode)?;
-        let n = &layer.output_norm;
-        ops::layer_norm(&(out + x)?, &n.weight, &n.bias, c.layer_norm_eps)
+        layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
     }
 }
 

@@ -92,6 +92,7 @@ impl BertClassifier {
             layers,
             pooler,
             classifier,
+            compute: dtype,
         })
     }
 

@@ -1,5 +1,5 @@
-//! Differentiable kernels for the training path: linear layers, attention, layer norm,
-//! activations, dropout and the loss.
+//! Differentiable kernels for the training path: embeddings, linear layers, attention, layer norm,
+//! activations, dropout and the loss, each on the CPU and (with the `cuda` feature) on NVIDIA GPUs.
 //!
 //! candle 0.11's fast `layer_norm` and `softmax_last_dim` are built without a backward pass, so a
 //! model that uses them trains only the layers after its last LayerNorm, silently. Every op here is
@@ -14,7 +14,10 @@
 
 mod attention;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod dropout;
+mod embedding;
 mod gelu;
 pub mod gemm;
 mod layer_norm;
@@ -24,6 +27,7 @@ pub mod math;
 
 pub use attention::attention;
 pub use dropout::dropout;
+pub use embedding::embedding;
 pub use gelu::{Activation, activation};
 pub use layer_norm::layer_norm;
 pub use linear::linear;

@@ -76,23 +76,64 @@ pub struct AdamW {
     config: OptimizerConfig,
     params: Vec<(String, Var)>,
     decays: Vec<bool>,
-    state: AdamWState,
+    step: u64,
+    /// Each parameter's moments, on the parameter's device.
+    moments: Vec<Moments>,
+}
+
+/// One parameter's first and second moments, kept where the parameter lives so that an update
+/// never crosses the bus.
+enum Moments {
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        m: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        v: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        device: candle_core::cuda_backend::CudaDevice,
+    },
+}
+
+impl Moments {
+    fn new(m: Vec<f32>, v: Vec<f32>, device: &candle_core::Device) -> candle_core::Result<Self> {
+        match device {
+            candle_core::Device::Cpu => Ok(Self::Host { m, v }),
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(device) => Ok(Self::Cuda {
+                m: device.clone_htod(&m)?,
+                v: device.clone_htod(&v)?,
+                device: device.clone(),
+            }),
+            #[allow(unreachable_patterns)]
+            other => candle_core::bail!("adamw: no optimizer for device {other:?}"),
+        }
+    }
+
+    fn to_host(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        match self {
+            Self::Host { m, v } => Ok((m.clone(), v.clone())),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { m, v, device } => Ok((device.clone_dtoh(m)?, device.clone_dtoh(v)?)),
+        }
+    }
 }
 
 impl AdamW {
     /// An optimizer for `params` (name, variable), in the order given; state starts at zero.
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> candle_core::Result<Self> {
-        let mut m = Vec::with_capacity(params.len());
+        let mut moments = Vec::with_capacity(params.len());
         for (name, var) in &params {
             if var.dtype() != DType::F32 {
                 candle_core::bail!("AdamW keeps f32 master weights; {name} is {:?}", var.dtype());
             }
-            m.push(vec![0f32; var.elem_count()]);
+            let zeros = vec![0f32; var.elem_count()];
+            moments.push(Moments::new(zeros.clone(), zeros, var.device())?);
         }
         let decays =
             params.iter().map(|(name, _)| config.decay_bias_and_norm || !is_bias_or_norm(name)).collect();
-        let state = AdamWState { step: 0, v: m.clone(), m };
-        Ok(Self { config, params, decays, state })
+        Ok(Self { config, params, decays, step: 0, moments })
     }
 
     /// The optimizer's hyper-parameters.
@@ -101,8 +142,19 @@ impl AdamW {
     }
 
     /// Current state, for checkpoints.
-    pub fn state(&self) -> &AdamWState {
-        &self.state
+    pub fn state(&self) -> candle_core::Result<AdamWState> {
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for moments in &self.moments {
+            let (mi, vi) = moments.to_host()?;
+            m.push(mi);
+            v.push(vi);
+        }
+        Ok(AdamWState { step: self.step, m, v })
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
     }
 
     /// Restores a state saved from an optimizer over the same parameters.
@@ -114,7 +166,12 @@ impl AdamW {
         if !fits(&state.m) || !fits(&state.v) {
             candle_core::bail!("optimizer state does not match the model's parameters");
         }
-        self.state = state;
+        let mut moments = Vec::with_capacity(self.params.len());
+        for ((m, v), (_, var)) in state.m.into_iter().zip(state.v).zip(&self.params) {
+            moments.push(Moments::new(m, v, var.device())?);
+        }
+        self.moments = moments;
+        self.step = state.step;
         Ok(())
     }
 
@@ -125,8 +182,8 @@ impl AdamW {
         if grads.len() != self.params.len() {
             candle_core::bail!("adamw: {} gradients for {} parameters", grads.len(), self.params.len());
         }
-        self.state.step += 1;
-        let t = self.state.step;
+        self.step += 1;
+        let t = self.step;
         let [b1, b2] = self.config.betas;
         for (i, (_, var)) in self.params.iter().enumerate() {
             let kernel = AdamWKernel {
@@ -138,8 +195,7 @@ impl AdamW {
                 step_size: (lr / (1.0 - powi(b1, t))) as f32,
                 bias_correction2_sqrt: (1.0 - powi(b2, t)).sqrt() as f32,
                 grad_scale: grad_scale as f32,
-                m: RefCell::new(&mut self.state.m[i]),
-                v: RefCell::new(&mut self.state.v[i]),
+                moments: RefCell::new(&mut self.moments[i]),
             };
             let grad = match &grads[i] {
                 Some(g) => g.contiguous()?,
@@ -158,14 +214,36 @@ pub fn global_grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
     for g in grads.iter().flatten() {
         let g = g.contiguous()?;
         let (storage, layout) = g.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("global_grad_norm: gradients must be on the CPU");
+        let partials: Vec<f64> = match &*storage {
+            candle_core::Storage::Cpu(cpu) => {
+                let values = crate::ops::slice::<f32>("global_grad_norm", cpu, layout)?;
+                values
+                    .par_chunks(CHUNK)
+                    .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+                    .collect()
+            }
+            #[cfg(feature = "cuda")]
+            candle_core::Storage::Cuda(storage) => {
+                use crate::ops::cuda::{self, PushKernelArg as _};
+                let dev = &storage.device;
+                let values = cuda::input::<f32>("global_grad_norm", storage, layout)?;
+                let (n, chunk) = (values.len(), CHUNK);
+                let blocks = n.div_ceil(chunk).max(1);
+                let mut partials = dev.alloc_zeros::<f64>(blocks)?;
+                let kernel = cuda::Kernel::plain(dev, "sum_squares_partials")?;
+                let mut args = kernel.args();
+                args.arg(&values).arg(&n).arg(&chunk).arg(&mut partials);
+                let config = cuda::LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                cuda::launch(args, config)?;
+                dev.clone_dtoh(&partials)?
+            }
+            #[allow(unreachable_patterns)]
+            _ => candle_core::bail!("global_grad_norm: gradients must be on the CPU or a GPU"),
         };
-        let values = crate::ops::slice::<f32>("global_grad_norm", cpu, layout)?;
-        let partials: Vec<f64> = values
-            .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-            .collect();
         total += partials.iter().sum::<f64>();
     }
     Ok(total.sqrt())
@@ -186,8 +264,7 @@ struct AdamWKernel<'a> {
     step_size: f32,
     bias_correction2_sqrt: f32,
     grad_scale: f32,
-    m: RefCell<&'a mut [f32]>,
-    v: RefCell<&'a mut [f32]>,
+    moments: RefCell<&'a mut Moments>,
 }
 
 impl InplaceOp2 for AdamWKernel<'_> {
@@ -210,8 +287,12 @@ impl InplaceOp2 for AdamWKernel<'_> {
             candle_core::bail!("adamw: parameters and gradients must be contiguous");
         };
         let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
-        let mut m = self.m.borrow_mut();
-        let mut v = self.v.borrow_mut();
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = match &mut **moments {
+            Moments::Host { m, v } => (m, v),
+            #[cfg(feature = "cuda")]
+            Moments::Cuda { .. } => candle_core::bail!("adamw: the moments are not on the CPU"),
+        };
         let decay = 1.0 - self.lr * self.weight_decay;
         let (b1, b2, eps, grad_scale) = (self.beta1, self.beta2, self.eps, self.grad_scale);
         let (step_size, bc2_sqrt) = (self.step_size, self.bias_correction2_sqrt);
@@ -231,6 +312,34 @@ impl InplaceOp2 for AdamWKernel<'_> {
                 }
             });
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        use crate::ops::cuda::{self, PushKernelArg as _};
+        let dev = src.device.clone();
+        let mut p = cuda::input_mut::<f32>("adamw", dst, dst_l)?;
+        let g = cuda::input::<f32>("adamw", src, src_l)?;
+        let mut moments = self.moments.borrow_mut();
+        let Moments::Cuda { m, v, .. } = &mut **moments else {
+            candle_core::bail!("adamw: the moments are not on the GPU");
+        };
+        let n = g.len();
+        if p.len() != n || m.len() != n {
+            candle_core::bail!("adamw: {} parameters, {n} gradients, {} moments", p.len(), m.len());
+        }
+        let kernel = cuda::Kernel::plain(&dev, "adamw_step")?;
+        let mut args = kernel.args();
+        let decay = 1.0 - self.lr * self.weight_decay;
+        args.arg(&mut p).arg(&g).arg(m).arg(v).arg(&n).arg(&decay).arg(&self.beta1).arg(&self.beta2);
+        args.arg(&self.eps).arg(&self.step_size).arg(&self.bias_correction2_sqrt).arg(&self.grad_scale);
+        cuda::launch(args, cuda::elementwise(n))
     }
 }
 

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use super::tokenize::{LABELS_FILE, TOKENS_FILE};
 use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error, upstream_digest};
 use crate::config::{EvaluateConfig, Metric, ModelConfig};
 use crate::data::{self, TokenizedSplit};
+use crate::device::{Precision, Target};
 use crate::model::{BertClassifier, Dropout};
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::plan::{KeyFields, StageKind};
@@ -33,7 +34,9 @@ pub const CURVES_SVG: &str = "curves.svg";
 /// Fine-tunes the pretrained model.
 pub struct TrainStage {
     pub(crate) seed: u64,
-    pub(crate) device: String,
+    /// Where to train (the pipeline's `device`, opened).
+    pub(crate) target: Target,
+    pub(crate) precision: Precision,
     pub(crate) model: ModelConfig,
     pub(crate) optimizer: OptimizerConfig,
     pub(crate) schedule: ScheduleConfig,
@@ -116,7 +119,7 @@ impl Stage for TrainStage {
     fn key_fields(&self, upstream: &Upstream) -> KeyFields {
         let mut params = json!({
             "seed": self.seed,
-            "device": self.device,
+            "device": if self.target.device.is_cpu() { "cpu" } else { "cuda" },
             "model": {
                 "task": self.model.task,
                 "dropout": self.model.dropout,
@@ -127,6 +130,14 @@ impl Stage for TrainStage {
             "schedule": self.schedule,
             "train": self.train,
         });
+        // A GPU's bits are its own (see `device`): the key names the GPU model, and bf16 when
+        // used. CPU keys carry neither, and stay what they were before GPUs existed.
+        if let Some(gpu) = &self.target.gpu {
+            params["gpu"] = json!(gpu);
+        }
+        if self.precision != Precision::F32 {
+            params["dtype"] = json!(self.precision.name());
+        }
         if self.train.evaluates() {
             // Evaluations during training batch and report as the evaluate stage does.
             params["evaluate"] =
@@ -179,9 +190,10 @@ impl Stage for TrainStage {
             &self.model_dir,
             Some(labels),
             DType::F32,
-            &Device::Cpu,
+            &self.target.device,
             self.seed,
         )?;
+        model.set_compute_dtype(self.precision.compute_dtype());
         model.set_dropout(self.dropout_for(&model));
         let data = Examples { ids: &train.ids, labels: &train.labels };
         let mut trainer = Trainer::new(

@@ -38,7 +38,7 @@ impl Trainer {
     /// Writes the current state and the history so far into `dir`.
     pub fn save_checkpoint(&self, dir: &Path, history: &History) -> candle_core::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let state = self.optimizer().state();
+        let state = self.optimizer().state()?;
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (i, (name, var)) in self.model().params().iter().enumerate() {
             tensors.push((format!("param.{name}"), var.as_tensor().to_device(&Device::Cpu)?));

@@ -150,7 +150,7 @@ impl Trainer {
 
     /// Optimizer steps done so far.
     pub fn steps_done(&self) -> u64 {
-        self.optimizer.state().step
+        self.optimizer.steps()
     }
 
     /// Whether every step of the run is done.
@@ -190,7 +190,9 @@ impl Trainer {
         for (i, indices) in micro.iter().enumerate() {
             let row_ids: Vec<&[u32]> = indices.iter().map(|&r| data.ids[r].as_slice()).collect();
             let labels: Vec<u32> = indices.iter().map(|&r| data.labels[r]).collect();
-            let batch = Batch::pad(&row_ids, self.model.pad_id(), self.model.dtype(), self.model.device())?;
+            // On the CPU: the model reads it back to pack the real tokens (see `BertClassifier::forward`).
+            let batch =
+                Batch::pad(&row_ids, self.model.pad_id(), self.model.dtype(), &candle_core::Device::Cpu)?;
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
             let logits = self.model.forward(&batch, Mode::Train(&mut dropout_rng))?;
             let loss = ops::cross_entropy(&logits, &labels, self.class_weights.as_deref())?;

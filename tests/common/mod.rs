@@ -19,7 +19,7 @@ pub fn load(rel: &str) -> HashMap<String, Tensor> {
 
 /// `‖x − ref‖₂ / max(‖ref‖₂, floor)`, the comparison of `tests/fixtures/parity/README.md`.
 pub fn rel_err(x: &Tensor, reference: &Tensor, floor: f64) -> f64 {
-    let x = x.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let x = x.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let r = reference.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     assert_eq!(x.dims(), r.dims(), "shapes differ");
     let diff = (x - &r).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
