@@ -28,4 +28,26 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        compile_kernels();
+    }
+}
+
+/// Compiles `src/ops/cuda/kernels.cu` to PTX with nvcc (the `cuda` feature; scripts/cuda-env.sh
+/// sets up a compiler from PyPI). PTX for compute capability `CUDA_COMPUTE_CAP` (default 80) runs
+/// on that architecture and every later one: the driver compiles it for the GPU at load.
+fn compile_kernels() {
+    let source = "src/ops/cuda/kernels.cu";
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("pipe_kernels.ptx");
+    let nvcc = std::env::var("CUDA_HOME").map_or_else(|_| "nvcc".into(), |home| format!("{home}/bin/nvcc"));
+    let status = Command::new(&nvcc)
+        .args(["-ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), source, "-o"])
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("the cuda feature needs nvcc ({nvcc}: {e}); see scripts/cuda-env.sh"));
+    assert!(status.success(), "nvcc failed to compile {source}");
 }

@@ -14,6 +14,10 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
+use super::cuda::{self, CudaSlice, PushKernelArg as _};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -250,6 +254,203 @@ impl Attention {
     }
 }
 
+/// The GPU's attention: the packed rows are laid out as `(segments, heads, L, head_dim)` (zero
+/// beyond each segment, `L` the longest rounded up to a multiple of 8), so that every (segment, head) pair's products run in
+/// one strided batched cuBLAS call; the softmax, the dropout mask (the CPU's counter, bit for bit)
+/// and its backward are warp-per-row kernels that skip the padding.
+#[cfg(feature = "cuda")]
+struct DeviceLayout {
+    starts: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+    offsets: CudaSlice<u64>,
+    /// `L`: the longest segment, rounded up to a multiple of 8.
+    len: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    fn device_layout(&self, dev: &candle_core::cuda_backend::CudaDevice) -> Result<DeviceLayout> {
+        let to_i32 = |v: usize| {
+            i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("attention: {v} exceeds i32")))
+        };
+        let starts = self.segments.iter().map(|&(s, _)| to_i32(s)).collect::<Result<Vec<_>>>()?;
+        let lens = self.segments.iter().map(|&(_, l)| to_i32(l)).collect::<Result<Vec<_>>>()?;
+        Ok(DeviceLayout {
+            starts: cuda::upload(dev, &starts)?,
+            lens: cuda::upload(dev, &lens)?,
+            offsets: cuda::upload(dev, &self.mask_offsets)?,
+            // Leading dimensions that are multiples of 8 elements (16 bytes in bf16) let cuBLAS
+            // use the tensor cores; the kernels skip the extra zero rows and columns.
+            len: self.max_len().next_multiple_of(8),
+        })
+    }
+
+    /// Elements of one padded `(segments, heads, L, head_dim)` tensor.
+    fn padded_size(&self, lay: &DeviceLayout) -> usize {
+        self.segments.len() * self.heads * lay.len * self.head_dim
+    }
+
+    fn pad<T: cuda::Float>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        lay: &DeviceLayout,
+        src: &cuda::CudaView<'_, T>,
+    ) -> Result<CudaSlice<T>> {
+        let total = self.padded_size(lay);
+        let mut dst = cuda::alloc::<T>(dev, total)?;
+        let kernel = cuda::Kernel::typed::<T>(dev, "attn_pad")?;
+        let mut args = kernel.args();
+        let (h, l, d) = (self.heads as i32, lay.len as i32, self.head_dim as i32);
+        args.arg(src).arg(&mut dst).arg(&lay.starts).arg(&lay.lens).arg(&h).arg(&l).arg(&d).arg(&total);
+        cuda::launch(args, cuda::elementwise(total))?;
+        Ok(dst)
+    }
+
+    fn unpad<T: cuda::Float>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        lay: &DeviceLayout,
+        src: &CudaSlice<T>,
+        dst: &mut cuda::CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        let total = self.padded_size(lay);
+        let kernel = cuda::Kernel::typed::<T>(dev, "attn_unpad")?;
+        let mut args = kernel.args();
+        let (h, l, d) = (self.heads as i32, lay.len as i32, self.head_dim as i32);
+        args.arg(src).arg(dst).arg(&lay.starts).arg(&lay.lens).arg(&h).arg(&l).arg(&d).arg(&total);
+        cuda::launch(args, cuda::elementwise(total))
+    }
+
+    /// The mask's kernel arguments: key, threshold (0: no dropout) and scale.
+    fn mask_args(&self) -> (u64, u32, f32) {
+        self.mask.map_or((0, 0, 1.0), |m| (m.key, m.threshold, m.scale as f32))
+    }
+
+    fn scale(&self) -> f32 {
+        (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+
+    fn pairs(&self) -> usize {
+        self.segments.len() * self.heads
+    }
+
+    /// Probabilities and dropped-out probabilities, `(pairs, L, L)` each.
+    fn probabilities_cuda<T: cuda::Float>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        lay: &DeviceLayout,
+        qp: &CudaSlice<T>,
+        kp: &CudaSlice<T>,
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+            candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+    {
+        let (l, d) = (lay.len, self.head_dim);
+        let mut p = cuda::alloc::<T>(dev, self.pairs() * l * l)?;
+        let scores = cuda::Product { tb: true, batch: self.pairs(), ..cuda::Product::new(l, l, d) };
+        scores.run(dev, &qp.as_view(), &kp.as_view(), &mut p.as_view_mut())?;
+        let mut pd = cuda::alloc::<T>(dev, self.pairs() * l * l)?;
+        let kernel = cuda::Kernel::typed::<T>(dev, "attn_softmax")?;
+        let mut args = kernel.args();
+        let (key, threshold, drop_scale) = self.mask_args();
+        let (h, li, scale, rows) = (self.heads as i32, l as i32, self.scale(), self.pairs() * l);
+        args.arg(&mut p).arg(&mut pd).arg(&lay.lens).arg(&lay.offsets).arg(&h).arg(&li).arg(&scale);
+        args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&rows);
+        cuda::launch(args, cuda::warp_rows(rows))?;
+        Ok((p, pd))
+    }
+
+    fn forward_cuda<T: cuda::Float>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        q: &cuda::CudaView<'_, T>,
+        k: &cuda::CudaView<'_, T>,
+        v: &cuda::CudaView<'_, T>,
+    ) -> Result<CudaSlice<T>>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+            candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+    {
+        let lay = self.device_layout(dev)?;
+        let (qp, kp, vp) = (self.pad(dev, &lay, q)?, self.pad(dev, &lay, k)?, self.pad(dev, &lay, v)?);
+        let (_, pd) = self.probabilities_cuda(dev, &lay, &qp, &kp)?;
+        let (l, d) = (lay.len, self.head_dim);
+        let mut context = cuda::alloc::<T>(dev, self.padded_size(&lay))?;
+        let product = cuda::Product { batch: self.pairs(), ..cuda::Product::new(l, d, l) };
+        product.run(dev, &pd.as_view(), &vp.as_view(), &mut context.as_view_mut())?;
+        let mut out = dev.alloc_zeros::<T>(q.len())?;
+        self.unpad(dev, &lay, &context, &mut out.as_view_mut())?;
+        Ok(out)
+    }
+
+    /// `[dq; dk; dv]`, as the CPU's backward.
+    fn backward_cuda<T: cuda::Float>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        q: &cuda::CudaView<'_, T>,
+        k: &cuda::CudaView<'_, T>,
+        v: &cuda::CudaView<'_, T>,
+        g: &cuda::CudaView<'_, T>,
+    ) -> Result<CudaSlice<T>>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+            candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+    {
+        let lay = self.device_layout(dev)?;
+        let (qp, kp, vp) = (self.pad(dev, &lay, q)?, self.pad(dev, &lay, k)?, self.pad(dev, &lay, v)?);
+        let gp = self.pad(dev, &lay, g)?;
+        let (p, pd) = self.probabilities_cuda(dev, &lay, &qp, &kp)?;
+        let (l, d, pairs, size) = (lay.len, self.head_dim, self.pairs(), self.padded_size(&lay));
+        // dv = dropped^T g ; d(dropped) = g v^T
+        let mut dvp = cuda::alloc::<T>(dev, size)?;
+        cuda::Product { ta: true, batch: pairs, ..cuda::Product::new(l, d, l) }.run(
+            dev,
+            &pd.as_view(),
+            &gp.as_view(),
+            &mut dvp.as_view_mut(),
+        )?;
+        let mut ds = cuda::alloc::<T>(dev, pairs * l * l)?;
+        cuda::Product { tb: true, batch: pairs, ..cuda::Product::new(l, l, d) }.run(
+            dev,
+            &gp.as_view(),
+            &vp.as_view(),
+            &mut ds.as_view_mut(),
+        )?;
+        // Through the mask and the softmax, in place.
+        {
+            let kernel = cuda::Kernel::typed::<T>(dev, "attn_softmax_bwd")?;
+            let mut args = kernel.args();
+            let (key, threshold, drop_scale) = self.mask_args();
+            let (h, li, scale, rows) = (self.heads as i32, l as i32, self.scale(), pairs * l);
+            args.arg(&p).arg(&mut ds).arg(&lay.lens).arg(&lay.offsets).arg(&h).arg(&li).arg(&scale);
+            args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&rows);
+            cuda::launch(args, cuda::warp_rows(rows))?;
+        }
+        // dq = ds k ; dk = ds^T q
+        let mut dqp = cuda::alloc::<T>(dev, size)?;
+        cuda::Product { batch: pairs, ..cuda::Product::new(l, d, l) }.run(
+            dev,
+            &ds.as_view(),
+            &kp.as_view(),
+            &mut dqp.as_view_mut(),
+        )?;
+        let mut dkp = cuda::alloc::<T>(dev, size)?;
+        cuda::Product { ta: true, batch: pairs, ..cuda::Product::new(l, d, l) }.run(
+            dev,
+            &ds.as_view(),
+            &qp.as_view(),
+            &mut dkp.as_view_mut(),
+        )?;
+        let n = q.len();
+        let mut out = dev.alloc_zeros::<T>(3 * n)?;
+        self.unpad(dev, &lay, &dqp, &mut out.slice_mut(..n))?;
+        self.unpad(dev, &lay, &dkp, &mut out.slice_mut(n..2 * n))?;
+        self.unpad(dev, &lay, &dvp, &mut out.slice_mut(2 * n..))?;
+        Ok(out)
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "attention"
@@ -267,6 +468,25 @@ impl CustomOp3 for Attention {
         with_real!("attention", qs, T => {
             let (q, k, v) = (slice::<T>("attention", qs, ql)?, slice::<T>("attention", ks, kl)?, slice::<T>("attention", vs, vl)?);
             Ok((T::to_cpu_storage_owned(self.forward(q, k, v)), ql.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = cuda::device(qs);
+        cuda::with_float!("attention", qs, T => {
+            let q = cuda::input::<T>("attention", qs, ql)?;
+            let k = cuda::input::<T>("attention", ks, kl)?;
+            let v = cuda::input::<T>("attention", vs, vl)?;
+            Ok((cuda::storage(dev, self.forward_cuda(dev, &q, &k, &v)?), ql.shape().clone()))
         })
     }
 
@@ -314,6 +534,31 @@ impl CustomOp3 for AttentionBackward {
             let (q, k, v) = (slice::<T>("attention", qs, ql)?, slice::<T>("attention", ks, kl)?, slice::<T>("attention", vs, vl)?);
             let g = slice::<T>("attention-backward", gs, grad_layout)?;
             Ok((T::to_cpu_storage_owned(self.op.backward(q, k, v, g)), Shape::from((3 * n, hidden))))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
+        let candle_core::Storage::Cuda(gs) = &*grad_storage else {
+            candle_core::bail!("attention-backward: the gradient must be on the GPU");
+        };
+        let (n, hidden) = ql.shape().dims2()?;
+        let dev = cuda::device(qs);
+        cuda::with_float!("attention-backward", qs, T => {
+            let q = cuda::input::<T>("attention-backward", qs, ql)?;
+            let k = cuda::input::<T>("attention-backward", ks, kl)?;
+            let v = cuda::input::<T>("attention-backward", vs, vl)?;
+            let g = cuda::input::<T>("attention-backward", gs, grad_layout)?;
+            Ok((cuda::storage(dev, self.op.backward_cuda(dev, &q, &k, &v, &g)?), Shape::from((3 * n, hidden))))
         })
     }
 }

@@ -5,6 +5,10 @@
 //! can recompute exactly the same mask instead of keeping it in memory, and the result is the same
 //! whatever the thread count. The key comes from the training step's seeded stream.
 
+#[cfg(feature = "cuda")]
+use super::cuda::{self, PushKernelArg as _};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -29,9 +33,9 @@ pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct DropMask {
     /// An element is dropped when its 16-bit draw is below this.
-    threshold: u32,
-    scale: f64,
-    key: u64,
+    pub(super) threshold: u32,
+    pub(super) scale: f64,
+    pub(super) key: u64,
 }
 
 impl DropMask {
@@ -82,6 +86,26 @@ impl Dropout {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Dropout {
+    /// The same mask on the GPU: `kernels.cu` computes the same hash of the same counter.
+    fn run_cuda(&self, xs: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+        let dev = cuda::device(xs);
+        let DropMask { threshold, scale, key } = self.0;
+        cuda::with_float!("dropout", xs, T => {
+            let x = cuda::input::<T>("dropout", xs, xl)?;
+            let n = x.len();
+            let mut y = cuda::alloc::<T>(dev, n)?;
+            let kernel = cuda::Kernel::typed::<T>(dev, "dropout")?;
+            let mut args = kernel.args();
+            let scale = scale as f32;
+            args.arg(&x).arg(&mut y).arg(&n).arg(&key).arg(&threshold).arg(&scale);
+            cuda::launch(args, cuda::elementwise(n))?;
+            Ok(cuda::storage(dev, y))
+        })
+    }
+}
+
 /// A well-mixed 64-bit hash (the SplitMix64 finaliser).
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -97,6 +121,11 @@ impl CustomOp1 for Dropout {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         Ok((self.run(xs, xl)?, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        Ok((self.run_cuda(xs, xl)?, xl.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -121,6 +150,17 @@ impl CustomOp2 for DropoutBackward {
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         Ok((self.0.run(gs, gl)?, gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((self.0.run_cuda(gs, gl)?, gl.shape().clone()))
     }
 }
 

@@ -1,5 +1,9 @@
 //! Activation functions (the feed-forward block's, the pooler's tanh), with backward passes.
 
+#[cfg(feature = "cuda")]
+use super::cuda::{self, PushKernelArg as _};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -30,6 +34,17 @@ impl Activation {
             "relu" => Some(Self::Relu),
             "tanh" => Some(Self::Tanh),
             _ => None,
+        }
+    }
+
+    /// The activation's number in `kernels.cu`.
+    #[cfg(feature = "cuda")]
+    fn kernel_kind(self) -> i32 {
+        match self {
+            Self::Gelu => 0,
+            Self::GeluTanh => 1,
+            Self::Relu => 2,
+            Self::Tanh => 3,
         }
     }
 
@@ -119,6 +134,22 @@ impl CustomOp1 for ActivationOp {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = cuda::device(xs);
+        cuda::with_float!("activation", xs, T => {
+            let x = cuda::input::<T>("activation", xs, xl)?;
+            let n = x.len();
+            let mut y = cuda::alloc::<T>(dev, n)?;
+            let kernel = cuda::Kernel::typed::<T>(dev, "activation_fwd")?;
+            let mut args = kernel.args();
+            let kind = self.0.kernel_kind();
+            args.arg(&kind).arg(&x).arg(&mut y).arg(&n);
+            cuda::launch(args, cuda::elementwise(n))?;
+            Ok((cuda::storage(dev, y), xl.shape().clone()))
+        })
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBackward(self.0))?))
     }
@@ -152,6 +183,32 @@ impl CustomOp2 for ActivationBackward {
                 },
             );
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = cuda::device(xs);
+        cuda::with_float!("activation-backward", xs, T => {
+            let x = cuda::input::<T>("activation-backward", xs, xl)?;
+            let g = cuda::input::<T>("activation-backward", gs, gl)?;
+            let n = x.len();
+            if g.len() != n {
+                candle_core::bail!("activation-backward: {} gradients for {n} inputs", g.len());
+            }
+            let mut dx = cuda::alloc::<T>(dev, n)?;
+            let kernel = cuda::Kernel::typed::<T>(dev, "activation_bwd")?;
+            let mut args = kernel.args();
+            let kind = self.0.kernel_kind();
+            args.arg(&kind).arg(&x).arg(&g).arg(&mut dx).arg(&n);
+            cuda::launch(args, cuda::elementwise(n))?;
+            Ok((cuda::storage(dev, dx), xl.shape().clone()))
         })
     }
 }

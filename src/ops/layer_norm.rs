@@ -1,5 +1,9 @@
 //! Layer normalisation over the last dimension, with a backward for input, weight and bias.
 
+#[cfg(feature = "cuda")]
+use super::cuda::{self, PushKernelArg as _};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -50,6 +54,36 @@ impl CustomOp3 for LayerNorm {
                 }
             });
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = cuda::device(xs);
+        cuda::with_float!("layer-norm", xs, T => {
+            let x = cuda::input::<T>("layer-norm", xs, xl)?;
+            let w = cuda::input::<T>("layer-norm", ws, wl)?;
+            let b = cuda::input::<T>("layer-norm", bs, bl)?;
+            let d = w.len();
+            if d == 0 || b.len() != d || x.len() % d != 0 {
+                candle_core::bail!("layer-norm: x {:?}, weight {:?}, bias {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
+            }
+            let rows = x.len() / d;
+            let mut y = cuda::alloc::<T>(dev, x.len())?;
+            let kernel = cuda::Kernel::typed::<T>(dev, "layer_norm_fwd")?;
+            let mut args = kernel.args();
+            let (r, di, eps) = (rows as i32, d as i32, self.eps as f32);
+            args.arg(&x).arg(&w).arg(&b).arg(&mut y).arg(&r).arg(&di).arg(&eps);
+            cuda::launch(args, cuda::warp_rows(rows))?;
+            Ok((cuda::storage(dev, y), xl.shape().clone()))
         })
     }
 
@@ -136,6 +170,50 @@ impl CustomOp3 for LayerNormBackward {
                 }
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from((rows + 2, d))))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = cuda::device(xs);
+        cuda::with_float!("layer-norm-backward", xs, T => {
+            let x = cuda::input::<T>("layer-norm-backward", xs, xl)?;
+            let w = cuda::input::<T>("layer-norm-backward", ws, wl)?;
+            let g = cuda::input::<T>("layer-norm-backward", gs, gl)?;
+            let d = w.len();
+            if d == 0 || x.len() % d != 0 || g.len() != x.len() {
+                candle_core::bail!("layer-norm-backward: x {:?}, weight {:?}, grad {:?} do not fit", xl.shape(), wl.shape(), gl.shape());
+            }
+            let rows = x.len() / d;
+            // The CPU's layout: [dx rows..., dweight, dbias] as (rows + 2, d).
+            let mut out = cuda::alloc::<T>(dev, (rows + 2) * d)?;
+            let mut stats = cuda::alloc::<f32>(dev, 2 * rows)?;
+            let (r, di, eps) = (rows as i32, d as i32, self.eps as f32);
+            {
+                let kernel = cuda::Kernel::typed::<T>(dev, "layer_norm_bwd_dx")?;
+                let mut args = kernel.args();
+                let mut dx = out.slice_mut(..rows * d);
+                args.arg(&x).arg(&w).arg(&g).arg(&mut dx).arg(&mut stats).arg(&r).arg(&di).arg(&eps);
+                cuda::launch(args, cuda::warp_rows(rows))?;
+            }
+            let (config, blocks) = cuda::row_blocks(rows, d);
+            let mut partials = cuda::alloc::<f32>(dev, blocks * 2 * d)?;
+            {
+                let kernel = cuda::Kernel::typed::<T>(dev, "layer_norm_bwd_partials")?;
+                let mut args = kernel.args();
+                args.arg(&x).arg(&g).arg(&stats).arg(&mut partials).arg(&r).arg(&di);
+                cuda::launch(args, config)?;
+            }
+            cuda::finish_column_sums(dev, &partials, blocks, 2 * d, &mut out.slice_mut(rows * d..))?;
+            Ok((cuda::storage(dev, out), Shape::from((rows + 2, d))))
         })
     }
 }

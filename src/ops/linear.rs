@@ -8,9 +8,13 @@
 //! transposes, and reduces the bias gradient in fixed row blocks. The GEMM ([`super::gemm`]) sums
 //! every element in one fixed order, so results depend neither on the thread count nor on the CPU.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda::{self, PushKernelArg as _};
 use super::gemm::{MatMut, MatRef, Threads, gemm};
 use super::{ROW_BLOCK, slice, with_real};
 
@@ -56,6 +60,43 @@ impl CustomOp3 for Linear {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, inp) = xl.shape().dims2()?;
+        let (out, w_in) = wl.shape().dims2()?;
+        if w_in != inp || bl.shape().elem_count() != out {
+            candle_core::bail!(
+                "linear: x {:?}, weight {:?}, bias {:?} do not fit",
+                xl.shape(),
+                wl.shape(),
+                bl.shape()
+            );
+        }
+        let dev = cuda::device(xs);
+        cuda::with_float!("linear", xs, T => {
+            let x = cuda::input::<T>("linear", xs, xl)?;
+            let w = cuda::input::<T>("linear", ws, wl)?;
+            let b = cuda::input::<T>("linear", bs, bl)?;
+            // y = b in every row, then y += x W^T.
+            let mut y = cuda::alloc::<T>(dev, rows * out)?;
+            let kernel = cuda::Kernel::typed::<T>(dev, "broadcast_rows")?;
+            let mut args = kernel.args();
+            args.arg(&b).arg(&mut y).arg(&rows).arg(&out);
+            cuda::launch(args, cuda::elementwise(rows * out))?;
+            let product = cuda::Product { tb: true, accumulate: true, ..cuda::Product::new(rows, out, inp) };
+            product.run(dev, &x, &w, &mut y.as_view_mut())?;
+            Ok((cuda::storage(dev, y), Shape::from((rows, out))))
+        })
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -98,6 +139,26 @@ impl CustomOp2 for GradInput {
             Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, inp))))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, out) = gl.shape().dims2()?;
+        let (_, inp) = wl.shape().dims2()?;
+        let dev = cuda::device(gs);
+        cuda::with_float!("linear-grad-input", gs, T => {
+            let g = cuda::input::<T>("linear-grad-input", gs, gl)?;
+            let w = cuda::input::<T>("linear-grad-input", ws, wl)?;
+            let mut dx = cuda::alloc::<T>(dev, rows * inp)?;
+            cuda::Product::new(rows, inp, out).run(dev, &g, &w, &mut dx.as_view_mut())?;
+            Ok((cuda::storage(dev, dx), Shape::from((rows, inp))))
+        })
+    }
 }
 
 /// `dW = g^T x`: `(out, rows) x (rows, in)`.
@@ -124,6 +185,27 @@ impl CustomOp2 for GradWeight {
             let (g, x) = (MatRef::row_major(g, rows, out).t(), MatRef::row_major(x, rows, inp));
             gemm(MatMut::row_major(&mut dw, out, inp), false, g, x, Threads::Pool);
             Ok((T::to_cpu_storage_owned(dw), Shape::from((out, inp))))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        xs: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, out) = gl.shape().dims2()?;
+        let (_, inp) = xl.shape().dims2()?;
+        let dev = cuda::device(gs);
+        cuda::with_float!("linear-grad-weight", gs, T => {
+            let g = cuda::input::<T>("linear-grad-weight", gs, gl)?;
+            let x = cuda::input::<T>("linear-grad-weight", xs, xl)?;
+            let mut dw = cuda::alloc::<T>(dev, out * inp)?;
+            let product = cuda::Product { ta: true, ..cuda::Product::new(out, inp, rows) };
+            product.run(dev, &g, &x, &mut dw.as_view_mut())?;
+            Ok((cuda::storage(dev, dw), Shape::from((out, inp))))
         })
     }
 }
@@ -159,6 +241,18 @@ impl CustomOp1 for GradBias {
                 }
             }
             Ok((T::to_cpu_storage_owned(db), Shape::from(out)))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, out) = gl.shape().dims2()?;
+        let dev = cuda::device(gs);
+        cuda::with_float!("linear-grad-bias", gs, T => {
+            let g = cuda::input::<T>("linear-grad-bias", gs, gl)?;
+            let mut db = cuda::alloc::<T>(dev, out)?;
+            cuda::column_sums(dev, &g, rows, out, &mut db.as_view_mut())?;
+            Ok((cuda::storage(dev, db), Shape::from(out)))
         })
     }
 }

@@ -2,6 +2,10 @@
 
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
+use super::cuda::{self, PushKernelArg as _};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{Real, slice, with_real};
@@ -80,12 +84,42 @@ impl CustomOp1 for CrossEntropy {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, classes) = xl.shape().dims2()?;
+        let dev = cuda::device(xs);
+        let x = cuda::input::<f32>("cross-entropy (f32 logits on CUDA)", xs, xl)?;
+        let (labels, weights) = self.upload(dev)?;
+        let mut row_loss = cuda::alloc::<f32>(dev, rows)?;
+        let mut out = cuda::alloc::<f32>(dev, 1)?;
+        let kernel = cuda::Kernel::plain(dev, "cross_entropy_fwd")?;
+        let mut args = kernel.args();
+        let (r, c, total) = (rows as i32, classes as i32, self.total_weight as f32);
+        args.arg(&x).arg(&labels).arg(&weights).arg(&mut row_loss).arg(&mut out).arg(&r).arg(&c).arg(&total);
+        let one_block =
+            cuda::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        cuda::launch(args, one_block)?;
+        Ok((cuda::storage(dev, out), Shape::from(())))
+    }
+
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(logits.apply_op2_no_bwd(grad, &CrossEntropyBackward(self.clone()))?))
     }
 }
 
 /// `d logits = grad * w_row / total_weight * (softmax - onehot(label))`.
+#[cfg(feature = "cuda")]
+impl CrossEntropy {
+    /// Labels and per-row weights as device buffers.
+    fn upload(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<(cuda::CudaSlice<u32>, cuda::CudaSlice<f32>)> {
+        let weights: Vec<f32> = self.weights.iter().map(|&w| w as f32).collect();
+        Ok((cuda::upload(dev, &self.labels)?, cuda::upload(dev, &weights)?))
+    }
+}
+
 struct CrossEntropyBackward(CrossEntropy);
 
 impl CustomOp2 for CrossEntropyBackward {
@@ -114,6 +148,28 @@ impl CustomOp2 for CrossEntropyBackward {
             }
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, classes) = xl.shape().dims2()?;
+        let dev = cuda::device(xs);
+        let x = cuda::input::<f32>("cross-entropy-backward (f32 logits on CUDA)", xs, xl)?;
+        let g = cuda::input::<f32>("cross-entropy-backward", gs, gl)?;
+        let (labels, weights) = self.0.upload(dev)?;
+        let mut dx = cuda::alloc::<f32>(dev, rows * classes)?;
+        let kernel = cuda::Kernel::plain(dev, "cross_entropy_bwd")?;
+        let mut args = kernel.args();
+        let (r, c, total) = (rows as i32, classes as i32, self.0.total_weight as f32);
+        args.arg(&x).arg(&labels).arg(&weights).arg(&g).arg(&mut dx).arg(&r).arg(&c).arg(&total);
+        cuda::launch(args, cuda::elementwise(rows))?;
+        Ok((cuda::storage(dev, dx), xl.shape().clone()))
     }
 }
 
