@@ -70,24 +70,32 @@ transformers.BertModel(config).save_pretrained(sys.argv[2])
 for f in ("tokenizer.json", "vocab.txt"):
     shutil.copy(f"{sys.argv[1].rsplit('/', 1)[0]}/{f}", sys.argv[2])
 EOF
-  for dtype in f32 bf16; do
-    log "pipe throughput, $dtype"
-    if "$pack/bin/train_step" 128 32 40 --device cuda --dtype $dtype --model "$shape" --ops >"$out/pipe-$dtype.txt" 2>&1; then
-      record "pipe-throughput-$dtype" pass "$(grep '^RESULT ' "$out/pipe-$dtype.txt" | cut -d' ' -f2-)"
-    else
-      record "pipe-throughput-$dtype" fail "$(tail -20 "$out/pipe-$dtype.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')"
-    fi
-    tail -3 "$out/pipe-$dtype.txt"
-    log "reference throughput, $dtype"
-    flag=; [ $dtype = bf16 ] && flag=--bf16
-    if python3 "$pack/a/hf_finetune.py" --model-dir "$shape" --train data/sst2/train-4000.csv \
-      --validation data/sst2/validation.csv --max-steps 50 --warmup-steps-for-timing 10 --no-eval \
-      --device cuda $flag --no-datasets --padding max_length --max-length 128 --batch-size 32 \
-      --out-json "$out/reference-$dtype.json" >"$out/reference-$dtype.txt" 2>&1; then
-      record "reference-throughput-$dtype" pass "$(python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["metrics"]))' "$out/reference-$dtype.json")"
-    else
-      record "reference-throughput-$dtype" fail "$(tail -20 "$out/reference-$dtype.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')"
-    fi
+  # Interleaved repeats (GPU_CHECK_REPEATS, default 3): the summary reports medians, and the
+  # machine's drift between repeats hits both tools alike.
+  local rep
+  for rep in $(seq 1 "${GPU_CHECK_REPEATS:-3}"); do
+    for dtype in f32 bf16; do
+      local ops=; [ "$rep" = 1 ] && ops=--ops
+      log "pipe throughput, $dtype, repeat $rep"
+      local txt=$out/pipe-$dtype-$rep.txt
+      if "$pack/bin/train_step" 128 32 40 --device cuda --dtype $dtype --model "$shape" $ops >"$txt" 2>&1; then
+        record "pipe-throughput-$dtype" pass "$(grep '^RESULT ' "$txt" | cut -d' ' -f2-)"
+      else
+        record "pipe-throughput-$dtype" fail "$(tail -20 "$txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')"
+      fi
+      tail -3 "$txt"
+      log "reference throughput, $dtype, repeat $rep"
+      local flag=; [ $dtype = bf16 ] && flag=--bf16
+      local json=$out/reference-$dtype-$rep.json
+      if python3 "$pack/a/hf_finetune.py" --model-dir "$shape" --train data/sst2/train-4000.csv \
+        --validation data/sst2/validation.csv --max-steps 50 --warmup-steps-for-timing 10 --no-eval \
+        --device cuda $flag --no-datasets --padding max_length --max-length 128 --batch-size 32 \
+        --out-json "$json" >"$out/reference-$dtype-$rep.txt" 2>&1; then
+        record "reference-throughput-$dtype" pass "$(python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["metrics"]))' "$json")"
+      else
+        record "reference-throughput-$dtype" fail "$(tail -20 "$out/reference-$dtype-$rep.txt" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')"
+      fi
+    done
   done
 }
 
@@ -166,15 +174,27 @@ json.dump({"gpu": sys.argv[3], "steps": steps}, open(f"{sys.argv[2]}/summary.jso
 by = {s["step"]: s for s in steps}
 lines = [f"# GPU check on {sys.argv[3]}", "", "| step | status |", "| --- | --- |"]
 lines += [f"| {s['step']} | {s['status']} |" for s in steps]
-def rate(step, key):
-    r = by.get(step, {}).get("result") or {}
-    return r.get(key) if isinstance(r, dict) else None
-lines += ["", "| samples/s, len 128, batch 32 | f32 | bf16 |", "| --- | --- | --- |"]
+def rates(step, key):
+    return sorted(s["result"][key] for s in steps
+                  if s["step"] == step and s["status"] == "pass" and isinstance(s["result"], dict))
+def median(v):
+    return v[len(v) // 2] if v else None
+lines += ["", "| samples/s, len 128, batch 32 (median of repeats; all) | f32 | bf16 |", "| --- | --- | --- |"]
+table = {}
 for label, tool, key in [("pipe, SST-2 rows padded to 128", "pipe-throughput", "sst2_samples_per_s"),
                          ("pipe, dense rows", "pipe-throughput", "dense_samples_per_s"),
                          ("PyTorch eager (padded to 128 = dense FLOPs)", "reference-throughput", "train_samples_per_s_median_step")]:
-    vals = [rate(f"{tool}-{d}", key) for d in ("f32", "bf16")]
-    lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.0f}" for v in vals) + " |")
+    cells = []
+    for d in ("f32", "bf16"):
+        v = rates(f"{tool}-{d}", key)
+        table[(label, d)] = median(v)
+        cells.append("-" if not v else f"**{median(v):.0f}** ({', '.join(f'{x:.0f}' for x in v)})")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+for d in ("f32", "bf16"):
+    ref = table[("PyTorch eager (padded to 128 = dense FLOPs)", d)]
+    if ref:
+        sst2, dense = table[("pipe, SST-2 rows padded to 128", d)], table[("pipe, dense rows", d)]
+        lines.append(f"\n{d}: pipe / PyTorch = {sst2 / ref:.2f}x on padded SST-2 rows, {dense / ref:.2f}x on dense rows" if sst2 and dense else "")
 for run in ("f32-a", "f32-b", "bf16"):
     r = by.get(f"recipe-{run}", {}).get("result")
     if isinstance(r, dict):

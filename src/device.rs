@@ -2,9 +2,10 @@
 //! the GPU's identity for stage keys and run records.
 //!
 //! On the CPU, pipe's bits are the same on every machine (see `ops`). On a GPU they are the same
-//! run after run on one GPU model, but cuBLAS picks its kernels by architecture and size, so
-//! another model may round differently: a GPU stage's key names the GPU model and compute
-//! capability (not its ordinal: `cuda:0` and `cuda:1` of one model share results).
+//! run after run, but they also depend on the GPU model and its multiprocessor count (cuBLAS picks
+//! kernels by both), on cuBLAS's version, and on the driver, which compiles pipe's kernels from
+//! PTX: a GPU stage's key names all of these and the digest of the kernels (not the GPU's
+//! ordinal: `cuda:0` and `cuda:1` of one model share results).
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -54,7 +55,7 @@ pub enum DeviceError {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub device: Device,
-    /// `"<name> (sm_<major><minor>)"` for a GPU, `None` for the CPU.
+    /// For a GPU, what its bits depend on (see [`identity`]); `None` for the CPU.
     pub gpu: Option<String>,
 }
 
@@ -97,8 +98,33 @@ fn open_cuda(device: &str, ordinal: usize) -> Result<Target, DeviceError> {
     // cudarc's cross-stream events would only add driver calls to every launch. Nothing has been
     // allocated on the device yet.
     unsafe { dev.disable_event_tracking() };
+    let gpu = identity(dev).map_err(no_gpu)?;
+    Ok(Target { device: cuda, gpu: Some(gpu) })
+}
+
+/// Everything a GPU run's bits depend on besides its inputs: the GPU model, its compute
+/// capability and multiprocessor count (cuBLAS picks kernels by both), the driver (it compiles
+/// pipe's PTX, and may fuse a multiply and an add differently from one version to the next),
+/// cuBLAS's version, and the digest of pipe's own kernels.
+#[cfg(feature = "cuda")]
+fn identity(dev: &candle_core::cuda_backend::CudaDevice) -> Result<String, String> {
+    use candle_core::cuda_backend::cudarc::{cublas, driver};
     let context = dev.cuda_stream().context().clone();
-    let name = context.name().map_err(|e| no_gpu(e.to_string()))?;
-    let (major, minor) = context.compute_capability().map_err(|e| no_gpu(e.to_string()))?;
-    Ok(Target { device: cuda, gpu: Some(format!("{name} (sm_{major}{minor})")) })
+    let name = context.name().map_err(|e| e.to_string())?;
+    let (major, minor) = context.compute_capability().map_err(|e| e.to_string())?;
+    let sms = context
+        .attribute(driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| e.to_string())?;
+    let mut version = 0;
+    // SAFETY: the driver writes one int.
+    unsafe { driver::sys::cuDriverGetVersion(&mut version) }.result().map_err(|e| e.to_string())?;
+    let driver = format!("{}.{}", version / 1000, version % 1000 / 10);
+    let mut version = 0;
+    // SAFETY: a live handle of this device; cuBLAS writes one int.
+    let status = unsafe { cublas::sys::cublasGetVersion_v2(*dev.cublas_handle().handle(), &mut version) };
+    if status != cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(format!("cuBLAS does not answer: {status:?}"));
+    }
+    let kernels = crate::ops::cuda::kernels_digest();
+    Ok(format!("{name} (sm_{major}{minor}, {sms} SMs), driver {driver}, cuBLAS {version}, kernels {kernels}"))
 }

@@ -185,6 +185,10 @@ impl AdamW {
         self.step += 1;
         let t = self.step;
         let [b1, b2] = self.config.betas;
+        #[cfg(feature = "cuda")]
+        if matches!(self.moments.first(), Some(Moments::Cuda { .. })) {
+            return self.step_cuda(grads, lr, grad_scale);
+        }
         for (i, (_, var)) in self.params.iter().enumerate() {
             let kernel = AdamWKernel {
                 lr: lr as f32,
@@ -207,44 +211,133 @@ impl AdamW {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl AdamW {
+    /// The update of every parameter in one launch (`adamw_multi` in `ops/cuda/kernels.cu`, the
+    /// CPU's arithmetic): a step's hundred parameters cost one kernel, not a hundred.
+    fn step_cuda(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> candle_core::Result<()> {
+        use crate::ops::cuda::{self, PushKernelArg as _};
+        let Some(Moments::Cuda { device, .. }) = self.moments.first() else {
+            candle_core::bail!("adamw: the moments are not on the GPU");
+        };
+        let device = device.clone();
+        let stream = device.cuda_stream();
+        let t = self.step;
+        let [b1, b2] = self.config.betas;
+        // The gradients (kept alive until the launch is queued; frees are stream-ordered) and
+        // every buffer's address.
+        let mut kept = Vec::with_capacity(grads.len());
+        let (mut params, mut grad_ptrs, mut ms, mut vs, mut sizes, mut decays) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (_, var)) in self.params.iter().enumerate() {
+            let grad = match &grads[i] {
+                Some(g) => g.contiguous()?,
+                None => var.zeros_like()?,
+            };
+            let Moments::Cuda { m, v, .. } = &self.moments[i] else {
+                candle_core::bail!("adamw: parameters are on different devices");
+            };
+            params.push(cuda::address(var.as_tensor())?);
+            grad_ptrs.push(cuda::address(&grad)?);
+            ms.push(cuda::slice_address(m, &stream));
+            vs.push(cuda::slice_address(v, &stream));
+            sizes.push(var.elem_count() as u64);
+            let weight_decay = if self.decays[i] { self.config.weight_decay as f32 } else { 0.0 };
+            decays.push(1.0 - lr as f32 * weight_decay);
+            kept.push(grad);
+        }
+        let upload = |v: &[u64]| cuda::upload(&device, v);
+        let (params, grad_ptrs, ms, vs, sizes) =
+            (upload(&params)?, upload(&grad_ptrs)?, upload(&ms)?, upload(&vs)?, upload(&sizes)?);
+        let decays = cuda::upload(&device, &decays)?;
+        let kernel = cuda::Kernel::plain(&device, "adamw_multi")?;
+        let mut args = kernel.args();
+        // As the CPU's kernel: the bias corrections in f64 from the f64 betas, then f32.
+        let step_size = (lr / (1.0 - powi(b1, t))) as f32;
+        let bc2_sqrt = (1.0 - powi(b2, t)).sqrt() as f32;
+        let (b1, b2, eps, grad_scale) = (b1 as f32, b2 as f32, self.config.eps as f32, grad_scale as f32);
+        args.arg(&params).arg(&grad_ptrs).arg(&ms).arg(&vs).arg(&sizes).arg(&decays);
+        args.arg(&b1).arg(&b2).arg(&eps).arg(&step_size).arg(&bc2_sqrt).arg(&grad_scale);
+        let config = cuda::LaunchConfig {
+            grid_dim: (256, self.params.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cuda::launch(args, config)?;
+        drop(kept);
+        Ok(())
+    }
+}
+
 /// The global L2 norm of `grads`, computed in f64 over fixed chunks in a fixed order so that it
 /// is bit-identical whatever the thread count. Missing gradients count as zero.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
+    #[cfg(feature = "cuda")]
+    if grads.iter().flatten().next().is_some_and(|g| g.device().is_cuda()) {
+        return global_grad_norm_cuda(grads);
+    }
     let mut total = 0f64;
     for g in grads.iter().flatten() {
         let g = g.contiguous()?;
         let (storage, layout) = g.storage_and_layout();
-        let partials: Vec<f64> = match &*storage {
-            candle_core::Storage::Cpu(cpu) => {
-                let values = crate::ops::slice::<f32>("global_grad_norm", cpu, layout)?;
-                values
-                    .par_chunks(CHUNK)
-                    .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-                    .collect()
-            }
-            #[cfg(feature = "cuda")]
-            candle_core::Storage::Cuda(storage) => {
-                use crate::ops::cuda::{self, PushKernelArg as _};
-                let dev = &storage.device;
-                let values = cuda::input::<f32>("global_grad_norm", storage, layout)?;
-                let (n, chunk) = (values.len(), CHUNK);
-                let blocks = n.div_ceil(chunk).max(1);
-                let mut partials = dev.alloc_zeros::<f64>(blocks)?;
-                let kernel = cuda::Kernel::plain(dev, "sum_squares_partials")?;
-                let mut args = kernel.args();
-                args.arg(&values).arg(&n).arg(&chunk).arg(&mut partials);
-                let config = cuda::LaunchConfig {
-                    grid_dim: (blocks as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                cuda::launch(args, config)?;
-                dev.clone_dtoh(&partials)?
-            }
-            #[allow(unreachable_patterns)]
-            _ => candle_core::bail!("global_grad_norm: gradients must be on the CPU or a GPU"),
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("global_grad_norm: gradients must all be on one device");
         };
+        let values = crate::ops::slice::<f32>("global_grad_norm", cpu, layout)?;
+        let partials: Vec<f64> = values
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .collect();
         total += partials.iter().sum::<f64>();
+    }
+    Ok(total.sqrt())
+}
+
+/// The same sums on the GPU: one launch over every gradient's chunks (each chunk reduced by a
+/// fixed tree), one read-back of the partials, added up as the CPU does (chunk by chunk within a
+/// gradient, then gradient by gradient).
+#[cfg(feature = "cuda")]
+fn global_grad_norm_cuda(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
+    use crate::ops::cuda::{self, PushKernelArg as _};
+    let kept: Vec<Tensor> =
+        grads.iter().flatten().map(|g| g.contiguous()).collect::<candle_core::Result<_>>()?;
+    let candle_core::Device::Cuda(device) = kept[0].device().clone() else {
+        unreachable!("checked by the caller")
+    };
+    let (mut addresses, mut sizes, mut tensors, mut starts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, g) in kept.iter().enumerate() {
+        addresses.push(cuda::address(g)?);
+        sizes.push(g.elem_count() as u64);
+        for start in (0..g.elem_count()).step_by(CHUNK) {
+            tensors.push(i as u32);
+            starts.push(start as u64);
+        }
+    }
+    if tensors.is_empty() {
+        return Ok(0.0);
+    }
+    let mut partials = device.alloc_zeros::<f64>(tensors.len())?;
+    let sizes_host = sizes;
+    let (addresses, sizes) = (cuda::upload(&device, &addresses)?, cuda::upload(&device, &sizes_host)?);
+    let (block_tensors, block_starts) = (cuda::upload(&device, &tensors)?, cuda::upload(&device, &starts)?);
+    let kernel = cuda::Kernel::plain(&device, "sum_squares_partials")?;
+    let mut args = kernel.args();
+    let chunk = CHUNK;
+    args.arg(&addresses).arg(&sizes).arg(&block_tensors).arg(&block_starts).arg(&chunk).arg(&mut partials);
+    let config = cuda::LaunchConfig {
+        grid_dim: (tensors.len() as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    cuda::launch(args, config)?;
+    let partials = device.clone_dtoh(&partials)?;
+    drop(kept);
+    let mut total = 0f64;
+    for i in 0..sizes_host.len() {
+        let first = tensors.partition_point(|&t| (t as usize) < i);
+        let last = tensors.partition_point(|&t| (t as usize) <= i);
+        total += partials[first..last].iter().sum::<f64>();
     }
     Ok(total.sqrt())
 }
@@ -312,34 +405,6 @@ impl InplaceOp2 for AdamWKernel<'_> {
                 }
             });
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        src: &candle_core::CudaStorage,
-        src_l: &Layout,
-    ) -> candle_core::Result<()> {
-        use crate::ops::cuda::{self, PushKernelArg as _};
-        let dev = src.device.clone();
-        let mut p = cuda::input_mut::<f32>("adamw", dst, dst_l)?;
-        let g = cuda::input::<f32>("adamw", src, src_l)?;
-        let mut moments = self.moments.borrow_mut();
-        let Moments::Cuda { m, v, .. } = &mut **moments else {
-            candle_core::bail!("adamw: the moments are not on the GPU");
-        };
-        let n = g.len();
-        if p.len() != n || m.len() != n {
-            candle_core::bail!("adamw: {} parameters, {n} gradients, {} moments", p.len(), m.len());
-        }
-        let kernel = cuda::Kernel::plain(&dev, "adamw_step")?;
-        let mut args = kernel.args();
-        let decay = 1.0 - self.lr * self.weight_decay;
-        args.arg(&mut p).arg(&g).arg(m).arg(v).arg(&n).arg(&decay).arg(&self.beta1).arg(&self.beta2);
-        args.arg(&self.eps).arg(&self.step_size).arg(&self.bias_correction2_sqrt).arg(&self.grad_scale);
-        cuda::launch(args, cuda::elementwise(n))
     }
 }
 

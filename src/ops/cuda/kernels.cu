@@ -470,11 +470,22 @@ extern "C" __global__ void cross_entropy_bwd(const float* x, const uint32_t* lab
   }
 }
 
-// torch.optim.AdamW's update, as ops/../optim/adamw.rs does it on the CPU.
-extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, size_t n,
-                                      float decay, float b1, float b2, float eps, float step_size,
-                                      float bc2_sqrt, float grad_scale) {
-  FOR_EACH(i, n) {
+// torch.optim.AdamW's update of every parameter in one launch (optim/adamw.rs does the same on
+// the CPU): blockIdx.y picks the tensor, whose buffers and size come from device arrays of raw
+// addresses; each element's arithmetic is the CPU's, operation for operation.
+extern "C" __global__ void adamw_multi(const uint64_t* params, const uint64_t* grads,
+                                       const uint64_t* ms, const uint64_t* vs,
+                                       const uint64_t* sizes, const float* decays, float b1,
+                                       float b2, float eps, float step_size, float bc2_sqrt,
+                                       float grad_scale) {
+  const int t = blockIdx.y;
+  float* p = (float*)params[t];
+  const float* g = (const float*)grads[t];
+  float* m = (float*)ms[t];
+  float* v = (float*)vs[t];
+  const float decay = decays[t];
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < sizes[t];
+       i += (size_t)blockDim.x * gridDim.x) {
     const float gi = g[i] * grad_scale;
     m[i] += (gi - m[i]) * (1.0f - b1);
     v[i] = v[i] * b2 + (1.0f - b2) * gi * gi;
@@ -483,13 +494,16 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
   }
 }
 
-// partials[block] = sum of squares (in double) of chunk `block` of g, chunk elements summed by a
-// fixed tree: 256 threads each sum a fixed stride, then a fixed pairwise reduction.
-extern "C" __global__ void sum_squares_partials(const float* g, size_t n, size_t chunk,
-                                                double* partials) {
+// partials[b] = sum of squares (in double) of chunk b: elements [starts[b], starts[b] + chunk) of
+// tensor tensors[b] (clipped to its size), summed by a fixed tree: 256 threads each sum a fixed
+// stride, then a fixed pairwise reduction. Every tensor's chunks, in one launch.
+extern "C" __global__ void sum_squares_partials(const uint64_t* grads, const uint64_t* sizes,
+                                                const uint32_t* tensors, const uint64_t* starts,
+                                                size_t chunk, double* partials) {
   __shared__ double acc[256];
-  const size_t begin = blockIdx.x * chunk;
-  const size_t end = min(n, begin + chunk);
+  const float* g = (const float*)grads[tensors[blockIdx.x]];
+  const size_t begin = starts[blockIdx.x];
+  const size_t end = min((size_t)sizes[tensors[blockIdx.x]], begin + chunk);
   double s = 0.0;
   for (size_t i = begin + threadIdx.x; i < end; i += 256) s += (double)g[i] * (double)g[i];
   acc[threadIdx.x] = s;

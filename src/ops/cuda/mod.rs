@@ -30,6 +30,13 @@ use candle_core::{Layout, Result, bail};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/pipe_kernels.ptx"));
 const MODULE: &str = "pipe_kernels";
 
+/// The first 12 hex digits of the SHA-256 of pipe's PTX: part of a GPU stage's key, so that any
+/// change to `kernels.cu` (even one that only moves where the driver fuses a multiply and an
+/// add) gives new keys rather than other bits under an old one.
+pub(crate) fn kernels_digest() -> String {
+    crate::digest::bytes(PTX.as_bytes())[..12].to_string()
+}
+
 /// Threads per block for element-wise kernels and warp-per-row kernels (8 rows per block).
 const BLOCK: u32 = 256;
 
@@ -155,16 +162,6 @@ pub(crate) fn input<'a, T: Float>(
     Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
 }
 
-/// The contiguous elements behind an in-place operand's layout.
-pub(crate) fn input_mut<'a, T: Float>(
-    op: &str,
-    storage: &'a mut CudaStorage,
-    layout: &Layout,
-) -> Result<CudaViewMut<'a, T>> {
-    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: input must be contiguous") };
-    Ok(storage.as_cuda_slice_mut::<T>()?.slice_mut(start..end))
-}
-
 /// A new uninitialised device buffer (every element is written before it is read).
 pub(crate) fn alloc<T: Float>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: callers write every element before anything reads it.
@@ -184,6 +181,25 @@ pub(crate) fn storage<T: Float>(dev: &CudaDevice, slice: CudaSlice<T>) -> CudaSt
 /// The device of a storage.
 pub(crate) fn device(storage: &CudaStorage) -> &CudaDevice {
     storage.device()
+}
+
+/// The device address of a contiguous f32 tensor's first element, for kernels that take many
+/// tensors at once through an array of addresses. The caller keeps the tensor alive until the
+/// launch is queued (frees are stream-ordered, so the kernel still sees the buffer).
+pub(crate) fn address(t: &candle_core::Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*storage else { bail!("expected a tensor on the GPU") };
+    if !layout.is_contiguous() {
+        bail!("expected a contiguous tensor");
+    }
+    let stream = cs.device.cuda_stream();
+    Ok(slice_address(cs.as_cuda_slice::<f32>()?, &stream) + (layout.start_offset() * 4) as u64)
+}
+
+/// The device address of a buffer.
+pub(crate) fn slice_address<T>(slice: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr as _;
+    slice.device_ptr(stream).0
 }
 
 /// A row-major matrix product `c (m x n) = op(a) op(b)` (`+= ` when `accumulate`), repeated over
