@@ -2,8 +2,8 @@
 //!
 //! `cargo bench --bench train_step [-- LEN BATCH [STEPS]] [--device cuda] [--dtype bf16]
 //! [--model DIR]` (needs `scripts/fetch-model.sh`, or any model of MiniLM's shape in DIR: speed
-//! does not depend on the weights; `--device cuda` needs a build with `--features cuda`). Two runs, each the
-//! median of STEPS (default 8) steps after 2 warm-up steps:
+//! does not depend on the weights; `--device cuda` needs a build with `--features cuda`). Two
+//! runs, each the median of STEPS (default 8) steps after 2 warm-up steps:
 //! - `sst2`: real SST-2 training rows (tokenized, truncated at LEN) padded to LEN, the fixed shape
 //!   the reference recipe trains on; reports samples/s and real tokens/s.
 //! - `dense`: every one of the LEN positions a real token, to relate the step's matmul FLOP/s to

@@ -255,9 +255,10 @@ impl Attention {
 }
 
 /// The GPU's attention: the packed rows are laid out as `(segments, heads, L, head_dim)` (zero
-/// beyond each segment, `L` the longest rounded up to a multiple of 8), so that every (segment, head) pair's products run in
-/// one strided batched cuBLAS call; the softmax, the dropout mask (the CPU's counter, bit for bit)
-/// and its backward are warp-per-row kernels that skip the padding.
+/// beyond each segment, `L` the longest rounded up to a multiple of 8), so that every (segment,
+/// head) pair's products run in one strided batched cuBLAS call; the softmax, the dropout mask
+/// (the CPU's counter, bit for bit) and its backward are warp-per-row kernels that skip the
+/// padding. The backward recomputes the probabilities, as the CPU's does.
 #[cfg(feature = "cuda")]
 struct DeviceLayout {
     starts: CudaSlice<i32>,

@@ -6,10 +6,11 @@
 //! holds what the CUDA halves share. The kernels themselves are in `kernels.cu`, compiled to PTX
 //! by `build.rs` and loaded once per device.
 //!
-//! Bits: on one GPU model with one cuBLAS version, results are a function of the inputs alone
-//! (no atomics, fixed reduction shapes, see `kernels.cu`; cuBLAS is deterministic on one stream).
-//! They are not the CPU's bits: cuBLAS sums in its own order, and `expf`/`erff` are CUDA's. That
-//! is why a stage's key names the GPU it ran on (see [`crate::device`]).
+//! Bits: run after run, results are a function of the inputs alone (no atomics, fixed reduction
+//! shapes, see `kernels.cu`; cuBLAS is deterministic on one stream). They are not the CPU's bits
+//! (cuBLAS sums in its own order, `expf`/`erff` are CUDA's), and they depend on the GPU, cuBLAS,
+//! the driver that compiles the PTX, and the PTX itself: a GPU stage's key names all of them
+//! (see [`crate::device`] and [`kernels_digest`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -268,9 +269,9 @@ impl Product {
         // SAFETY: the buffers hold `batch` matrices of the stated sizes (checked above).
         let done = unsafe {
             if batch == 1 {
-                // The plain call for one product: cuBLAS may then split a long k over several
-                // blocks (a weight gradient has a small output and k = tokens), which its batched
-                // routine does not. Still deterministic: the split is fixed by the shape.
+                // A single product through the plain call, as frameworks make it, so that cuBLAS
+                // chooses among all its kernels for the shape (the choice is fixed by the shape,
+                // so still deterministic).
                 blas.gemm(gemm, b, a, c)
             } else {
                 blas.gemm_strided_batched(config, b, a, c)
