@@ -52,5 +52,6 @@ pub mod rng;
 pub mod runtime;
 pub mod stages;
 pub mod store;
+pub mod sweep;
 pub mod train;
 pub mod verify;
