@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::fixture;
 use pipe::model::{Batch, BertClassifier, Dropout, Mode};
-use pipe::optim::{OptimizerConfig, ScheduleConfig};
+use pipe::optim::{OptimizerConfig, ScheduleConfig, ScheduleKind};
 use pipe::train::{Examples, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -147,4 +147,32 @@ fn saved_model_loads_back_bit_exactly_in_hugging_face_layout() {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
     assert!(meta.tensors().contains_key("bert.encoder.layer.1.output.LayerNorm.weight"));
+}
+
+/// `train.stop_after_epoch` ends training after that epoch while the learning rate follows the
+/// whole run's schedule: the weights are exactly the full run's after that epoch, so a sweep's
+/// pruned trial is an ordinary, reproducible run.
+#[test]
+fn stop_after_epoch_gives_the_full_runs_weights_at_that_epoch() {
+    let (ids, labels) = synthetic();
+    let data = Examples { ids: &ids, labels: &labels };
+    let optimizer = OptimizerConfig { lr: 5e-3, ..Default::default() };
+    let schedule = ScheduleConfig { kind: ScheduleKind::Linear, warmup_steps: 0, warmup_ratio: 0.0 };
+    let config = TrainConfig { epochs: 3, batch_size: 16, ..Default::default() };
+    let make = |config: TrainConfig| {
+        Trainer::new(tiny_model(), optimizer.clone(), schedule.clone(), config, 0, data).unwrap()
+    };
+    let mut stopped = make(TrainConfig { stop_after_epoch: Some(2), ..config.clone() });
+    let mut full = make(config);
+    let mut stopped_lrs = Vec::new();
+    while !stopped.finished() {
+        stopped_lrs.push(stopped.step(data).unwrap().lr);
+    }
+    assert_eq!(stopped.steps_done(), 2 * stopped.steps_per_epoch());
+    assert_eq!(stopped.total_steps(), full.total_steps(), "the schedule still spans every epoch");
+    let full_lrs: Vec<f64> = (0..stopped.steps_done()).map(|_| full.step(data).unwrap().lr).collect();
+    assert_eq!(stopped_lrs, full_lrs);
+    assert!(*stopped_lrs.last().unwrap() > 1e-4, "the rate did not decay to zero at the stop");
+    assert!(!full.finished());
+    assert_eq!(weights_digest(stopped.model()), weights_digest(full.model()));
 }

@@ -153,6 +153,12 @@ fn invalid_values_point_at_the_value_in_the_file() {
         ("[tokenizer]\nmax_length = 1\n", "p.toml:8:14: `tokenizer.max_length` must be at least 2"),
         ("[model.x]\n", "unknown key `x` in [model]"),
         ("[schedule]\nwarmup_ratio = 1.0\n", "p.toml:8:16: `schedule.warmup_ratio` must be in [0, 1)"),
+        (
+            "[train]\nepochs = 2\nstop_after_epoch = 3\n",
+            "p.toml:9:20: `train.stop_after_epoch` is 3, after the last of `train.epochs` = 2",
+        ),
+        ("[train]\nstop_after_epoch = 0\n", "p.toml:8:20: `train.stop_after_epoch` must be at least 1"),
+        ("[train]\ndtype = \"bf16\"\n", "unknown key `dtype` in [train]"),
     ];
     for (extra, want) in cases {
         let message = error_text(&format!("{MINIMAL}{extra}"), &[], &[]);

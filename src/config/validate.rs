@@ -107,6 +107,19 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         at_least_one("train.grad_accum_steps", p.train.grad_accum_steps as u64),
         p.train.max_grad_norm.and_then(|norm| positive("train.max_grad_norm", norm)),
         p.train.max_steps.and_then(|steps| at_least_one("train.max_steps", steps)),
+        p.train.stop_after_epoch.and_then(|epoch| {
+            at_least_one("train.stop_after_epoch", epoch).or_else(|| {
+                (epoch > p.train.epochs).then(|| {
+                    problem(
+                        "train.stop_after_epoch",
+                        format!(
+                            "`train.stop_after_epoch` is {epoch}, after the last of `train.epochs` = {}",
+                            p.train.epochs
+                        ),
+                    )
+                })
+            })
+        }),
         p.train.eval_every_steps.and_then(|steps| at_least_one("train.eval_every_steps", steps)),
         p.train.early_stopping.as_ref().and_then(|stopping| early_stopping_problem(p, stopping)),
         p.train.class_weights.as_ref().and_then(class_weights_problem),

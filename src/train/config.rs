@@ -22,6 +22,12 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Stop after this many optimizer steps, even mid-epoch (the schedule is sized to it).
     pub max_steps: Option<u64>,
+    /// End training after this epoch while the learning-rate schedule still runs over all
+    /// `epochs`: the weights are exactly those the full run has after that epoch. A sweep's pruned
+    /// trial is this run. (Left out of the stage key when unset.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub stop_after_epoch: Option<u64>,
     /// Shuffle the training rows every epoch (seeded).
     pub shuffle: bool,
     /// Group rows of similar length into the same batch (less padding, faster); batches are still
@@ -50,6 +56,7 @@ impl Default for TrainConfig {
             grad_accum_steps: 1,
             max_grad_norm: None,
             max_steps: None,
+            stop_after_epoch: None,
             shuffle: true,
             length_bucketing: false,
             eval_every_epoch: true,

@@ -153,9 +153,17 @@ impl Trainer {
         self.optimizer.steps()
     }
 
-    /// Whether every step of the run is done.
+    /// The step training ends after: the last one, or the last of `stop_after_epoch`.
+    pub fn last_step(&self) -> u64 {
+        match self.config.stop_after_epoch {
+            Some(epoch) => self.total_steps.min(epoch.saturating_mul(self.steps_per_epoch)),
+            None => self.total_steps,
+        }
+    }
+
+    /// Whether every step of the run is done (up to `stop_after_epoch` when set).
     pub fn finished(&self) -> bool {
-        self.steps_done() >= self.total_steps
+        self.steps_done() >= self.last_step()
     }
 
     /// Epochs done so far, fractional mid-epoch.
@@ -172,7 +180,7 @@ impl Trainer {
         step > 0
             && ((c.eval_every_epoch && step.is_multiple_of(self.steps_per_epoch))
                 || c.eval_every_steps.is_some_and(|n| step.is_multiple_of(n))
-                || (c.evaluates() && step == self.total_steps))
+                || (c.evaluates() && step == self.last_step()))
     }
 
     /// Runs the next optimizer step: its micro-batches' forward and backward passes, clipping, and
