@@ -54,7 +54,7 @@
 
 mod error;
 mod keys;
-mod layers;
+pub(crate) mod layers;
 mod schema;
 mod source;
 mod validate;
