@@ -1,7 +1,8 @@
 //! What a run record says about the machine and the binary that made it.
 //!
-//! Results do not depend on any of this (the kernels sum in a fixed order on every CPU and path,
-//! and never call the system's math library), so none of it is part of a stage key. It is recorded
+//! On the CPU, results do not depend on any of this (the kernels sum in a fixed order on every CPU
+//! and path, and never call the system's math library), so none of it is part of a stage key. A
+//! GPU run's `gpu` line is also in its train key (see `crate::device`). It is recorded
 //! so that `pipe reproduce` can name what differs between the recording machine and this one if
 //! bits ever do: the CPU (model, SIMD features, caches), the kernel path used, the C library, the
 //! pipe version and the commit it was built from, the stage versions and the thread count.

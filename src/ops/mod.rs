@@ -3,14 +3,15 @@
 //!
 //! candle 0.11's fast `layer_norm` and `softmax_last_dim` are built without a backward pass, so a
 //! model that uses them trains only the layers after its last LayerNorm, silently. Every op here is
-//! a candle `CustomOp` with a forward *and* a backward, written for f32 and f64 (f64 for the finite
-//! difference tests).
+//! a candle `CustomOp` with a forward *and* a backward; its `cpu_fwd` is written for f32 and f64
+//! (f64 for the finite difference tests), its `cuda_fwd` for f32 and bf16 (see `cuda`).
 //!
-//! Results are a function of the inputs alone, never of the machine or the thread count: kernels
-//! run rows in parallel with rayon, and any reduction across rows sums fixed blocks in a fixed
-//! order; matrix products go through pipe's own [`gemm`], which sums each element in one fixed
-//! order on every CPU and kernel path ([`cpu`] picks or forces the path); exponentials, logarithms
-//! and tanh come from [`math`], never from the system's C library.
+//! On the CPU, results are a function of the inputs alone, never of the machine or the thread
+//! count: kernels run rows in parallel with rayon, and any reduction across rows sums fixed blocks
+//! in a fixed order; matrix products go through pipe's own [`gemm`], which sums each element in
+//! one fixed order on every CPU and kernel path ([`cpu`] picks or forces the path); exponentials,
+//! logarithms and tanh come from [`math`], never from the system's C library. On a GPU they are
+//! the same run after run, for a key that names the GPU (see `crate::device`).
 
 mod attention;
 pub mod cpu;

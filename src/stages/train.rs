@@ -130,8 +130,9 @@ impl Stage for TrainStage {
             "schedule": self.schedule,
             "train": self.train,
         });
-        // A GPU's bits are its own (see `device`): the key names the GPU model, and bf16 when
-        // used. CPU keys carry neither, and stay what they were before GPUs existed.
+        // A GPU's bits are its own: the key names what they depend on (the GPU, driver, cuBLAS
+        // and kernels; see `crate::device`), and bf16 when used. CPU keys carry neither, and stay
+        // what they were before GPUs existed.
         if let Some(gpu) = &self.target.gpu {
             params["gpu"] = json!(gpu);
         }

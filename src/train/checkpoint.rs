@@ -126,7 +126,8 @@ impl Trainer {
             state.m.push(take("adam_m")?.to_vec1::<f32>()?);
             state.v.push(take("adam_v")?.to_vec1::<f32>()?);
             if let Ok(best) = take("best") {
-                best_params.push(best);
+                // Where the weights live: the run sets them back at its end.
+                best_params.push(best.to_device(var.device())?);
             }
         }
         let mut column = |name: &str| -> candle_core::Result<Vec<f64>> {
