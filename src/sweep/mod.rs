@@ -1,10 +1,11 @@
 //! Hyperparameter search (`pipe sweep`, issue 12), built from the inside out: sweep files read and
 //! checked against their pipeline ([`spec`]), what proposes trials ([`sampler`]: grid, random,
-//! TPE) and what stops them early ([`pruner`]: the median rule, ASHA). Samplers and pruners are
-//! functions of the trials they are shown and of a seeded stream only, so a sweep's trial list and
-//! its pruning never depend on timing, threads or a dependency's version. The driver that runs
-//! trials as pipeline runs comes next.
+//! TPE; [`trials`]: trial `k`'s values for a sweep) and what stops them early ([`pruner`]: the
+//! median rule, ASHA). All are functions of the trials they are shown and of seeded streams only,
+//! so a sweep's trial list and its pruning never depend on timing, threads or a dependency's
+//! version. The driver that runs trials as pipeline runs comes next.
 
 pub mod pruner;
 pub mod sampler;
 pub mod spec;
+pub mod trials;

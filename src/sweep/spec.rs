@@ -76,6 +76,8 @@ pub struct SweepSpec {
     pub path: PathBuf,
     /// The pipeline file, resolved against the sweep file's directory.
     pub pipeline: PathBuf,
+    /// That pipeline as loaded (every trial layers its `--set`s on it).
+    pub base: Pipeline,
     pub method: Method,
     pub n_trials: u64,
     /// Seconds after which no new trial starts.
@@ -204,6 +206,7 @@ impl SweepSpec {
         Ok(Self {
             path: path.to_owned(),
             pipeline,
+            base,
             method,
             n_trials,
             timeout,
