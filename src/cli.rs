@@ -97,6 +97,17 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Run a hyperparameter sweep file: each trial is a pipeline run (cached and reproducible
+    /// like any other); prints the trials best first and writes `<store>/sweeps/<id>.toml`.
+    Sweep {
+        /// The sweep file (TOML).
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print one JSON object (sweep, record, best, trials) instead of progress and a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the runs in the store with their metrics.
     Ls {
         #[command(flatten)]

@@ -89,6 +89,26 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Sweep { file, store, json } => {
+            let env: Vec<(String, String)> = std::env::vars_os()
+                .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+                .collect();
+            let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &env)?;
+            let store = Store::new(store.store);
+            let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
+            let result = pipe::sweep::run::run(&spec, &store, &env, &mut |event| {
+                render::sweep_event(&mut renderer, &spec, event, json);
+            });
+            renderer.finish();
+            let outcome =
+                result.map_err(|e| Failure { code: e.exit_code() as u8, message: e.to_string() })?;
+            if json {
+                println!("{}", render::sweep_json(&spec, &outcome));
+            } else {
+                print!("{}", render::sweep_table(&spec, &outcome));
+            }
+            Ok(())
+        }
         Command::Plan { pipeline, store } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
             let planned = engine::plan(&p, &Store::new(store.store))?;

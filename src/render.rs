@@ -10,6 +10,8 @@ use pipe::records::Record;
 use pipe::reproduce::Reproduction;
 use pipe::stages::Event;
 use pipe::store::{Store, short};
+use pipe::sweep::run::{Status, SweepEvent, SweepOutcome, Trial};
+use pipe::sweep::spec::SweepSpec;
 
 /// Renders engine events: a progress bar on a terminal, occasional plain lines otherwise, and
 /// nothing but warnings in `--json` mode.
@@ -290,4 +292,84 @@ pub fn runs_table(records: &[Record]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A sweep's progress: a line per trial start and end (unless `--json`), the trials' stage events
+/// through `progress`.
+pub fn sweep_event(progress: &mut Progress, spec: &SweepSpec, event: SweepEvent<'_>, json: bool) {
+    match event {
+        SweepEvent::TrialStarted { number, of, overrides } if !json => {
+            eprintln!("trial {}/{of}  {}", number + 1, overrides.join(" "));
+        }
+        SweepEvent::Stage(e) => progress.event(e),
+        SweepEvent::TrialDone { trial, best } if !json => {
+            let metric = &spec.objective.metric;
+            let this = match (&trial.status, trial.objective) {
+                (Status::Complete, Some(y)) => format!("{metric} {y:.4}"),
+                (Status::Complete, None) => format!("no {metric}"),
+                (Status::Failed(why), _) => format!("failed: {why}"),
+            };
+            let best = best
+                .and_then(|b| {
+                    Some(format!("best so far: trial {} ({metric} {:.4})", b.number + 1, b.objective?))
+                })
+                .unwrap_or_default();
+            eprintln!("trial {}  {this}  {:.1}s  {best}", trial.number + 1, trial.seconds);
+        }
+        _ => {}
+    }
+}
+
+/// A sweep's trials, best first.
+pub fn sweep_table(spec: &SweepSpec, outcome: &SweepOutcome) -> String {
+    let mut trials: Vec<&Trial> = outcome.trials.iter().collect();
+    let score = |t: &Trial| {
+        t.objective.map(|y| if spec.objective.maximize { -y } else { y }).unwrap_or(f64::INFINITY)
+    };
+    trials.sort_by(|a, b| score(a).total_cmp(&score(b)).then(a.number.cmp(&b.number)));
+    let mut out = String::new();
+    let _ = writeln!(out, "{:>5}  {:>10}  {:<12}  set", "trial", spec.objective.metric, "run");
+    for t in trials {
+        let objective = t.objective.map_or_else(|| "-".into(), |y| format!("{y:.4}"));
+        let run =
+            t.run.as_deref().unwrap_or(if matches!(t.status, Status::Failed(_)) { "failed" } else { "-" });
+        let _ = writeln!(out, "{:>5}  {objective:>10}  {run:<12}  {}", t.number + 1, t.overrides.join(" "));
+    }
+    if let Some(best) = outcome.best(spec.objective.maximize) {
+        let _ = writeln!(
+            out,
+            "sweep {}  best: trial {}, run {}  (record: {})",
+            short(&outcome.id),
+            best.number + 1,
+            best.run.as_deref().unwrap_or("-"),
+            outcome.record.display()
+        );
+    }
+    out
+}
+
+/// `pipe sweep --json`.
+pub fn sweep_json(spec: &SweepSpec, outcome: &SweepOutcome) -> String {
+    let trials: Vec<_> = outcome
+        .trials
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "number": t.number,
+                "set": t.overrides,
+                "status": match &t.status { Status::Complete => "complete", Status::Failed(_) => "failed" },
+                "run": t.run,
+                "objective": t.objective,
+            })
+        })
+        .collect();
+    let best = outcome.best(spec.objective.maximize).map(|b| b.number);
+    serde_json::json!({
+        "sweep": short(&outcome.id),
+        "record": outcome.record,
+        "metric": spec.objective.metric,
+        "best": best,
+        "trials": trials,
+    })
+    .to_string()
 }

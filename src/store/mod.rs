@@ -255,7 +255,7 @@ impl Store {
         if !path.exists() {
             write_atomic(
                 &path,
-                b"# Artifacts stay local; run records (*.toml) are meant for git.\n*\n!*.toml\n!.gitignore\n",
+                b"# Artifacts stay local; run and sweep records (*.toml) are meant for git.\n*\n!*.toml\n!.gitignore\n!sweeps/\n",
             )?;
         }
         Ok(())
@@ -271,6 +271,16 @@ impl Store {
         f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
         crate::fault::point("record.written");
         fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(path)
+    }
+
+    /// Writes a sweep record `sweeps/<id>.toml` atomically (for git, like run records).
+    pub fn write_sweep_record(&self, id: &str, text: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.root.join("sweeps");
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        self.write_gitignore()?;
+        let path = dir.join(format!("{id}.toml"));
+        write_atomic(&path, text.as_bytes())?;
         Ok(path)
     }
 

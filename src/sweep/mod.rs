@@ -3,9 +3,10 @@
 //! TPE; [`trials`]: trial `k`'s values for a sweep) and what stops them early ([`pruner`]: the
 //! median rule, ASHA). All are functions of the trials they are shown and of seeded streams only,
 //! so a sweep's trial list and its pruning never depend on timing, threads or a dependency's
-//! version. The driver that runs trials as pipeline runs comes next.
+//! version. [`run`] runs a sweep's trials as pipeline runs (one at a time, without pruning yet).
 
 pub mod pruner;
+pub mod run;
 pub mod sampler;
 pub mod spec;
 pub mod trials;

@@ -10,7 +10,7 @@
 //! parallel = 1                                # trials at a time
 //!
 //! [objective]
-//! metric = "accuracy"                         # default "loss"
+//! metric = "accuracy"                         # default: the first of evaluate.metrics
 //! direction = "maximize"                      # default: minimise loss, maximise the rest
 //!
 //! [params]                                    # keys as `--set` takes them
@@ -250,16 +250,19 @@ impl SweepSpec {
     }
 }
 
-/// `[objective]`: the metric must be one the pipeline reports (loss, or one of
-/// `evaluate.metrics`).
+/// `[objective]`: the metric must be one the pipeline reports (one of its `evaluate.metrics`).
 fn objective(
     table: &toml::Table,
     pipeline: &Pipeline,
     at: &dyn Fn(&[&str], config::layers::Part) -> Origin,
 ) -> Result<Objective, ConfigError> {
     use config::layers::Part::{Key, Value as Val};
+    // A run reports the metrics its pipeline's `evaluate.metrics` lists (never empty).
+    let computed: Vec<&str> = pipeline.evaluate.metrics.iter().map(|m| m.name()).collect();
+    let default_metric = computed[0].to_owned();
     let Some(raw) = table.get("objective") else {
-        return Ok(Objective { metric: "loss".into(), maximize: false });
+        let maximize = default_metric != "loss";
+        return Ok(Objective { metric: default_metric, maximize });
     };
     let Some(raw) = raw.as_table() else {
         return Err(ConfigError::Invalid {
@@ -278,9 +281,7 @@ fn objective(
             help: None,
         });
     }
-    let metric = raw.get("metric").and_then(toml::Value::as_str).unwrap_or("loss").to_owned();
-    let computed: Vec<&str> =
-        std::iter::once("loss").chain(pipeline.evaluate.metrics.iter().map(|m| m.name())).collect();
+    let metric = raw.get("metric").and_then(toml::Value::as_str).map_or(default_metric, str::to_owned);
     if !computed.contains(&metric.as_str()) {
         return Err(ConfigError::Invalid {
             origin: at(&["objective", "metric"], Val),
@@ -497,7 +498,7 @@ mod tests {
                 format!(
                     "{HEAD}[objective]\nmetric = \"f1\"\n[params]\n\"optimizer.lr\" = {{ uniform = [0.0, 1.0] }}\n"
                 ),
-                vec!["s.toml:5:10: the pipeline does not compute `f1`", "loss, accuracy"],
+                vec!["s.toml:5:10: the pipeline does not compute `f1`", "it reports accuracy"],
             ),
             (
                 format!("{HEAD}[params]\n\"optimizer.lr\" = {{ uniforn = [0.0, 1.0] }}\n"),
