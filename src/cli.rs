@@ -99,9 +99,13 @@ pub enum Command {
     },
     /// Run a hyperparameter sweep file: each trial is a pipeline run (cached and reproducible
     /// like any other); prints the trials best first and writes `<store>/sweeps/<id>.toml`.
+    /// `pipe sweep show ID|FILE` and `pipe sweep best ID|FILE` read a sweep's record.
+    #[command(args_conflicts_with_subcommands = true)]
     Sweep {
+        #[command(subcommand)]
+        action: Option<SweepAction>,
         /// The sweep file (TOML).
-        file: PathBuf,
+        file: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArgs,
         /// Print one JSON object (sweep, record, best, trials) instead of progress and a table.
@@ -115,6 +119,28 @@ pub enum Command {
     },
     /// Print the JSON Schema of pipeline files.
     Schema,
+}
+
+/// What to do with a sweep that has run.
+#[derive(Debug, Subcommand)]
+pub enum SweepAction {
+    /// The sweep's trials, best first (from its record).
+    Show {
+        /// The sweep's id (or a unique prefix), or its sweep file.
+        sweep: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print the record as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The run id of the sweep's best trial (for `pipe reproduce`, `pipe predict`...).
+    Best {
+        /// The sweep's id (or a unique prefix), or its sweep file.
+        sweep: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -13,9 +13,9 @@ use pipe::engine::{self, EngineError};
 use pipe::predict::{PredictError, Predictor};
 use pipe::records::{self, Record, RecordError};
 use pipe::reproduce;
-use pipe::store::{Store, StoreError};
+use pipe::store::{Store, StoreError, short};
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, SweepAction};
 
 /// A failure, with the exit code it maps to.
 struct Failure {
@@ -89,10 +89,45 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Sweep { file, store, json } => {
+        Command::Sweep { action, file, store, json } => {
             let env: Vec<(String, String)> = std::env::vars_os()
                 .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
                 .collect();
+            let sweep_failure = |e: pipe::sweep::run::SweepError| Failure {
+                code: e.exit_code() as u8,
+                message: e.to_string(),
+            };
+            match action {
+                Some(SweepAction::Show { sweep, store, json }) => {
+                    let record = pipe::sweep::run::read_record(&Store::new(store.store), &sweep, &env)
+                        .map_err(sweep_failure)?;
+                    let (metric, maximize, outcome) = (&record.metric, record.maximize, &record.outcome);
+                    if json {
+                        println!("{}", render::sweep_json(metric, maximize, outcome));
+                    } else {
+                        print!("{}", render::sweep_table(metric, maximize, outcome));
+                    }
+                    return Ok(());
+                }
+                Some(SweepAction::Best { sweep, store }) => {
+                    let record = pipe::sweep::run::read_record(&Store::new(store.store), &sweep, &env)
+                        .map_err(sweep_failure)?;
+                    let best = record.outcome.best(record.maximize).and_then(|t| t.run.clone());
+                    let best = best.ok_or_else(|| Failure {
+                        code: 1,
+                        message: format!("sweep {} has no completed trial", short(&record.outcome.id)),
+                    })?;
+                    println!("{best}");
+                    return Ok(());
+                }
+                None => {}
+            }
+            let Some(file) = file else {
+                return Err(Failure {
+                    code: 2,
+                    message: "pipe sweep needs a sweep file (or: show ID|FILE, best ID|FILE)".into(),
+                });
+            };
             let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &env)?;
             let store = Store::new(store.store);
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
@@ -100,12 +135,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 render::sweep_event(&mut renderer, &spec, event, json);
             });
             renderer.finish();
-            let outcome =
-                result.map_err(|e| Failure { code: e.exit_code() as u8, message: e.to_string() })?;
+            let outcome = result.map_err(sweep_failure)?;
+            let (metric, maximize) = (&spec.objective.metric, spec.objective.maximize);
             if json {
-                println!("{}", render::sweep_json(&spec, &outcome));
+                println!("{}", render::sweep_json(metric, maximize, &outcome));
             } else {
-                print!("{}", render::sweep_table(&spec, &outcome));
+                print!("{}", render::sweep_table(metric, maximize, &outcome));
             }
             Ok(())
         }

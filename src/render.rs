@@ -320,22 +320,20 @@ pub fn sweep_event(progress: &mut Progress, spec: &SweepSpec, event: SweepEvent<
     }
 }
 
-/// A sweep's trials, best first.
-pub fn sweep_table(spec: &SweepSpec, outcome: &SweepOutcome) -> String {
+/// A sweep's trials, best first by `metric` (larger is better when `maximize`).
+pub fn sweep_table(metric: &str, maximize: bool, outcome: &SweepOutcome) -> String {
     let mut trials: Vec<&Trial> = outcome.trials.iter().collect();
-    let score = |t: &Trial| {
-        t.objective.map(|y| if spec.objective.maximize { -y } else { y }).unwrap_or(f64::INFINITY)
-    };
+    let score = |t: &Trial| t.objective.map(|y| if maximize { -y } else { y }).unwrap_or(f64::INFINITY);
     trials.sort_by(|a, b| score(a).total_cmp(&score(b)).then(a.number.cmp(&b.number)));
     let mut out = String::new();
-    let _ = writeln!(out, "{:>5}  {:>10}  {:<12}  set", "trial", spec.objective.metric, "run");
+    let _ = writeln!(out, "{:>5}  {:>10}  {:<12}  set", "trial", metric, "run");
     for t in trials {
         let objective = t.objective.map_or_else(|| "-".into(), |y| format!("{y:.4}"));
         let run =
             t.run.as_deref().unwrap_or(if matches!(t.status, Status::Failed(_)) { "failed" } else { "-" });
         let _ = writeln!(out, "{:>5}  {objective:>10}  {run:<12}  {}", t.number + 1, t.overrides.join(" "));
     }
-    if let Some(best) = outcome.best(spec.objective.maximize) {
+    if let Some(best) = outcome.best(maximize) {
         let _ = writeln!(
             out,
             "sweep {}  best: trial {}, run {}  (record: {})",
@@ -348,8 +346,8 @@ pub fn sweep_table(spec: &SweepSpec, outcome: &SweepOutcome) -> String {
     out
 }
 
-/// `pipe sweep --json`.
-pub fn sweep_json(spec: &SweepSpec, outcome: &SweepOutcome) -> String {
+/// `pipe sweep --json` and `pipe sweep show --json`.
+pub fn sweep_json(metric: &str, maximize: bool, outcome: &SweepOutcome) -> String {
     let trials: Vec<_> = outcome
         .trials
         .iter()
@@ -363,11 +361,11 @@ pub fn sweep_json(spec: &SweepSpec, outcome: &SweepOutcome) -> String {
             })
         })
         .collect();
-    let best = outcome.best(spec.objective.maximize).map(|b| b.number);
+    let best = outcome.best(maximize).map(|b| b.number);
     serde_json::json!({
         "sweep": short(&outcome.id),
         "record": outcome.record,
-        "metric": spec.objective.metric,
+        "metric": metric,
         "best": best,
         "trials": trials,
     })

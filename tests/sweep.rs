@@ -1,6 +1,7 @@
 //! `pipe sweep` end to end on the tiny project: trials are ordinary runs (tokenize runs once and
 //! is shared), running the sweep again reuses every trial and gives the same output and record,
-//! raising n_trials keeps the first trials, and bad sweep files exit 2 with their position.
+//! `show` and `best` read the record and the best run reproduces, raising n_trials keeps the
+//! first trials, and bad sweep files exit 2 with their position.
 
 mod common;
 
@@ -47,6 +48,20 @@ fn a_sweep_shares_tokenize_reruns_from_the_store_and_extends() {
     assert_eq!(sweep_json(dir.path()), first);
     assert_eq!((stages(dir.path(), "tokenize"), stages(dir.path(), "train")), (1, 3));
     assert_eq!(std::fs::read_to_string(&record).unwrap(), record_text);
+
+    // show and best read the record, by id or by sweep file; the best run reproduces.
+    let id = first["sweep"].as_str().unwrap();
+    let shown: Value = serde_json::from_str(&pipe_ok(dir.path(), &["sweep", "show", id, "--json"])).unwrap();
+    assert_eq!(shown["trials"], first["trials"]);
+    assert_eq!(shown["best"], first["best"]);
+    let best = pipe_ok(dir.path(), &["sweep", "best", "sweep.toml"]).trim().to_string();
+    let best_number = first["best"].as_u64().unwrap() as usize;
+    assert_eq!(best, runs[best_number]);
+    assert_eq!(pipe_ok(dir.path(), &["sweep", "best", &id[..6]]).trim(), best);
+    let reproduced = pipe_ok(dir.path(), &["reproduce", &best]);
+    assert!(reproduced.contains("identical"), "{reproduced}");
+    let missing = pipe(dir.path(), &["sweep", "best", "abc123"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", describe(&["sweep", "best", "abc123"], &missing));
 
     // More trials: the first three are the same runs.
     std::fs::write(dir.path().join("sweep.toml"), SWEEP.replace("n_trials = 3", "n_trials = 4")).unwrap();

@@ -213,3 +213,76 @@ fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Resu
     );
     store.write_sweep_record(&outcome.id[..12], &text)
 }
+
+/// A sweep as its record tells it.
+#[derive(Debug, Clone)]
+pub struct SweepRecord {
+    pub outcome: SweepOutcome,
+    pub metric: String,
+    pub maximize: bool,
+}
+
+/// Reads the record of the sweep named by `sweep`: a sweep file (its id is computed) or an id or
+/// unique prefix of one in `<store>/sweeps/`.
+pub fn read_record(store: &Store, sweep: &str, env: &[(String, String)]) -> Result<SweepRecord, SweepError> {
+    let dir = store.root().join("sweeps");
+    let wanted = if std::path::Path::new(sweep).is_file() {
+        sweep_id(&SweepSpec::load_with_env(std::path::Path::new(sweep), env)?)[..12].to_string()
+    } else {
+        sweep.to_string()
+    };
+    let not_found = || SweepError::Unsupported(format!("no sweep `{sweep}` in {}", dir.display()));
+    if wanted.is_empty() || !wanted.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(not_found());
+    }
+    let mut matches: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter_map(|name| name.strip_suffix(".toml").map(str::to_owned))
+                .filter(|id| id.starts_with(&wanted))
+                .collect()
+        })
+        .unwrap_or_default();
+    matches.sort();
+    let id = match matches.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(not_found()),
+        many => {
+            return Err(SweepError::Unsupported(format!(
+                "`{sweep}` names several sweeps: {}",
+                many.join(", ")
+            )));
+        }
+    };
+    let path = dir.join(format!("{id}.toml"));
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
+    let bad = |why: &str| SweepError::Unsupported(format!("{}: not a sweep record ({why})", path.display()));
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| bad(&e.to_string()))?;
+    let objective =
+        table.get("objective").and_then(toml::Value::as_table).ok_or_else(|| bad("no [objective]"))?;
+    let metric = objective.get("metric").and_then(toml::Value::as_str).ok_or_else(|| bad("no metric"))?;
+    let maximize = objective.get("direction").and_then(toml::Value::as_str) == Some("maximize");
+    let mut trials = Vec::new();
+    for t in table.get("trials").and_then(toml::Value::as_array).into_iter().flatten() {
+        let number = t
+            .get("number")
+            .and_then(toml::Value::as_integer)
+            .ok_or_else(|| bad("a trial without a number"))?;
+        let overrides = t
+            .get("set")
+            .and_then(toml::Value::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        let status = match t.get("status").and_then(toml::Value::as_str) {
+            Some("complete") => Status::Complete,
+            _ => Status::Failed(t.get("error").and_then(toml::Value::as_str).unwrap_or("failed").to_owned()),
+        };
+        let run = t.get("run").and_then(toml::Value::as_str).map(str::to_owned);
+        let objective = t.get("objective").and_then(toml::Value::as_float);
+        trials.push(Trial { number: number as u64, overrides, status, run, objective, seconds: 0.0 });
+    }
+    let outcome = SweepOutcome { id, trials, record: path };
+    Ok(SweepRecord { outcome, metric: metric.to_owned(), maximize })
+}
