@@ -67,8 +67,10 @@ impl SweepOutcome {
 pub enum SweepError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Bad input: a sweep this version cannot run (`parallel > 1`), an unknown sweep, a damaged
+    /// record.
     #[error("{0}")]
-    Unsupported(String),
+    Invalid(String),
     /// A trial was interrupted (Ctrl-C); finished trials are recorded, and running the sweep
     /// again resumes.
     #[error(transparent)]
@@ -83,7 +85,7 @@ impl SweepError {
     /// 2 for bad input, 130 for an interrupt, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Config(_) | Self::Unsupported(_) => 2,
+            Self::Config(_) | Self::Invalid(_) => 2,
             Self::Interrupted(e) => e.exit_code(),
             Self::Store(_) | Self::NothingCompleted { .. } => 1,
         }
@@ -109,7 +111,7 @@ pub fn run(
     observe: &mut dyn FnMut(SweepEvent<'_>),
 ) -> Result<SweepOutcome, SweepError> {
     if spec.parallel > 1 {
-        return Err(SweepError::Unsupported(format!(
+        return Err(SweepError::Invalid(format!(
             "{}: parallel = {}: this version of pipe runs one trial at a time (set parallel = 1)",
             spec.path.display(),
             spec.parallel
@@ -231,7 +233,7 @@ pub fn read_record(store: &Store, sweep: &str, env: &[(String, String)]) -> Resu
     } else {
         sweep.to_string()
     };
-    let not_found = || SweepError::Unsupported(format!("no sweep `{sweep}` in {}", dir.display()));
+    let not_found = || SweepError::Invalid(format!("no sweep `{sweep}` in {}", dir.display()));
     if wanted.is_empty() || !wanted.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(not_found());
     }
@@ -249,16 +251,13 @@ pub fn read_record(store: &Store, sweep: &str, env: &[(String, String)]) -> Resu
         [one] => one.clone(),
         [] => return Err(not_found()),
         many => {
-            return Err(SweepError::Unsupported(format!(
-                "`{sweep}` names several sweeps: {}",
-                many.join(", ")
-            )));
+            return Err(SweepError::Invalid(format!("`{sweep}` names several sweeps: {}", many.join(", "))));
         }
     };
     let path = dir.join(format!("{id}.toml"));
     let text =
         std::fs::read_to_string(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
-    let bad = |why: &str| SweepError::Unsupported(format!("{}: not a sweep record ({why})", path.display()));
+    let bad = |why: &str| SweepError::Invalid(format!("{}: not a sweep record ({why})", path.display()));
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| bad(&e.to_string()))?;
     let objective =
         table.get("objective").and_then(toml::Value::as_table).ok_or_else(|| bad("no [objective]"))?;
