@@ -348,9 +348,8 @@ impl Attention {
             candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
     {
         let (l, d) = (lay.len, self.head_dim);
-        let mut p = cuda::alloc::<T>(dev, self.pairs() * l * l)?;
         let scores = cuda::Product { tb: true, batch: self.pairs(), ..cuda::Product::new(l, l, d) };
-        scores.run(dev, &qp.as_view(), &kp.as_view(), &mut p.as_view_mut())?;
+        let mut p = scores.output(dev, &qp.as_view(), &kp.as_view())?;
         let mut pd = cuda::alloc::<T>(dev, self.pairs() * l * l)?;
         let kernel = cuda::Kernel::typed::<T>(dev, "attn_softmax")?;
         let mut args = kernel.args();
@@ -377,9 +376,8 @@ impl Attention {
         let (qp, kp, vp) = (self.pad(dev, &lay, q)?, self.pad(dev, &lay, k)?, self.pad(dev, &lay, v)?);
         let (_, pd) = self.probabilities_cuda(dev, &lay, &qp, &kp)?;
         let (l, d) = (lay.len, self.head_dim);
-        let mut context = cuda::alloc::<T>(dev, self.padded_size(&lay))?;
         let product = cuda::Product { batch: self.pairs(), ..cuda::Product::new(l, d, l) };
-        product.run(dev, &pd.as_view(), &vp.as_view(), &mut context.as_view_mut())?;
+        let context = product.output(dev, &pd.as_view(), &vp.as_view())?;
         let mut out = dev.alloc_zeros::<T>(q.len())?;
         self.unpad(dev, &lay, &context, &mut out.as_view_mut())?;
         Ok(out)
@@ -402,22 +400,12 @@ impl Attention {
         let (qp, kp, vp) = (self.pad(dev, &lay, q)?, self.pad(dev, &lay, k)?, self.pad(dev, &lay, v)?);
         let gp = self.pad(dev, &lay, g)?;
         let (p, pd) = self.probabilities_cuda(dev, &lay, &qp, &kp)?;
-        let (l, d, pairs, size) = (lay.len, self.head_dim, self.pairs(), self.padded_size(&lay));
+        let (l, d, pairs) = (lay.len, self.head_dim, self.pairs());
+        let product = |m, n, k| cuda::Product { batch: pairs, ..cuda::Product::new(m, n, k) };
         // dv = dropped^T g ; d(dropped) = g v^T
-        let mut dvp = cuda::alloc::<T>(dev, size)?;
-        cuda::Product { ta: true, batch: pairs, ..cuda::Product::new(l, d, l) }.run(
-            dev,
-            &pd.as_view(),
-            &gp.as_view(),
-            &mut dvp.as_view_mut(),
-        )?;
-        let mut ds = cuda::alloc::<T>(dev, pairs * l * l)?;
-        cuda::Product { tb: true, batch: pairs, ..cuda::Product::new(l, l, d) }.run(
-            dev,
-            &gp.as_view(),
-            &vp.as_view(),
-            &mut ds.as_view_mut(),
-        )?;
+        let dvp = cuda::Product { ta: true, ..product(l, d, l) }.output(dev, &pd.as_view(), &gp.as_view())?;
+        let mut ds =
+            cuda::Product { tb: true, ..product(l, l, d) }.output(dev, &gp.as_view(), &vp.as_view())?;
         // Through the mask and the softmax, in place.
         {
             let kernel = cuda::Kernel::typed::<T>(dev, "attn_softmax_bwd")?;
@@ -429,20 +417,8 @@ impl Attention {
             cuda::launch(args, cuda::warp_rows(rows))?;
         }
         // dq = ds k ; dk = ds^T q
-        let mut dqp = cuda::alloc::<T>(dev, size)?;
-        cuda::Product { batch: pairs, ..cuda::Product::new(l, d, l) }.run(
-            dev,
-            &ds.as_view(),
-            &kp.as_view(),
-            &mut dqp.as_view_mut(),
-        )?;
-        let mut dkp = cuda::alloc::<T>(dev, size)?;
-        cuda::Product { ta: true, batch: pairs, ..cuda::Product::new(l, d, l) }.run(
-            dev,
-            &ds.as_view(),
-            &qp.as_view(),
-            &mut dkp.as_view_mut(),
-        )?;
+        let dqp = product(l, d, l).output(dev, &ds.as_view(), &kp.as_view())?;
+        let dkp = cuda::Product { ta: true, ..product(l, d, l) }.output(dev, &ds.as_view(), &qp.as_view())?;
         let n = q.len();
         let mut out = dev.alloc_zeros::<T>(3 * n)?;
         self.unpad(dev, &lay, &dqp, &mut out.slice_mut(..n))?;

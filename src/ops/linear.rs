@@ -154,8 +154,7 @@ impl CustomOp2 for GradInput {
         cuda::with_float!("linear-grad-input", gs, T => {
             let g = cuda::input::<T>("linear-grad-input", gs, gl)?;
             let w = cuda::input::<T>("linear-grad-input", ws, wl)?;
-            let mut dx = cuda::alloc::<T>(dev, rows * inp)?;
-            cuda::Product::new(rows, inp, out).run(dev, &g, &w, &mut dx.as_view_mut())?;
+            let dx = cuda::Product::new(rows, inp, out).output(dev, &g, &w)?;
             Ok((cuda::storage(dev, dx), Shape::from((rows, inp))))
         })
     }
@@ -202,9 +201,8 @@ impl CustomOp2 for GradWeight {
         cuda::with_float!("linear-grad-weight", gs, T => {
             let g = cuda::input::<T>("linear-grad-weight", gs, gl)?;
             let x = cuda::input::<T>("linear-grad-weight", xs, xl)?;
-            let mut dw = cuda::alloc::<T>(dev, out * inp)?;
             let product = cuda::Product { ta: true, ..cuda::Product::new(out, inp, rows) };
-            product.run(dev, &g, &x, &mut dw.as_view_mut())?;
+            let dw = product.output(dev, &g, &x)?;
             Ok((cuda::storage(dev, dw), Shape::from((out, inp))))
         })
     }

@@ -222,6 +222,22 @@ impl Product {
         Self { m, n, k, ta: false, tb: false, batch: 1, accumulate: false }
     }
 
+    /// The product into a new buffer of `batch * m * n` elements.
+    pub fn output<T: Float>(
+        self,
+        dev: &CudaDevice,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+    ) -> Result<CudaSlice<T>>
+    where
+        candle_core::cuda_backend::cudarc::cublas::CudaBlas:
+            candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
+    {
+        let mut c = alloc::<T>(dev, self.batch * self.m * self.n)?;
+        Product { accumulate: false, ..self }.run(dev, a, b, &mut c.as_view_mut())?;
+        Ok(c)
+    }
+
     /// Runs the product on cuBLAS (f32 in f32; bf16 in bf16 with f32 accumulation).
     pub fn run<T: Float>(
         self,
