@@ -51,6 +51,8 @@ impl EngineError {
 pub struct StageOutcome {
     pub kind: StageKind,
     pub key: String,
+    /// The key of the complete computation it is a prefix of (see [`Store::begin`]).
+    pub lineage: String,
     /// Reused from the store rather than run.
     pub cached: bool,
     /// Wall-clock seconds this invocation spent on it.
@@ -206,6 +208,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         }
         let fields = stage.key_fields(&upstream);
         let key = fields.key();
+        let lineage = stage.lineage(&upstream);
         let stage_err = |source| EngineError::Stage { kind, source };
         // A stage the probe above found done is not hashed a second time.
         let found = match probe.remove(&kind).filter(|out| out.manifest.key == key) {
@@ -225,7 +228,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
                 if !checked {
                     stage.preflight().map_err(stage_err)?;
                 }
-                match store.begin(kind.name(), &key, || observe(Event::Waiting { kind }))? {
+                match store.begin(kind.name(), &key, &lineage, || observe(Event::Waiting { kind }))? {
                     Begin::Done(out) => (out, true),
                     Begin::Work(work) => {
                         observe(Event::StageStart { kind, key: &key, cached: false });
@@ -247,7 +250,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         if !cached {
             observe(Event::StageEnd { kind, seconds, summary: summarize(kind, &output) });
         }
-        outcomes.push(StageOutcome { kind, key, cached, seconds });
+        outcomes.push(StageOutcome { kind, key, lineage, cached, seconds });
         upstream.insert(kind, output);
         inputs.insert(kind, fields.inputs);
     }

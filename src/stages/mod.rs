@@ -93,6 +93,14 @@ pub trait Stage {
     /// The fields its key is computed from, given the finished upstream stages.
     fn key_fields(&self, upstream: &Upstream) -> KeyFields;
 
+    /// The key of the complete computation this stage is a prefix of (see [`Store::begin`]):
+    /// its own key, except for a train stage that stops after an epoch.
+    ///
+    /// [`Store::begin`]: crate::store::Store::begin
+    fn lineage(&self, upstream: &Upstream) -> String {
+        self.key_fields(upstream).key()
+    }
+
     /// Checks inputs that can be checked before anything is written. Called only when the stage
     /// must run.
     fn preflight(&mut self) -> Result<(), StageError> {

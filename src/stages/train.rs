@@ -109,14 +109,9 @@ impl TrainStage {
         draw_curves(evaluations, metric, best, &out.join(CURVES_PNG), &out.join(CURVES_SVG))?;
         Ok(())
     }
-}
 
-impl Stage for TrainStage {
-    fn kind(&self) -> StageKind {
-        StageKind::Train
-    }
-
-    fn key_fields(&self, upstream: &Upstream) -> KeyFields {
+    /// The key fields of this stage trained as `train` says.
+    fn fields(&self, upstream: &Upstream, train: &TrainConfig) -> KeyFields {
         let mut params = json!({
             "seed": self.seed,
             "device": if self.target.device.is_cpu() { "cpu" } else { "cuda" },
@@ -128,7 +123,7 @@ impl Stage for TrainStage {
             },
             "optimizer": self.optimizer,
             "schedule": self.schedule,
-            "train": self.train,
+            "train": train,
         });
         // A GPU's bits are its own: the key names what they depend on (the GPU, driver, cuBLAS
         // and kernels; see `crate::device`), and bf16 when used. CPU keys carry neither, and stay
@@ -139,7 +134,7 @@ impl Stage for TrainStage {
         if self.precision != Precision::F32 {
             params["dtype"] = json!(self.precision.name());
         }
-        if self.train.evaluates() {
+        if train.evaluates() {
             // Evaluations during training batch and report as the evaluate stage does.
             params["evaluate"] =
                 json!({ "batch_size": self.evaluate.batch_size, "metrics": self.evaluate.metrics });
@@ -151,6 +146,23 @@ impl Stage for TrainStage {
             ("tokenizer".to_string(), self.tokenizer.sha256.clone()),
         ]);
         KeyFields { kind: StageKind::Train, version: StageKind::Train.version(), params, inputs }
+    }
+}
+
+impl Stage for TrainStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Train
+    }
+
+    fn key_fields(&self, upstream: &Upstream) -> KeyFields {
+        self.fields(upstream, &self.train)
+    }
+
+    /// Training that stops after an epoch is the first part of training to the end: they share
+    /// checkpoints, so the longer run resumes where the shorter stopped (a sweep's rungs).
+    fn lineage(&self, upstream: &Upstream) -> String {
+        let to_the_end = TrainConfig { stop_after_epoch: None, ..self.train.clone() };
+        self.fields(upstream, &to_the_end).key()
     }
 
     fn preflight(&mut self) -> Result<(), StageError> {
@@ -267,6 +279,11 @@ impl Stage for TrainStage {
                 trainer.save_checkpoint(&checkpoints, &history)?;
                 last_checkpoint = Instant::now();
             }
+        }
+        // Stopped by `stop_after_epoch` before the end: the checkpoint is where the run trained
+        // to the end resumes (the store keeps it; see `Store::begin`).
+        if trainer.steps_done() < trainer.total_steps() && !stop_early(&stopping) {
+            trainer.save_checkpoint(&checkpoints, &history)?;
         }
         let seconds = start.elapsed().as_secs_f64();
         let training_seconds = start.elapsed().saturating_sub(evaluating).as_secs_f64();

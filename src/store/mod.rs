@@ -200,16 +200,29 @@ impl Store {
         Ok(Lookup::Hit(StageOutput { dir, manifest }))
     }
 
-    /// Starts work on a stage: takes its lock (waiting for another run that holds it, after
-    /// calling `on_wait`), then looks again in case that run finished it.
-    pub fn begin(&self, kind: &str, key: &str, on_wait: impl FnOnce()) -> Result<Begin, StoreError> {
-        if !is_digest(key) {
-            return Err(StoreError::InvalidKey(key.into()));
+    /// Starts work on a stage: takes its lineage's lock (waiting for another run that holds it,
+    /// after calling `on_wait`), then looks again in case that run finished it.
+    ///
+    /// A lineage is the key of the complete computation a stage is a prefix of: a train stage
+    /// that stops after an epoch shares its lineage (and so its checkpoints, and its lock) with
+    /// the run that trains to the end, which then resumes where the shorter one stopped. A stage
+    /// whose key is its lineage removes its checkpoints when it commits; a prefix keeps them.
+    pub fn begin(
+        &self,
+        kind: &str,
+        key: &str,
+        lineage: &str,
+        on_wait: impl FnOnce(),
+    ) -> Result<Begin, StoreError> {
+        for key in [key, lineage] {
+            if !is_digest(key) {
+                return Err(StoreError::InvalidKey(key.into()));
+            }
         }
         let locks = self.root.join("locks");
         fs::create_dir_all(&locks).map_err(io(&locks))?;
         self.write_gitignore()?;
-        let lock_path = locks.join(format!("{kind}-{key}.lock"));
+        let lock_path = locks.join(format!("{kind}-{lineage}.lock"));
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -225,7 +238,7 @@ impl Store {
             Lookup::Miss => {}
             Lookup::Corrupt(_) => self.set_aside(&self.stage_dir(kind, key))?,
         }
-        let dir = self.root.join("tmp").join(format!("{kind}-{key}"));
+        let dir = self.work_dir(kind, lineage);
         let out = dir.join("out");
         // A previous attempt's partial outputs are never trusted; its checkpoints may be.
         if out.exists() {
@@ -236,10 +249,31 @@ impl Store {
             store: self.clone(),
             kind: kind.into(),
             key: key.into(),
+            prefix: key != lineage,
             dir,
             out,
             _lock: lock,
         }))
+    }
+
+    /// Where work on a lineage happens (its partial outputs and checkpoints).
+    fn work_dir(&self, kind: &str, lineage: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("{kind}-{lineage}"))
+    }
+
+    /// Drops the checkpoints a prefix of `lineage` kept (a pruned sweep trial that will not be
+    /// continued), unless a run is working on the lineage now.
+    pub fn discard_checkpoints(&self, kind: &str, lineage: &str) -> Result<(), StoreError> {
+        let lock_path = self.root.join("locks").join(format!("{kind}-{lineage}.lock"));
+        let Ok(lock) = File::options().write(true).open(&lock_path) else { return Ok(()) };
+        if lock.try_lock().is_err() {
+            return Ok(());
+        }
+        let dir = self.work_dir(kind, lineage);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&dir)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Moves a corrupt stage directory out of the way (into `tmp/`, then deletes it).
@@ -345,6 +379,8 @@ pub struct WorkDir {
     store: Store,
     kind: String,
     key: String,
+    /// A prefix of its lineage: checkpoints outlive the commit, for the run that continues.
+    prefix: bool,
     dir: PathBuf,
     out: PathBuf,
     _lock: File,
@@ -395,7 +431,9 @@ impl WorkDir {
         fs::rename(&self.out, &dest).map_err(io(&dest))?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
         crate::fault::point_in("store.renamed", &self.kind);
-        fs::remove_dir_all(&self.dir).map_err(io(&self.dir))?;
+        if !self.prefix {
+            fs::remove_dir_all(&self.dir).map_err(io(&self.dir))?;
+        }
         Ok(StageOutput { dir: dest, manifest })
     }
 }
@@ -431,7 +469,9 @@ mod tests {
     }
 
     fn finish(store: &Store, key: &str, content: &[u8]) -> StageOutput {
-        let Begin::Work(work) = store.begin("tokenize", key, || {}).unwrap() else { panic!("expected work") };
+        let Begin::Work(work) = store.begin("tokenize", key, key, || {}).unwrap() else {
+            panic!("expected work")
+        };
         fs::write(work.out().join("a.bin"), content).unwrap();
         fs::create_dir_all(work.out().join("sub")).unwrap();
         fs::write(work.out().join("sub/b.txt"), b"b").unwrap();
@@ -480,12 +520,12 @@ mod tests {
     fn an_unfinished_stage_is_a_miss_and_partial_outputs_are_cleared() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let Begin::Work(work) = store.begin("train", &key(0), || {}).unwrap() else { panic!() };
+        let Begin::Work(work) = store.begin("train", &key(0), &key(0), || {}).unwrap() else { panic!() };
         fs::write(work.out().join("partial"), b"x").unwrap();
         fs::create_dir_all(work.checkpoint_dir()).unwrap();
         drop(work); // as if killed: no commit
         assert!(matches!(store.lookup("train", &key(0)).unwrap(), Lookup::Miss));
-        let Begin::Work(work) = store.begin("train", &key(0), || {}).unwrap() else { panic!() };
+        let Begin::Work(work) = store.begin("train", &key(0), &key(0), || {}).unwrap() else { panic!() };
         assert!(!work.out().join("partial").exists());
         assert!(work.checkpoint_dir().exists(), "checkpoints survive for resuming");
     }
@@ -494,11 +534,11 @@ mod tests {
     fn a_second_runner_waits_and_then_reuses() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path());
-        let Begin::Work(work) = store.begin("train", &key(0), || {}).unwrap() else { panic!() };
+        let Begin::Work(work) = store.begin("train", &key(0), &key(0), || {}).unwrap() else { panic!() };
         let other = store.clone();
         let waiter = std::thread::spawn(move || {
             let mut waited = false;
-            let r = other.begin("train", &key(0), || waited = true).unwrap();
+            let r = other.begin("train", &key(0), &key(0), || waited = true).unwrap();
             (waited, matches!(r, Begin::Done(_)))
         });
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -513,7 +553,7 @@ mod tests {
         let store = Store::new(tmp.path());
         for bad in ["../../etc", "", "k1", &"A".repeat(64), &format!("{}/x", "a".repeat(62))] {
             assert!(matches!(store.lookup("train", bad), Err(StoreError::InvalidKey(_))), "{bad}");
-            assert!(matches!(store.begin("train", bad, || {}), Err(StoreError::InvalidKey(_))), "{bad}");
+            assert!(matches!(store.begin("train", bad, bad, || {}), Err(StoreError::InvalidKey(_))), "{bad}");
         }
         let out = finish(&store, &key(2), b"hello");
         let manifest_path = out.file(MANIFEST);

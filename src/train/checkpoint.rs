@@ -143,12 +143,9 @@ impl Trainer {
         }
         let evaluations = self.evaluations_from(&mut tensors, &path)?;
         state.step = losses.len() as u64;
-        if state.step > self.total_steps() {
-            return Err(invalid(format!(
-                "{} steps, more than this run's {}",
-                state.step,
-                self.total_steps()
-            )));
+        // A longer run of the same lineage may have left it (see `Store::begin`).
+        if state.step > self.last_step() {
+            return Err(invalid(format!("{} steps, more than this run's {}", state.step, self.last_step())));
         }
         self.optimizer_mut().set_state(state)?;
         for ((_, var), param) in self.model().params().iter().zip(&params) {
