@@ -298,15 +298,20 @@ pub fn runs_table(records: &[Record]) -> String {
 /// through `progress`.
 pub fn sweep_event(progress: &mut Progress, spec: &SweepSpec, event: SweepEvent<'_>, json: bool) {
     match event {
-        SweepEvent::TrialStarted { number, of, overrides } if !json => {
-            eprintln!("trial {}/{of}  {}", number + 1, overrides.join(" "));
+        SweepEvent::TrialStarted { number, of, overrides, stop_after_epoch } if !json => {
+            let to = stop_after_epoch.map(|e| format!("  (to epoch {e})")).unwrap_or_default();
+            eprintln!("trial {}/{of}  {}{to}", number + 1, overrides.join(" "));
         }
-        SweepEvent::Stage(e) => progress.event(e),
+        // Several trials' step progress would interleave: with `parallel > 1`, trial lines only.
+        SweepEvent::Stage { event, .. } if spec.parallel == 1 => progress.event(event),
         SweepEvent::TrialDone { trial, best } if !json => {
             let metric = &spec.objective.metric;
             let this = match (&trial.status, trial.objective) {
                 (Status::Complete, Some(y)) => format!("{metric} {y:.4}"),
-                (Status::Complete, None) => format!("no {metric}"),
+                (Status::Pruned { epoch }, Some(y)) => {
+                    format!("pruned after epoch {epoch} ({metric} {y:.4})")
+                }
+                (Status::Complete | Status::Pruned { .. }, None) => format!("no {metric}"),
                 (Status::Failed(why), _) => format!("failed: {why}"),
             };
             let best = best
@@ -320,18 +325,36 @@ pub fn sweep_event(progress: &mut Progress, spec: &SweepSpec, event: SweepEvent<
     }
 }
 
-/// A sweep's trials, best first by `metric` (larger is better when `maximize`).
+/// A sweep's trials, best first by `metric` (larger is better when `maximize`): complete trials,
+/// then pruned ones (their values are from earlier epochs), then failed ones.
 pub fn sweep_table(metric: &str, maximize: bool, outcome: &SweepOutcome) -> String {
     let mut trials: Vec<&Trial> = outcome.trials.iter().collect();
+    let rank = |t: &Trial| match t.status {
+        Status::Complete => 0,
+        Status::Pruned { .. } => 1,
+        Status::Failed(_) => 2,
+    };
     let score = |t: &Trial| t.objective.map(|y| if maximize { -y } else { y }).unwrap_or(f64::INFINITY);
-    trials.sort_by(|a, b| score(a).total_cmp(&score(b)).then(a.number.cmp(&b.number)));
+    trials.sort_by(|a, b| {
+        rank(a).cmp(&rank(b)).then(score(a).total_cmp(&score(b))).then(a.number.cmp(&b.number))
+    });
     let mut out = String::new();
-    let _ = writeln!(out, "{:>5}  {:>10}  {:<12}  set", "trial", metric, "run");
+    let _ = writeln!(
+        out,
+        "{:>5}  {:>10}  {:<10}  {:>6}  {:<12}  set",
+        "trial", metric, "status", "epochs", "run"
+    );
     for t in trials {
         let objective = t.objective.map_or_else(|| "-".into(), |y| format!("{y:.4}"));
-        let run =
-            t.run.as_deref().unwrap_or(if matches!(t.status, Status::Failed(_)) { "failed" } else { "-" });
-        let _ = writeln!(out, "{:>5}  {objective:>10}  {run:<12}  {}", t.number + 1, t.overrides.join(" "));
+        let run = t.run.as_deref().unwrap_or("-");
+        let _ = writeln!(
+            out,
+            "{:>5}  {objective:>10}  {:<10}  {:>6}  {run:<12}  {}",
+            t.number + 1,
+            t.status.name(),
+            t.epochs,
+            t.overrides.join(" ")
+        );
     }
     if let Some(best) = outcome.best(maximize) {
         let _ = writeln!(
@@ -355,7 +378,8 @@ pub fn sweep_json(metric: &str, maximize: bool, outcome: &SweepOutcome) -> Strin
             serde_json::json!({
                 "number": t.number,
                 "set": t.overrides,
-                "status": match &t.status { Status::Complete => "complete", Status::Failed(_) => "failed" },
+                "status": t.status.name(),
+                "epochs": t.epochs,
                 "run": t.run,
                 "objective": t.objective,
             })

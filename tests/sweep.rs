@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{describe, pipe, pipe_ok, project};
+use common::{RunJson, TINY_PIPELINE, describe, pipe, pipe_command, pipe_ok, project};
 use serde_json::Value;
 
 const SWEEP: &str = "pipeline = \"pipeline.toml\"\nmethod = \"random\"\nn_trials = 3\nseed = 7\n\n\
@@ -87,8 +87,8 @@ fn bad_sweep_files_exit_2_with_their_position() {
         ),
         (SWEEP.replace("1e-4, 1e-2", "0.0, 1e-2"), "a log scale needs positive bounds"),
         (
-            SWEEP.replace("seed = 7", "seed = 7\nparallel = 2"),
-            "parallel = 2: this version of pipe runs one trial at a time",
+            format!("{SWEEP}\n[pruner]\nmethod = \"asha\"\nreducton = 3\n"),
+            "sweep.toml:11:1: unknown key `reducton` for the asha pruner; did you mean `reduction`?",
         ),
     ];
     for (text, expected) in cases {
@@ -107,4 +107,120 @@ fn the_example_sweep_file_is_valid() {
     let spec = pipe::sweep::spec::SweepSpec::load_with_env(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(spec.params.len(), 2);
     assert!(spec.objective.maximize);
+}
+
+/// Three epochs and the validation loss (distinct values where the tiny set's accuracy ties).
+fn three_epochs(dir: &Path) {
+    let text = TINY_PIPELINE
+        .replace("epochs = 1", "epochs = 3")
+        .replace("metrics = [\"accuracy\", \"f1\"]", "metrics = [\"loss\", \"accuracy\"]");
+    std::fs::write(dir.join("pipeline.toml"), text).unwrap();
+}
+
+/// TPE past its 10 random start-up trials, ASHA halving at epochs 1 and 2.
+const PRUNED: &str = "pipeline = \"pipeline.toml\"\nmethod = \"tpe\"\nn_trials = 12\nseed = 5\n\
+                      parallel = 1\n\n[pruner]\nmethod = \"asha\"\nreduction = 2\n\n\
+                      [params]\n\"optimizer.lr\" = { log_uniform = [1e-4, 3e-2] }\n";
+
+/// `pipe sweep sweep.toml --json` with extra environment variables.
+fn sweep_with(dir: &Path, env: &[(&str, &str)]) -> Value {
+    let output =
+        pipe_command(dir, &["sweep", "sweep.toml", "--json"]).envs(env.iter().copied()).output().unwrap();
+    assert!(output.status.success(), "{}", describe(&["sweep", "sweep.toml", "--json"], &output));
+    let mut json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    json.as_object_mut().unwrap().remove("record"); // the store's path
+    json
+}
+
+fn record_of(dir: &Path, sweep: &Value) -> String {
+    let id = sweep["sweep"].as_str().unwrap();
+    std::fs::read_to_string(dir.join("runs/sweeps").join(format!("{id}.toml"))).unwrap()
+}
+
+#[test]
+fn a_pruned_sweep_is_the_same_whatever_the_threads_parallel_or_timing() {
+    let one = project();
+    three_epochs(one.path());
+    std::fs::write(one.path().join("sweep.toml"), PRUNED).unwrap();
+    let serial = sweep_with(one.path(), &[("RAYON_NUM_THREADS", "1")]);
+    println!("{serial:#}\n{}", record_of(one.path(), &serial));
+
+    let two = project();
+    three_epochs(two.path());
+    std::fs::write(two.path().join("sweep.toml"), PRUNED.replace("parallel = 1", "parallel = 2")).unwrap();
+    // Early trials slowed down, so that later ones end first.
+    let delays = [("RAYON_NUM_THREADS", "2"), ("PIPE_SWEEP_DELAYS", "0:900,2:600,4:700,6:500")];
+    let parallel = sweep_with(two.path(), &delays);
+    assert_eq!(parallel, serial, "the trial list, runs and decisions do not depend on parallel or timing");
+    assert_eq!(record_of(two.path(), &parallel), record_of(one.path(), &serial), "byte-identical records");
+
+    let trials = serial["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 12);
+    let status = |s: &str| trials.iter().filter(|t| t["status"] == s).count();
+    assert!(status("pruned") >= 4 && status("complete") >= 2, "ASHA halves at each rung: {serial}");
+    let epochs: u64 = trials.iter().map(|t| t["epochs"].as_u64().unwrap()).sum();
+    assert!(epochs < 12 * 3, "pruned trials train fewer epochs ({epochs} of 36)");
+    // Pruned trials leave no checkpoint behind; complete ones removed theirs when they committed.
+    let work = std::fs::read_dir(one.path().join("runs/tmp")).map_or(0, |d| {
+        d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("train-")).count()
+    });
+    assert_eq!(work, 0, "no training checkpoints left in runs/tmp");
+
+    // A pruned trial is the run that `pipe run` gives with its --sets and its stop epoch.
+    let pruned = trials.iter().find(|t| t["status"] == "pruned").unwrap();
+    let mut args = vec!["run".to_string(), "pipeline.toml".into(), "--json".into()];
+    for set in pruned["set"].as_array().unwrap() {
+        args.extend(["--set".into(), set.as_str().unwrap().to_string()]);
+    }
+    args.extend(["--set".into(), format!("train.stop_after_epoch={}", pruned["epochs"])]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let fresh = project();
+    three_epochs(fresh.path());
+    assert_eq!(RunJson::parse(&pipe_ok(fresh.path(), &args)).run, pruned["run"].as_str().unwrap());
+
+    // The best trial trained in pieces (rung by rung, each resuming the last) and still has the
+    // bits of one uninterrupted run.
+    let best = pipe_ok(one.path(), &["sweep", "best", "sweep.toml"]).trim().to_string();
+    let reproduced = pipe_ok(one.path(), &["reproduce", &best]);
+    assert!(reproduced.contains("identical"), "{reproduced}");
+}
+
+#[test]
+fn a_killed_sweep_resumes_to_the_same_record() {
+    const FOUR: &str = "pipeline = \"pipeline.toml\"\nmethod = \"random\"\nn_trials = 4\nseed = 9\n\n\
+                        [params]\n\"optimizer.lr\" = { log_uniform = [1e-4, 3e-2] }\n";
+    let whole = project();
+    three_epochs(whole.path());
+    std::fs::write(whole.path().join("sweep.toml"), FOUR).unwrap();
+    let uninterrupted = sweep_with(whole.path(), &[]);
+
+    let dir = project();
+    three_epochs(dir.path());
+    std::fs::write(dir.path().join("sweep.toml"), FOUR).unwrap();
+    // Checkpoints are saved after epochs 1 and 2 of each trial: the fifth is trial 3's first.
+    let killed = pipe_command(dir.path(), &["sweep", "sweep.toml"])
+        .env("PIPE_FAULT", "checkpoint.saved#5")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success(), "{}", describe(&["sweep"], &killed));
+    let partial = record_of(dir.path(), &uninterrupted);
+    assert_eq!(partial.matches("[[trials]]").count(), 2, "two trials were recorded:\n{partial}");
+
+    let output = pipe_command(dir.path(), &["sweep", "sweep.toml"]).output().unwrap();
+    assert!(output.status.success(), "{}", describe(&["sweep"], &output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("resuming from checkpoint"), "trial 3 resumes from its checkpoint:\n{stderr}");
+    let resumed = sweep_with(dir.path(), &[]);
+    assert_eq!(resumed, uninterrupted);
+    assert_eq!(record_of(dir.path(), &resumed), record_of(whole.path(), &uninterrupted));
+    assert_eq!(stages(dir.path(), "train"), 4);
+
+    // Raising n_trials from 4 to 6 keeps the first four runs.
+    std::fs::write(dir.path().join("sweep.toml"), FOUR.replace("n_trials = 4", "n_trials = 6")).unwrap();
+    let six = sweep_with(dir.path(), &[]);
+    let runs = |v: &Value| -> Vec<String> {
+        v["trials"].as_array().unwrap().iter().map(|t| t["run"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(runs(&six)[..4], runs(&uninterrupted)[..]);
+    assert_eq!(stages(dir.path(), "train"), 6);
 }

@@ -11,7 +11,8 @@ use toml::de::{DeTable, DeValue};
 use super::error::{ConfigError, Origin, Snippet};
 
 /// Environment variables with the `PIPE_` prefix that are not pipeline keys: they belong to the CLI.
-pub const RESERVED_ENV_VARS: &[&str] = &["PIPE_STORE", crate::ops::cpu::KERNEL_ENV, crate::fault::FAULT_ENV];
+pub const RESERVED_ENV_VARS: &[&str] =
+    &["PIPE_STORE", crate::ops::cpu::KERNEL_ENV, crate::fault::FAULT_ENV, crate::fault::DELAYS_ENV];
 
 const ENV_PREFIX: &str = "PIPE_";
 

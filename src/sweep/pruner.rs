@@ -35,6 +35,38 @@ impl Pruner {
         Self::Median { startup: 5, warmup: 0, min_trials: 1 }
     }
 
+    /// The epochs before the last of `epochs` after which this rule may stop a trial: where a
+    /// sweep ends a trial's run to decide.
+    pub fn rungs(&self, epochs: usize) -> Vec<usize> {
+        match *self {
+            Self::None => Vec::new(),
+            Self::Median { warmup, .. } => (warmup + 1..epochs).collect(),
+            Self::Asha { min_epochs, reduction } => {
+                (1..epochs).filter(|&e| is_rung(e, min_epochs, reduction)).collect()
+            }
+        }
+    }
+
+    /// Whether a decision at `epoch` can be taken while an earlier trial still runs, given its
+    /// curve so far: ASHA reads only values at the rung; the median rule needs to know which
+    /// trials completed.
+    pub fn decided_by(&self, epoch: usize, curve_so_far: &[f64]) -> bool {
+        matches!(self, Self::Asha { .. }) && curve_so_far.len() >= epoch
+    }
+
+    /// The name and settings, for records.
+    pub fn describe(&self) -> serde_json::Value {
+        match *self {
+            Self::None => serde_json::json!({ "method": "none" }),
+            Self::Median { startup, warmup, min_trials } => {
+                serde_json::json!({ "method": "median", "startup": startup, "warmup": warmup, "min_trials": min_trials })
+            }
+            Self::Asha { min_epochs, reduction } => {
+                serde_json::json!({ "method": "asha", "min_epochs": min_epochs, "reduction": reduction })
+            }
+        }
+    }
+
     /// Whether a trial stops after `epoch` (1-based), where its objective is `curve[epoch - 1]`.
     pub fn stops(&self, curve: &[f64], epoch: usize, seen: &[Seen<'_>]) -> bool {
         let Some(&value) = curve.get(epoch.wrapping_sub(1)) else { return false };

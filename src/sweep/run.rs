@@ -3,20 +3,38 @@
 //! proposal is a cache hit, an interrupted sweep resumes from the store (the interrupted trial
 //! from its training checkpoint), and `pipe reproduce` works on any trial's run.
 //!
-//! This first driver runs trials one after another and does not prune; `parallel > 1` is refused
-//! rather than silently serialised. After every trial the sweep record
-//! `<store>/sweeps/<id>.toml` is rewritten, so a killed sweep leaves the trials it finished.
+//! **Pruning.** A trial that a pruner may stop runs in pieces: to each rung with
+//! `train.stop_after_epoch` (an ordinary run, whose objective is the rung's value), then on; the
+//! longer run resumes from the shorter one's checkpoint (they share a lineage, see
+//! [`Store::begin`]), so a continued trial has the bits of one uninterrupted run. A pruned
+//! trial's run is the rung's run: `pipe run` with its `--set`s and its stop epoch.
+//!
+//! **Determinism.** Trials run as if one after another: trial `k` is proposed from trials
+//! `0..k` as they ended, and decided at a rung from them too. `parallel` runs trials at the same
+//! time only where that changes nothing: a trial starts early when its proposal does not read
+//! the earlier trials' results (grid, random, TPE's random start-up trials), and waits at a rung
+//! until the earlier trials have told what the decision reads. So the trial list, every run and
+//! the record are the same for any `parallel`, thread count or timing. Each running trial gets
+//! its own thread pool (the machine's threads divided among them).
+//!
+//! After every trial the sweep record `<store>/sweeps/<id>.toml` is rewritten, so a killed sweep
+//! leaves the trials it finished.
+//!
+//! [`Store::begin`]: crate::store::Store::begin
 
 use std::path::PathBuf;
+use std::sync::{Mutex, mpsc};
 use std::time::Instant;
 
 use serde_json::json;
 
-use super::sampler::Observation;
-use super::spec::SweepSpec;
+use super::pruner::Seen;
+use super::sampler::{Observation, Tpe, Value};
+use super::spec::{Method, SweepSpec};
 use super::trials::{propose, sweep_id};
 use crate::config::{self, ConfigError};
-use crate::engine::{self, EngineError};
+use crate::engine::{self, EngineError, RunOutcome};
+use crate::plan::StageKind;
 use crate::stages::Event;
 use crate::store::{Store, StoreError};
 
@@ -24,8 +42,22 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
     Complete,
+    /// Stopped by the pruner after this epoch; its run is the one that stops there.
+    Pruned {
+        epoch: u64,
+    },
     /// The run failed (its error); the sweep goes on without it.
     Failed(String),
+}
+
+impl Status {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Pruned { .. } => "pruned",
+            Self::Failed(_) => "failed",
+        }
+    }
 }
 
 /// One trial of a sweep.
@@ -35,10 +67,12 @@ pub struct Trial {
     /// The trial's values as `--set` arguments.
     pub overrides: Vec<String>,
     pub status: Status,
-    /// The run id, when the run completed.
+    /// The run id: the last run of the trial (for a pruned trial, the one that stopped).
     pub run: Option<String>,
-    /// The objective's value, when the run completed.
+    /// The objective's value after the last epoch the trial trained.
     pub objective: Option<f64>,
+    /// Epochs trained.
+    pub epochs: u64,
     /// Wall seconds (near zero for a trial found in the store).
     pub seconds: f64,
 }
@@ -52,12 +86,12 @@ pub struct SweepOutcome {
 }
 
 impl SweepOutcome {
-    /// The best completed trial.
+    /// The best complete trial (pruned trials stopped early because they were not).
     pub fn best(&self, maximize: bool) -> Option<&Trial> {
         let score = |t: &Trial| t.objective.map(|y| if maximize { -y } else { y });
         self.trials
             .iter()
-            .filter(|t| score(t).is_some_and(|s| !s.is_nan()))
+            .filter(|t| t.status == Status::Complete && score(t).is_some_and(|s| !s.is_nan()))
             .min_by(|a, b| score(a).unwrap().total_cmp(&score(b).unwrap()).then(a.number.cmp(&b.number)))
     }
 }
@@ -67,8 +101,7 @@ impl SweepOutcome {
 pub enum SweepError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// Bad input: a sweep this version cannot run (`parallel > 1`), an unknown sweep, a damaged
-    /// record.
+    /// Bad input: an unknown sweep, a damaged record.
     #[error("{0}")]
     Invalid(String),
     /// A trial was interrupted (Ctrl-C); finished trials are recorded, and running the sweep
@@ -77,6 +110,8 @@ pub enum SweepError {
     Interrupted(Box<EngineError>),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot start the trials' thread pools: {0}")]
+    Threads(String),
     #[error("no trial of sweep {id} completed (first failure: {first})")]
     NothingCompleted { id: String, first: String },
 }
@@ -87,20 +122,63 @@ impl SweepError {
         match self {
             Self::Config(_) | Self::Invalid(_) => 2,
             Self::Interrupted(e) => e.exit_code(),
-            Self::Store(_) | Self::NothingCompleted { .. } => 1,
+            Self::Store(_) | Self::Threads(_) | Self::NothingCompleted { .. } => 1,
         }
     }
 }
 
 /// What a running sweep reports.
 pub enum SweepEvent<'a> {
-    /// Trial `number` of `of` starts with these overrides.
-    TrialStarted { number: u64, of: u64, overrides: &'a [String] },
-    /// A stage event of the trial's run.
-    Stage(Event<'a>),
+    /// Trial `number` of `of` starts (or goes on to `stop_after_epoch`) with these overrides.
+    TrialStarted { number: u64, of: u64, overrides: &'a [String], stop_after_epoch: Option<u64> },
+    /// A stage event of a trial's run.
+    Stage { trial: u64, event: Event<'a> },
     /// A trial ended.
     TrialDone { trial: &'a Trial, best: Option<&'a Trial> },
 }
+
+/// A trial while the sweep runs.
+struct Running {
+    values: Vec<Value>,
+    overrides: Vec<String>,
+    /// `train.epochs` of its pipeline.
+    epochs: u64,
+    /// Epochs after which the pruner decides, in order.
+    rungs: Vec<u64>,
+    /// How many rungs are passed (the next run stops at `rungs[passed]`, or at the end).
+    passed: usize,
+    /// The objective after each epoch it ran to (minimised; NaN where not measured).
+    curve: Vec<f64>,
+    /// A run of it is under way.
+    busy: bool,
+    /// It stopped at `rungs[passed]` and waits for the pruner's decision.
+    deciding: bool,
+    last_run: Option<RunOutcome>,
+    seconds: f64,
+    ended: Option<Trial>,
+}
+
+impl Running {
+    /// The epoch the next run stops after (`None`: the end).
+    fn next_stop(&self) -> Option<u64> {
+        self.rungs.get(self.passed).copied()
+    }
+
+    fn overrides_to(&self, stop: Option<u64>) -> Vec<String> {
+        let mut overrides = self.overrides.clone();
+        overrides.extend(stop.map(|e| format!("train.stop_after_epoch={e}")));
+        overrides
+    }
+
+    fn end(&mut self, number: u64, status: Status, objective: Option<f64>, epochs: u64) {
+        let run = self.last_run.as_ref().map(|r| r.run.clone());
+        let overrides = self.overrides.clone();
+        self.ended = Some(Trial { number, overrides, status, run, objective, epochs, seconds: self.seconds });
+    }
+}
+
+/// What a worker sends back: a trial's run to a stop epoch, and how it went.
+type Report = (usize, usize, Option<u64>, f64, Result<RunOutcome, EngineError>);
 
 /// Runs (or resumes) the sweep `spec` in `store`; `env` are the `PIPE_*` variables every trial's
 /// pipeline is loaded with.
@@ -108,61 +186,137 @@ pub fn run(
     spec: &SweepSpec,
     store: &Store,
     env: &[(String, String)],
-    observe: &mut dyn FnMut(SweepEvent<'_>),
+    observe: &mut (dyn FnMut(SweepEvent<'_>) + Send),
 ) -> Result<SweepOutcome, SweepError> {
-    if spec.parallel > 1 {
-        return Err(SweepError::Invalid(format!(
-            "{}: parallel = {}: this version of pipe runs one trial at a time (set parallel = 1)",
-            spec.path.display(),
-            spec.parallel
-        )));
-    }
     let id = sweep_id(spec);
     let started = Instant::now();
-    let mut outcome =
-        SweepOutcome { id: id.clone(), trials: Vec::new(), record: store.root().join("sweeps") };
-    let mut history: Vec<Observation> = Vec::new();
-    for number in 0..spec.n_trials {
-        if spec.timeout.is_some_and(|t| started.elapsed().as_secs() >= t) {
-            break;
+    let parallel = spec.parallel as usize;
+    // No trial may take every core: the machine's threads are shared out among the slots.
+    let threads = (rayon::current_num_threads() / parallel).max(1);
+    let pools = (0..parallel)
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SweepError::Threads(e.to_string()))?;
+    let observe = Mutex::new(observe);
+    let emit = |event: SweepEvent<'_>| (observe.lock().unwrap_or_else(|p| p.into_inner()))(event);
+    let mut trials: Vec<Running> = Vec::new();
+    let mut free: Vec<usize> = (0..parallel).rev().collect();
+    let mut interrupted: Option<EngineError> = None;
+    let mut record = store.root().join("sweeps");
+    let (reports, inbox) = mpsc::channel::<Report>();
+
+    std::thread::scope(|scope| -> Result<(), SweepError> {
+        loop {
+            decide(spec, store, &mut trials);
+            if interrupted.is_none() {
+                // Start what can start, earliest trial first: continuations, then a new trial.
+                while let Some(&slot) = free.last() {
+                    let ready = trials.iter().position(|t| t.ended.is_none() && !t.busy && !t.deciding);
+                    let k = match ready {
+                        Some(k) => k,
+                        None => {
+                            let k = trials.len();
+                            let timed_out = spec.timeout.is_some_and(|t| started.elapsed().as_secs() >= t);
+                            if k as u64 >= spec.n_trials || timed_out || !can_propose(spec, &trials) {
+                                break;
+                            }
+                            let history = observations(&trials);
+                            let Some(values) = propose(spec, &id, k as u64, &history) else { break };
+                            let overrides = spec.overrides(&values);
+                            let pipeline = config::load_with_env(&spec.pipeline, &overrides, env)?;
+                            let epochs = pipeline.train.epochs;
+                            let rungs: Vec<u64> = spec
+                                .pruner
+                                .rungs(epochs as usize)
+                                .into_iter()
+                                .map(|e| e as u64)
+                                .filter(|&e| pipeline.train.stop_after_epoch.is_none_or(|s| e < s))
+                                .collect();
+                            trials.push(Running {
+                                values,
+                                overrides,
+                                epochs,
+                                rungs,
+                                passed: 0,
+                                curve: Vec::new(),
+                                busy: false,
+                                deciding: false,
+                                last_run: None,
+                                seconds: 0.0,
+                                ended: None,
+                            });
+                            k
+                        }
+                    };
+                    free.pop();
+                    let trial = &mut trials[k];
+                    trial.busy = true;
+                    let stop = trial.next_stop();
+                    let overrides = trial.overrides_to(stop);
+                    emit(SweepEvent::TrialStarted {
+                        number: k as u64,
+                        of: spec.n_trials,
+                        overrides: &trial.overrides,
+                        stop_after_epoch: stop,
+                    });
+                    let (pool, reports, emit) = (&pools[slot], reports.clone(), &emit);
+                    scope.spawn(move || {
+                        std::thread::sleep(crate::fault::trial_delay(k as u64));
+                        let begun = Instant::now();
+                        let result = pool.install(|| {
+                            let pipeline = config::load_with_env(&spec.pipeline, &overrides, env)
+                                .map_err(EngineError::Config)?;
+                            engine::run(&pipeline, store, &mut |event| {
+                                emit(SweepEvent::Stage { trial: k as u64, event })
+                            })
+                        });
+                        let _ = reports.send((k, slot, stop, begun.elapsed().as_secs_f64(), result));
+                    });
+                }
+            }
+            if free.len() == parallel {
+                break; // nothing runs, and nothing more can start
+            }
+            let (k, slot, stop, seconds, result) = inbox.recv().expect("a worker reports before it ends");
+            free.push(slot);
+            let trial = &mut trials[k];
+            trial.busy = false;
+            trial.seconds += seconds;
+            let epoch = stop.unwrap_or(trial.epochs);
+            match result {
+                Ok(run) => {
+                    let objective = run.metrics.get(&spec.objective.metric).copied();
+                    let minimised =
+                        objective.map_or(f64::NAN, |y| if spec.objective.maximize { -y } else { y });
+                    trial.curve.resize(epoch as usize, f64::NAN);
+                    trial.curve[epoch as usize - 1] = minimised;
+                    trial.last_run = Some(run);
+                    if stop.is_some() {
+                        trial.deciding = true;
+                    } else {
+                        trial.end(k as u64, Status::Complete, objective, epoch);
+                    }
+                }
+                Err(e) if e.exit_code() == 130 => interrupted = interrupted.take().or(Some(e)),
+                Err(e) => trial.end(k as u64, Status::Failed(e.to_string()), None, 0),
+            }
+            if let Some(ended) = &trials[k].ended {
+                let outcome = outcome_of(&id, &trials, &record);
+                record = write_record(spec, store, &outcome)?;
+                emit(SweepEvent::TrialDone { trial: ended, best: outcome.best(spec.objective.maximize) });
+            }
         }
-        let Some(values) = propose(spec, &id, number, &history) else { break };
-        let overrides = spec.overrides(&values);
-        observe(SweepEvent::TrialStarted { number, of: spec.n_trials, overrides: &overrides });
-        let trial_start = Instant::now();
-        let pipeline = config::load_with_env(&spec.pipeline, &overrides, env)?;
-        let result = engine::run(&pipeline, store, &mut |e| observe(SweepEvent::Stage(e)));
-        let seconds = trial_start.elapsed().as_secs_f64();
-        let trial = match result {
-            Ok(run) => {
-                let objective = run.metrics.get(&spec.objective.metric).copied();
-                Trial { number, overrides, status: Status::Complete, run: Some(run.run), objective, seconds }
-            }
-            Err(e) if e.exit_code() == 130 => {
-                outcome.record = write_record(spec, store, &outcome)?;
-                return Err(SweepError::Interrupted(Box::new(e)));
-            }
-            Err(e) => Trial {
-                number,
-                overrides,
-                status: Status::Failed(e.to_string()),
-                run: None,
-                objective: None,
-                seconds,
-            },
-        };
-        // The samplers minimise; a failed trial tells them nothing.
-        let objective = trial.objective.map(|y| if spec.objective.maximize { -y } else { y });
-        history.push(Observation { values, objective });
-        outcome.trials.push(trial);
-        outcome.record = write_record(spec, store, &outcome)?;
-        let last = outcome.trials.last().expect("just pushed");
-        observe(SweepEvent::TrialDone { trial: last, best: outcome.best(spec.objective.maximize) });
+        Ok(())
+    })?;
+    let outcome = outcome_of(&id, &trials, &record);
+    let outcome = SweepOutcome { record: write_record(spec, store, &outcome)?, ..outcome };
+    if let Some(e) = interrupted {
+        return Err(SweepError::Interrupted(Box::new(e)));
     }
     if outcome.best(spec.objective.maximize).is_none() {
         let first = outcome.trials.iter().find_map(|t| match &t.status {
             Status::Failed(why) => Some(why.clone()),
-            Status::Complete => None,
+            _ => None,
         });
         return Err(SweepError::NothingCompleted {
             id: id[..12].to_string(),
@@ -172,6 +326,74 @@ pub fn run(
     Ok(outcome)
 }
 
+/// Whether the next trial's proposal can be made now: its sampler reads earlier trials'
+/// results only once TPE is past its random start-up trials, and then every earlier trial must
+/// have ended (as it would have, run one after another).
+fn can_propose(spec: &SweepSpec, trials: &[Running]) -> bool {
+    let reads_results = spec.method == Method::Tpe && trials.len() >= Tpe::default().startup;
+    !reads_results || trials.iter().all(|t| t.ended.is_some())
+}
+
+/// The trials as the samplers see them: values, and the objective of those that ended.
+fn observations(trials: &[Running]) -> Vec<Observation> {
+    trials
+        .iter()
+        .map(|t| {
+            // A pruned trial counts with its value where it stopped; a failed one tells nothing.
+            let objective = t.ended.as_ref().and_then(|e| match e.status {
+                Status::Failed(_) => None,
+                _ => t.curve.last().copied(),
+            });
+            Observation { values: t.values.clone(), objective }
+        })
+        .collect()
+}
+
+/// Takes the pruner's decision for every trial waiting at a rung whose decision the earlier
+/// trials already determine; earliest first, since one decision can settle the next.
+fn decide(spec: &SweepSpec, store: &Store, trials: &mut [Running]) {
+    for k in 0..trials.len() {
+        if !trials[k].deciding {
+            continue;
+        }
+        let epoch = trials[k].rungs[trials[k].passed] as usize;
+        let (before, rest) = trials.split_at_mut(k);
+        let trial = &mut rest[0];
+        let settled = before.iter().all(|t| t.ended.is_some() || spec.pruner.decided_by(epoch, &t.curve));
+        if !settled {
+            continue;
+        }
+        let seen: Vec<Seen<'_>> = before
+            .iter()
+            .map(|t| Seen {
+                curve: &t.curve,
+                complete: t.ended.as_ref().is_some_and(|e| e.status == Status::Complete),
+            })
+            .collect();
+        trial.deciding = false;
+        if spec.pruner.stops(&trial.curve, epoch, &seen) {
+            let objective =
+                trial.last_run.as_ref().and_then(|r| r.metrics.get(&spec.objective.metric).copied());
+            trial.end(k as u64, Status::Pruned { epoch: epoch as u64 }, objective, epoch as u64);
+            // Its checkpoints would let a longer run resume; no longer run will come.
+            if let Some(train) =
+                trial.last_run.as_ref().and_then(|r| r.stages.iter().find(|s| s.kind == StageKind::Train))
+            {
+                // Best effort: a leftover checkpoint costs disk, never a result.
+                let _ = store.discard_checkpoints(StageKind::Train.name(), &train.lineage);
+            }
+        } else {
+            trial.passed += 1;
+        }
+    }
+}
+
+/// The sweep so far: its ended trials, in trial order.
+fn outcome_of(id: &str, trials: &[Running], record: &std::path::Path) -> SweepOutcome {
+    let trials = trials.iter().filter_map(|t| t.ended.clone()).collect();
+    SweepOutcome { id: id.to_string(), trials, record: record.to_owned() }
+}
+
 /// The sweep record: the spec in short and every trial, as TOML (for git, like run records).
 fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Result<PathBuf, StoreError> {
     let trials: Vec<serde_json::Value> = outcome
@@ -179,13 +401,10 @@ fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Resu
         .iter()
         .map(|t| {
             // No timings: the record is the same bytes whenever the sweep runs again.
-            let mut trial = json!({ "number": t.number, "set": t.overrides });
-            match &t.status {
-                Status::Complete => trial["status"] = json!("complete"),
-                Status::Failed(why) => {
-                    trial["status"] = json!("failed");
-                    trial["error"] = json!(why);
-                }
+            let mut trial =
+                json!({ "number": t.number, "set": t.overrides, "status": t.status.name(), "epochs": t.epochs });
+            if let Status::Failed(why) = &t.status {
+                trial["error"] = json!(why);
             }
             if let Some(run) = &t.run {
                 trial["run"] = json!(run);
@@ -203,6 +422,7 @@ fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Resu
         "seed": spec.seed,
         "n_trials": spec.n_trials,
         "objective": { "metric": spec.objective.metric, "direction": if spec.objective.maximize { "maximize" } else { "minimize" } },
+        "pruner": spec.pruner.describe(),
         "params": spec.params.iter().map(|p| p.key.clone()).collect::<Vec<_>>(),
         "trials": trials,
     });
@@ -274,13 +494,15 @@ pub fn read_record(store: &Store, sweep: &str, env: &[(String, String)]) -> Resu
             .and_then(toml::Value::as_array)
             .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
+        let epochs = t.get("epochs").and_then(toml::Value::as_integer).unwrap_or(0) as u64;
         let status = match t.get("status").and_then(toml::Value::as_str) {
             Some("complete") => Status::Complete,
+            Some("pruned") => Status::Pruned { epoch: epochs },
             _ => Status::Failed(t.get("error").and_then(toml::Value::as_str).unwrap_or("failed").to_owned()),
         };
         let run = t.get("run").and_then(toml::Value::as_str).map(str::to_owned);
         let objective = t.get("objective").and_then(toml::Value::as_float);
-        trials.push(Trial { number: number as u64, overrides, status, run, objective, seconds: 0.0 });
+        trials.push(Trial { number: number as u64, overrides, status, run, objective, epochs, seconds: 0.0 });
     }
     let outcome = SweepOutcome { id, trials, record: path };
     Ok(SweepRecord { outcome, metric: metric.to_owned(), maximize })

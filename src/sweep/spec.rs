@@ -13,6 +13,12 @@
 //! metric = "accuracy"                         # default: the first of evaluate.metrics
 //! direction = "maximize"                      # default: minimise loss, maximise the rest
 //!
+//! [pruner]                                    # optional: stop poor trials early
+//! method = "asha"                             # "none" | "median" | "asha"
+//! min_epochs = 1                              # asha: the first rung (default 1)
+//! reduction = 4                               # asha: keep the best 1/reduction (default 4)
+//! # median: startup = 5, warmup = 0, min_trials = 1 (Optuna's defaults)
+//!
 //! [params]                                    # keys as `--set` takes them
 //! "optimizer.lr" = { log_uniform = [1e-5, 2e-4] }
 //! "optimizer.weight_decay" = { uniform = [0.0, 0.1] }
@@ -26,6 +32,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, ConfigError, Origin, Pipeline};
+use crate::sweep::pruner::Pruner;
 use crate::sweep::sampler::{Domain, Value};
 
 /// How trials are proposed.
@@ -85,11 +92,12 @@ pub struct SweepSpec {
     pub parallel: u64,
     pub seed: u64,
     pub objective: Objective,
+    pub pruner: Pruner,
     pub params: Vec<Param>,
 }
 
 const TOP_KEYS: &[&str] =
-    &["pipeline", "method", "n_trials", "timeout", "parallel", "seed", "objective", "params"];
+    &["pipeline", "method", "n_trials", "timeout", "parallel", "seed", "objective", "pruner", "params"];
 const SPACES: &[&str] = &["uniform", "log_uniform", "int", "choice", "grid"];
 
 impl SweepSpec {
@@ -187,6 +195,7 @@ impl SweepSpec {
         })?;
 
         let objective = objective(&table, &base, &at)?;
+        let pruner = pruner(&table, &at)?;
         let Some(toml::Value::Table(raw_params)) = table.get("params") else {
             return Err(invalid(
                 at(&["params"], Key),
@@ -213,6 +222,7 @@ impl SweepSpec {
             parallel,
             seed,
             objective,
+            pruner,
             params,
         })
     }
@@ -305,6 +315,68 @@ fn objective(
         }
     };
     Ok(Objective { metric, maximize })
+}
+
+/// `[pruner]`: which rule stops trials early, with Optuna's defaults for what is left out.
+fn pruner(
+    table: &toml::Table,
+    at: &dyn Fn(&[&str], config::layers::Part) -> Origin,
+) -> Result<Pruner, ConfigError> {
+    use config::layers::Part::{Key, Value as Val};
+    let Some(raw) = table.get("pruner") else { return Ok(Pruner::None) };
+    let Some(raw) = raw.as_table() else {
+        return Err(ConfigError::Invalid {
+            origin: at(&["pruner"], Val),
+            message: "`pruner` must be a table".into(),
+            help: None,
+        });
+    };
+    let method = match raw.get("method").map(toml::Value::as_str) {
+        None | Some(Some("none")) => "none",
+        Some(Some(m @ ("median" | "asha"))) => m,
+        Some(_) => {
+            return Err(ConfigError::Invalid {
+                origin: at(&["pruner", "method"], Val),
+                message: "unknown pruner method".into(),
+                help: Some("expected \"none\", \"median\" or \"asha\"".into()),
+            });
+        }
+    };
+    let keys: &[&str] = match method {
+        "median" => &["method", "startup", "warmup", "min_trials"],
+        "asha" => &["method", "min_epochs", "reduction"],
+        _ => &["method"],
+    };
+    if let Some(key) = raw.keys().find(|k| !keys.contains(&k.as_str())) {
+        let suggestion = closest(key, keys).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+        return Err(ConfigError::Invalid {
+            origin: at(&["pruner", key], Key),
+            message: format!("unknown key `{key}` for the {method} pruner{suggestion}"),
+            help: Some(format!("its keys: {}", keys.join(", "))),
+        });
+    }
+    let number = |key: &str, default: usize, least: i64| -> Result<usize, ConfigError> {
+        match raw.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Integer(n)) if *n >= least => Ok(*n as usize),
+            Some(_) => Err(ConfigError::Invalid {
+                origin: at(&["pruner", key], Val),
+                message: format!("`{key}` must be an integer of at least {least}"),
+                help: None,
+            }),
+        }
+    };
+    Ok(match method {
+        "median" => Pruner::Median {
+            startup: number("startup", 5, 0)?,
+            warmup: number("warmup", 0, 0)?,
+            min_trials: number("min_trials", 1, 1)?,
+        },
+        "asha" => {
+            Pruner::Asha { min_epochs: number("min_epochs", 1, 1)?, reduction: number("reduction", 4, 2)? }
+        }
+        _ => Pruner::None,
+    })
 }
 
 /// One `[params]` entry's space.
