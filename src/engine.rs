@@ -11,7 +11,8 @@ use crate::config::{ConfigError, Pipeline, resolve_source};
 use crate::device::Target;
 use crate::plan::{KeyFields, StageKind, run_id};
 use crate::stages::{
-    EvaluateStage, Event, Input, Observer, Stage, StageError, TokenizeStage, TrainStage, Upstream,
+    EvaluateStage, Event, Input, Observer, Stage, StageError, TEST_METRICS_FILE, TokenizeStage, TrainStage,
+    Upstream,
 };
 use crate::store::{Begin, Lookup, Store, StoreError, short};
 
@@ -66,6 +67,8 @@ pub struct RunOutcome {
     pub record: PathBuf,
     pub stages: Vec<StageOutcome>,
     pub metrics: BTreeMap<String, f64>,
+    /// The same metrics on the held-out test split (`dataset.test`; empty without one).
+    pub test_metrics: BTreeMap<String, f64>,
 }
 
 /// A stage's state before a run, as `pipe plan` shows it.
@@ -91,6 +94,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
     let d = &pipeline.dataset;
     let train_csv = input(d.train.clone(), "dataset.train")?;
     let validation_csv = d.validation.clone().map(|p| input(p, "dataset.validation")).transpose()?;
+    let test_csv = d.test.clone().map(|p| input(p, "dataset.test")).transpose()?;
     let tokenizer_dir = resolve_source(&pipeline.tokenizer.source)?;
     let tokenizer = input(tokenizer_dir.join("tokenizer.json"), "tokenizer.source")?;
     let model_dir = resolve_source(&pipeline.model.source)?;
@@ -103,6 +107,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             pipeline.seed,
             train_csv,
             validation_csv,
+            test_csv,
             tokenizer.clone(),
         )),
         Box::new(TrainStage {
@@ -254,14 +259,20 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         upstream.insert(kind, output);
         inputs.insert(kind, fields.inputs);
     }
-    let metrics = selected_metrics(pipeline, &upstream)?;
+    let metrics = selected_metrics(pipeline, &upstream, crate::stages::METRICS_FILE)?;
+    let test_metrics = if upstream[&StageKind::Evaluate].manifest.files.contains_key(TEST_METRICS_FILE) {
+        selected_metrics(pipeline, &upstream, TEST_METRICS_FILE)?
+    } else {
+        BTreeMap::new()
+    };
     let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
     let run = run_id(&keys);
     let record = store.record_path(&run);
     if !record.exists() {
-        store.write_record(&run, &record_toml(pipeline, &target, &run, &upstream, &inputs, &metrics))?;
+        let text = record_toml(pipeline, &target, &run, &upstream, &inputs, &metrics, &test_metrics);
+        store.write_record(&run, &text)?;
     }
-    Ok(RunOutcome { run, record, stages: outcomes, metrics })
+    Ok(RunOutcome { run, record, stages: outcomes, metrics, test_metrics })
 }
 
 /// One line about a finished stage, from its outputs.
@@ -287,10 +298,14 @@ fn summarize(kind: StageKind, output: &crate::store::StageOutput) -> String {
     }
 }
 
-/// The metrics the pipeline asked for, from the evaluate stage's report.
-fn selected_metrics(pipeline: &Pipeline, upstream: &Upstream) -> Result<BTreeMap<String, f64>, EngineError> {
+/// The metrics the pipeline asked for, from the evaluate stage's report `file`.
+fn selected_metrics(
+    pipeline: &Pipeline,
+    upstream: &Upstream,
+    file: &str,
+) -> Result<BTreeMap<String, f64>, EngineError> {
     let out = &upstream[&StageKind::Evaluate];
-    let path = out.file(crate::stages::METRICS_FILE);
+    let path = out.file(file);
     let text =
         std::fs::read_to_string(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
     let report: crate::evaluate::ClassificationReport =
@@ -314,6 +329,7 @@ fn record_toml(
     upstream: &Upstream,
     inputs: &BTreeMap<StageKind, BTreeMap<String, String>>,
     metrics: &BTreeMap<String, f64>,
+    test_metrics: &BTreeMap<String, f64>,
 ) -> String {
     let stages: Vec<serde_json::Value> = StageKind::ALL
         .iter()
@@ -332,7 +348,7 @@ fn record_toml(
         })
         .collect();
     let config: toml::Table = toml::from_str(&pipeline.to_toml()).expect("a resolved pipeline is valid TOML");
-    let doc = json!({
+    let mut doc = json!({
         "run": run,
         "pipeline": pipeline.name,
         "created": now_rfc3339(),
@@ -340,6 +356,9 @@ fn record_toml(
         "environment": crate::environment::current(target, pipeline.dtype),
         "stages": stages,
     });
+    if !test_metrics.is_empty() {
+        doc["test_metrics"] = json!(test_metrics);
+    }
     // TOML has no null: a fact without a value (a metric that was NaN, say) is left out.
     let mut table: toml::Table =
         serde_json::from_value(without_nulls(doc)).expect("a JSON object without nulls is a TOML table");

@@ -79,10 +79,19 @@ impl Record {
         })
     }
 
-    /// The recorded metrics.
+    /// The recorded metrics (on the validation split).
     pub fn metrics(&self) -> BTreeMap<String, f64> {
+        self.numbers("metrics")
+    }
+
+    /// The recorded metrics on the held-out test split (empty without `dataset.test`).
+    pub fn test_metrics(&self) -> BTreeMap<String, f64> {
+        self.numbers("test_metrics")
+    }
+
+    fn numbers(&self, table: &str) -> BTreeMap<String, f64> {
         self.table
-            .get("metrics")
+            .get(table)
             .and_then(toml::Value::as_table)
             .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_float()?))).collect())
             .unwrap_or_default()

@@ -126,13 +126,18 @@ pub fn run_json(outcome: &RunOutcome) -> String {
             })
         })
         .collect();
-    serde_json::json!({ "run": outcome.run, "stages": stages, "metrics": outcome.metrics, "record": outcome.record }).to_string()
+    let mut json = serde_json::json!({ "run": outcome.run, "stages": stages, "metrics": outcome.metrics, "record": outcome.record });
+    if !outcome.test_metrics.is_empty() {
+        json["test_metrics"] = serde_json::json!(outcome.test_metrics);
+    }
+    json.to_string()
 }
 
 /// The closing lines of `pipe run`.
 pub fn run_summary(outcome: &RunOutcome) -> String {
     let mut out = String::new();
-    let metrics: Vec<String> = outcome.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    let mut metrics: Vec<String> = outcome.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    metrics.extend(outcome.test_metrics.iter().map(|(k, v)| format!("test {k} {v:.4}")));
     let ran: Vec<&str> = outcome.stages.iter().filter(|s| !s.cached).map(|s| s.kind.name()).collect();
     let ran =
         if ran.is_empty() { "all stages cached".to_string() } else { format!("ran {}", ran.join(", ")) };
@@ -172,6 +177,9 @@ pub fn record(store: &Store, record: &Record) -> String {
     );
     for (k, v) in record.metrics() {
         let _ = writeln!(out, "{k:<9} {v:.4}");
+    }
+    for (k, v) in record.test_metrics() {
+        let _ = writeln!(out, "{:<9} {v:.4}  (held-out test split)", format!("test {k}"));
     }
     for stage in record.stages().iter().filter_map(toml::Value::as_table) {
         let text = |k: &str| stage.get(k).and_then(toml::Value::as_str).unwrap_or("");
@@ -365,6 +373,13 @@ pub fn sweep_table(metric: &str, maximize: bool, outcome: &SweepOutcome) -> Stri
             best.run.as_deref().unwrap_or("-"),
             outcome.record.display()
         );
+        // Selected on validation, so its validation value is optimistic; the test split is not.
+        if let (Some(y), Some(test)) = (best.objective, best.test.get(metric)) {
+            let _ = writeln!(
+                out,
+                "  validation {metric} {y:.4} (selected on)  test {metric} {test:.4} (held out)"
+            );
+        }
     }
     out
 }
@@ -385,13 +400,16 @@ pub fn sweep_json(metric: &str, maximize: bool, outcome: &SweepOutcome) -> Strin
             })
         })
         .collect();
-    let best = outcome.best(maximize).map(|b| b.number);
-    serde_json::json!({
+    let best = outcome.best(maximize);
+    let mut json = serde_json::json!({
         "sweep": short(&outcome.id),
         "record": outcome.record,
         "metric": metric,
-        "best": best,
+        "best": best.map(|b| b.number),
         "trials": trials,
-    })
-    .to_string()
+    });
+    if let Some(best) = best.filter(|b| !b.test.is_empty()) {
+        json["best_test_metrics"] = serde_json::json!(best.test);
+    }
+    json.to_string()
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{RunJson, TINY_PIPELINE, describe, pipe, pipe_command, pipe_ok, project};
+use common::{RunJson, TINY_PIPELINE, describe, pipe, pipe_command, pipe_ok, project, tiny_csv};
 use serde_json::Value;
 
 const SWEEP: &str = "pipeline = \"pipeline.toml\"\nmethod = \"random\"\nn_trials = 3\nseed = 7\n\n\
@@ -223,4 +223,67 @@ fn a_killed_sweep_resumes_to_the_same_record() {
     };
     assert_eq!(runs(&six)[..4], runs(&uninterrupted)[..]);
     assert_eq!(stages(dir.path(), "train"), 6);
+}
+
+#[test]
+fn a_held_out_test_split_is_reported_and_never_steers_the_sweep() {
+    // Two projects alike but for their test split's labels: every sweep decision is the same.
+    let with_test = |flip: bool| {
+        let dir = project();
+        let test = tiny_csv(16, 11, false);
+        let test = if flip {
+            test.replace(",pos", ",tmp").replace(",neg", ",pos").replace(",tmp", ",neg")
+        } else {
+            test
+        };
+        std::fs::write(dir.path().join("data/test.csv"), test).unwrap();
+        let pipeline = TINY_PIPELINE.replace(
+            "validation = \"data/validation.csv\"",
+            "validation = \"data/validation.csv\"\ntest = \"data/test.csv\"",
+        );
+        std::fs::write(dir.path().join("pipeline.toml"), pipeline).unwrap();
+        std::fs::write(dir.path().join("sweep.toml"), SWEEP.replace("\"random\"", "\"tpe\"")).unwrap();
+        dir
+    };
+    let (a, b) = (with_test(false), with_test(true));
+    let (sweep_a, sweep_b) = (sweep_with(a.path(), &[]), sweep_with(b.path(), &[]));
+    let decisions = |v: &Value| -> Vec<(Value, Value, Value)> {
+        v["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["set"].clone(), t["objective"].clone(), t["status"].clone()))
+            .collect()
+    };
+    assert_eq!(
+        decisions(&sweep_a),
+        decisions(&sweep_b),
+        "the test split changes no proposal and no objective"
+    );
+    assert_eq!(sweep_a["best"], sweep_b["best"]);
+    let (test_a, test_b) = (&sweep_a["best_test_metrics"], &sweep_b["best_test_metrics"]);
+    let accuracy = |t: &Value| t["accuracy"].as_f64().unwrap();
+    assert!((accuracy(test_a) + accuracy(test_b) - 1.0).abs() < 1e-9, "flipped labels: {test_a} {test_b}");
+
+    // `pipe sweep show` puts the selected validation value and the held-out test value side by side.
+    let shown = pipe_ok(a.path(), &["sweep", "show", "sweep.toml"]);
+    assert!(
+        shown.contains("(selected on)") && shown.contains(&format!("test accuracy {:.4}", accuracy(test_a))),
+        "{shown}"
+    );
+    let shown_json: Value =
+        serde_json::from_str(&pipe_ok(a.path(), &["sweep", "show", "sweep.toml", "--json"])).unwrap();
+    assert_eq!(&shown_json["best_test_metrics"], test_a);
+
+    // The run record has the test metrics; `pipe show` prints them; a label the training data
+    // lacks is bad input naming the file.
+    let best = pipe_ok(a.path(), &["sweep", "best", "sweep.toml"]).trim().to_string();
+    let record = std::fs::read_to_string(a.path().join("runs").join(format!("{best}.toml"))).unwrap();
+    assert!(record.contains("[test_metrics]"), "{record}");
+    assert!(pipe_ok(a.path(), &["show", &best]).contains("held-out test split"));
+    std::fs::write(a.path().join("data/test.csv"), "text,label\nsome words,maybe\n").unwrap();
+    let output = pipe(a.path(), &["run", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&["run"], &output));
+    assert!(stderr.contains("test.csv"), "{stderr}");
 }

@@ -147,8 +147,13 @@ pub struct DatasetConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "exclusiveMaximum" = 1))]
     pub validation_split: Option<f64>,
-    /// Drop from the validation data every row whose exact text also occurs in the training data
-    /// (leakage inflates validation scores); the counts are reported in the tokenize stage's
+    /// Held-out test data (CSV with a header): scored by the evaluate stage (`test_metrics.json`,
+    /// the run record's `[test_metrics]`) and never read by training, early stopping or a sweep's
+    /// decisions, so that it stays an honest estimate after selecting on validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<PathBuf>,
+    /// Drop from the validation (and test) data every row whose exact text also occurs in the training data
+    /// (leakage inflates their scores); the counts are reported in the tokenize stage's
     /// `labels.json`. Without it, such rows are only warned about.
     #[serde(default)]
     pub drop_duplicates: bool,

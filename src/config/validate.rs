@@ -32,6 +32,7 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         }),
         non_empty("dataset.train", &d.train.to_string_lossy()),
         d.validation.as_ref().and_then(|v| non_empty("dataset.validation", &v.to_string_lossy())),
+        d.test.as_ref().and_then(|t| non_empty("dataset.test", &t.to_string_lossy())),
         match (&d.validation, d.validation_split) {
             (Some(_), Some(_)) => Some(Problem {
                 path: "dataset.validation_split",

@@ -1,4 +1,5 @@
-//! The evaluate stage: the trained model on the validation split.
+//! The evaluate stage: the trained model on the validation split, and on the held-out test split
+//! when the pipeline has one.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,8 @@ use crate::store::WorkDir;
 pub const METRICS_FILE: &str = "metrics.json";
 /// Output: one row per validation example with the true and predicted class and probabilities.
 pub const PREDICTIONS_FILE: &str = "predictions.csv";
+/// Output (with `dataset.test`): the classification report on the test split.
+pub const TEST_METRICS_FILE: &str = "test_metrics.json";
 
 /// Scores the trained model on the validation split.
 pub struct EvaluateStage {
@@ -80,6 +83,15 @@ impl Stage for EvaluateStage {
             csv.write_record(&record).map_err(write_err)?;
         }
         csv.flush().map_err(io_error(&path))?;
-        Ok(json!({ "seconds": start.elapsed().as_secs_f64(), "rows": validation.labels.len() }))
+        let mut facts = json!({ "seconds": start.elapsed().as_secs_f64(), "rows": validation.labels.len() });
+        if let Some(test) = splits.get("test") {
+            let scored = score(&model, &test.ids, &test.labels, self.evaluate.batch_size)?;
+            let path = work.out().join(TEST_METRICS_FILE);
+            std::fs::write(&path, serde_json::to_string_pretty(&scored.report).expect("JSON") + "\n")
+                .map_err(io_error(&path))?;
+            facts["test_rows"] = json!(test.labels.len());
+            facts["seconds"] = json!(start.elapsed().as_secs_f64());
+        }
+        Ok(facts)
     }
 }

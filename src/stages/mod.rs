@@ -12,7 +12,7 @@ mod train;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub use evaluate::{EvaluateStage, METRICS_FILE, PREDICTIONS_FILE};
+pub use evaluate::{EvaluateStage, METRICS_FILE, PREDICTIONS_FILE, TEST_METRICS_FILE};
 pub use tokenize::{LABELS_FILE, TOKENS_FILE, TokenizeStage};
 pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage};
 

@@ -12,8 +12,9 @@ use crate::store::WorkDir;
 
 /// Output file with the tokenized splits.
 pub const TOKENS_FILE: &str = "tokens.safetensors";
-/// Output file with the class names, row counts per split and class, and the validation rows whose
-/// text also occurs in the training data (found, and dropped with `dataset.drop_duplicates`).
+/// Output file with the class names, row counts per split and class, and the validation (and
+/// test) rows whose text also occurs in the training data (found, and dropped with
+/// `dataset.drop_duplicates`).
 pub const LABELS_FILE: &str = "labels.json";
 
 /// Reads the dataset, maps labels to classes, splits off validation if asked, and tokenizes.
@@ -23,6 +24,8 @@ pub struct TokenizeStage {
     seed: u64,
     train_csv: Input,
     validation_csv: Option<Input>,
+    /// The held-out test data (`dataset.test`): tokenized for the evaluate stage only.
+    test_csv: Option<Input>,
     tokenizer: Input,
     prepared: Option<Prepared>,
 }
@@ -34,24 +37,28 @@ struct Prepared {
     train: (Vec<String>, Vec<u32>),
     validation: (Vec<String>, Vec<u32>),
     leakage: Leakage,
+    test: Option<((Vec<String>, Vec<u32>), Leakage)>,
 }
 
-/// Validation rows whose exact text also occurs in the training data.
+/// Rows of a held-out split whose exact text also occurs in the training data.
 struct Leakage {
-    /// How many validation rows (before any were dropped).
+    /// Which split: "validation" or "test".
+    split: &'static str,
+    /// How many of its rows (before any were dropped).
     rows: usize,
-    /// Validation rows in all, before any were dropped.
+    /// Its rows in all, before any were dropped.
     of: usize,
     /// A few of the texts, for the warning.
     examples: Vec<String>,
-    /// Whether they were dropped from validation (`dataset.drop_duplicates`).
+    /// Whether they were dropped (`dataset.drop_duplicates`).
     dropped: bool,
 }
 
 impl Leakage {
-    /// Finds the validation rows that leak from `train` and, if `drop`, removes them from
-    /// `validation`; refuses to drop every row.
+    /// Finds the rows of `split` that leak from `train` and, if `drop`, removes them; refuses to
+    /// drop every row.
     fn handle(
+        split: &'static str,
         train: &[String],
         validation: &mut (Vec<String>, Vec<u32>),
         drop: bool,
@@ -64,8 +71,8 @@ impl Leakage {
         if dropped {
             if leaked.len() == of {
                 return Err(StageError::Invalid(format!(
-                    "every one of the {of} validation rows also occurs in the training data, so \
-                     `dataset.drop_duplicates = true` would leave nothing to validate on"
+                    "every one of the {of} {split} rows also occurs in the training data, so \
+                     `dataset.drop_duplicates = true` would leave nothing to score"
                 )));
             }
             let (texts, classes) = std::mem::take(validation);
@@ -77,7 +84,7 @@ impl Leakage {
                 .map(|(_, kept)| kept)
                 .unzip();
         }
-        Ok(Self { rows: leaked.len(), of, examples, dropped })
+        Ok(Self { split, rows: leaked.len(), of, examples, dropped })
     }
 
     /// The warning to show, if any row leaks.
@@ -94,16 +101,16 @@ impl Leakage {
                 None => format!("{text:?}"),
             })
             .collect();
-        let (n, of, examples) = (self.rows, self.of, examples.join(", "));
+        let (n, of, split, examples) = (self.rows, self.of, self.split, examples.join(", "));
         Some(if self.dropped {
             format!(
-                "dropped {n} of {of} validation rows whose text also occurs in the training data \
+                "dropped {n} of {of} {split} rows whose text also occurs in the training data \
                  (dataset.drop_duplicates), e.g. {examples}"
             )
         } else {
             format!(
-                "{n} of {of} validation rows also occur in the training data (leakage inflates \
-                 validation scores), e.g. {examples}; set `dataset.drop_duplicates = true` to drop them"
+                "{n} of {of} {split} rows also occur in the training data (leakage inflates \
+                 {split} scores), e.g. {examples}; set `dataset.drop_duplicates = true` to drop them"
             )
         })
     }
@@ -116,9 +123,10 @@ impl TokenizeStage {
         seed: u64,
         train_csv: Input,
         validation_csv: Option<Input>,
+        test_csv: Option<Input>,
         tokenizer: Input,
     ) -> Self {
-        Self { dataset, max_length, seed, train_csv, validation_csv, tokenizer, prepared: None }
+        Self { dataset, max_length, seed, train_csv, validation_csv, test_csv, tokenizer, prepared: None }
     }
 }
 
@@ -149,6 +157,9 @@ impl Stage for TokenizeStage {
         if let Some(v) = &self.validation_csv {
             inputs.insert("dataset.validation".into(), v.sha256.clone());
         }
+        if let Some(t) = &self.test_csv {
+            inputs.insert("dataset.test".into(), t.sha256.clone());
+        }
         KeyFields { kind: StageKind::Tokenize, version: StageKind::Tokenize.version(), params, inputs }
     }
 
@@ -175,9 +186,19 @@ impl Stage for TokenizeStage {
                 (pick(&train_rows), pick(&val_rows))
             }
         };
-        let leakage = Leakage::handle(&train.0, &mut validation, d.drop_duplicates)?;
+        let leakage = Leakage::handle("validation", &train.0, &mut validation, d.drop_duplicates)?;
+        let test = match &self.test_csv {
+            Some(t) => {
+                let rows = data::read_csv(&t.path, &d.text_column, &d.label_column)?;
+                let classes = labels.encode(&rows, &t.path)?;
+                let mut test = (rows.texts, classes);
+                let leakage = Leakage::handle("test", &train.0, &mut test, d.drop_duplicates)?;
+                Some((test, leakage))
+            }
+            None => None,
+        };
         let encoder = TextEncoder::from_file(&self.tokenizer.path, self.max_length)?;
-        self.prepared = Some(Prepared { encoder, labels, train, validation, leakage });
+        self.prepared = Some(Prepared { encoder, labels, train, validation, leakage, test });
         Ok(())
     }
 
@@ -192,16 +213,26 @@ impl Stage for TokenizeStage {
         }
         let p = self.prepared.take().expect("prepared above");
         let start = std::time::Instant::now();
-        if let Some(warning) = p.leakage.warning() {
-            observe(Event::Warning(warning));
+        for leakage in std::iter::once(&p.leakage).chain(p.test.as_ref().map(|(_, l)| l)) {
+            if let Some(warning) = leakage.warning() {
+                observe(Event::Warning(warning));
+            }
         }
         let train = TokenizedSplit { ids: p.encoder.encode_all(&p.train.0)?, labels: p.train.1 };
         let validation =
             TokenizedSplit { ids: p.encoder.encode_all(&p.validation.0)?, labels: p.validation.1 };
+        let test = match p.test {
+            Some(((texts, labels), leakage)) => {
+                Some((TokenizedSplit { ids: p.encoder.encode_all(&texts)?, labels }, leakage))
+            }
+            None => None,
+        };
         let seconds = start.elapsed().as_secs_f64();
-        data::save_tokens(&work.out().join(TOKENS_FILE), &[("train", &train), ("validation", &validation)])?;
+        let mut splits = vec![("train", &train), ("validation", &validation)];
+        splits.extend(test.as_ref().map(|(split, _)| ("test", split)));
+        data::save_tokens(&work.out().join(TOKENS_FILE), &splits)?;
         let truncated = train.ids.iter().filter(|r| r.len() >= self.max_length).count();
-        let summary = json!({
+        let mut summary = json!({
             "labels": p.labels.names(),
             "train_rows": train.labels.len(),
             "validation_rows": validation.labels.len(),
@@ -212,10 +243,17 @@ impl Stage for TokenizeStage {
             "validation_leaked_rows": p.leakage.rows,
             "validation_rows_dropped": if p.leakage.dropped { p.leakage.rows } else { 0 },
         });
+        // Only with a test split, so that the outputs of pipelines without one stay as they were.
+        if let Some((split, leakage)) = &test {
+            summary["test_rows"] = json!(split.labels.len());
+            summary["test_class_counts"] = json!(class_counts(&split.labels, p.labels.names().len()));
+            summary["test_leaked_rows"] = json!(leakage.rows);
+            summary["test_rows_dropped"] = json!(if leakage.dropped { leakage.rows } else { 0 });
+        }
         let path = work.out().join(LABELS_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&summary).expect("JSON") + "\n")
             .map_err(io_error(&path))?;
-        let rows = train.labels.len() + validation.labels.len();
+        let rows = train.labels.len() + validation.labels.len() + test.map_or(0, |(t, _)| t.labels.len());
         Ok(json!({ "seconds": seconds, "rows_per_second": rows as f64 / seconds.max(1e-9) }))
     }
 }

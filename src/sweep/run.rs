@@ -22,6 +22,7 @@
 //!
 //! [`Store::begin`]: crate::store::Store::begin
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, mpsc};
 use std::time::Instant;
@@ -73,6 +74,9 @@ pub struct Trial {
     pub objective: Option<f64>,
     /// Epochs trained.
     pub epochs: u64,
+    /// The run's metrics on the held-out test split (`dataset.test`): shown for the best trial,
+    /// never read by a sampler or pruner.
+    pub test: BTreeMap<String, f64>,
     /// Wall seconds (near zero for a trial found in the store).
     pub seconds: f64,
 }
@@ -172,8 +176,10 @@ impl Running {
 
     fn end(&mut self, number: u64, status: Status, objective: Option<f64>, epochs: u64) {
         let run = self.last_run.as_ref().map(|r| r.run.clone());
+        let test = self.last_run.as_ref().map(|r| r.test_metrics.clone()).unwrap_or_default();
         let overrides = self.overrides.clone();
-        self.ended = Some(Trial { number, overrides, status, run, objective, epochs, seconds: self.seconds });
+        self.ended =
+            Some(Trial { number, overrides, status, run, objective, epochs, test, seconds: self.seconds });
     }
 }
 
@@ -415,7 +421,7 @@ fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Resu
             trial
         })
         .collect();
-    let doc = json!({
+    let mut doc = json!({
         "sweep": outcome.id[..12],
         "pipeline": spec.pipeline.to_string_lossy(),
         "method": spec.method.name(),
@@ -426,6 +432,11 @@ fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Resu
         "params": spec.params.iter().map(|p| p.key.clone()).collect::<Vec<_>>(),
         "trials": trials,
     });
+    // The best trial's test metrics, beside its validation objective: the honest estimate of
+    // what the selection is worth (no other trial's, so that nobody selects on them).
+    if let Some(best) = outcome.best(spec.objective.maximize).filter(|b| !b.test.is_empty()) {
+        doc["best"] = json!({ "trial": best.number, "run": best.run, "test_metrics": best.test });
+    }
     let table: toml::Table =
         serde_json::from_value(doc).expect("a JSON object without nulls is a TOML table");
     let text = format!(
@@ -502,7 +513,25 @@ pub fn read_record(store: &Store, sweep: &str, env: &[(String, String)]) -> Resu
         };
         let run = t.get("run").and_then(toml::Value::as_str).map(str::to_owned);
         let objective = t.get("objective").and_then(toml::Value::as_float);
-        trials.push(Trial { number: number as u64, overrides, status, run, objective, epochs, seconds: 0.0 });
+        let test = BTreeMap::new();
+        trials.push(Trial {
+            number: number as u64,
+            overrides,
+            status,
+            run,
+            objective,
+            epochs,
+            test,
+            seconds: 0.0,
+        });
+    }
+    let best = table.get("best").and_then(toml::Value::as_table);
+    let best_number = best.and_then(|b| b.get("trial")).and_then(toml::Value::as_integer);
+    let test = best.and_then(|b| b.get("test_metrics")).and_then(toml::Value::as_table);
+    if let (Some(number), Some(test)) = (best_number, test)
+        && let Some(trial) = trials.iter_mut().find(|t| t.number as i64 == number)
+    {
+        trial.test = test.iter().filter_map(|(k, v)| Some((k.clone(), v.as_float()?))).collect();
     }
     let outcome = SweepOutcome { id, trials, record: path };
     Ok(SweepRecord { outcome, metric: metric.to_owned(), maximize })
