@@ -30,14 +30,17 @@ pub struct TokenizeStage {
     prepared: Option<Prepared>,
 }
 
+/// A split's texts and their classes.
+type Rows = (Vec<String>, Vec<u32>);
+
 /// The parsed, checked dataset, ready to tokenize.
 struct Prepared {
     encoder: TextEncoder,
     labels: LabelMap,
-    train: (Vec<String>, Vec<u32>),
-    validation: (Vec<String>, Vec<u32>),
+    train: Rows,
+    validation: Rows,
     leakage: Leakage,
-    test: Option<((Vec<String>, Vec<u32>), Leakage)>,
+    test: Option<(Rows, Leakage)>,
 }
 
 /// Rows of a held-out split whose exact text also occurs in the training data.
@@ -60,7 +63,7 @@ impl Leakage {
     fn handle(
         split: &'static str,
         train: &[String],
-        validation: &mut (Vec<String>, Vec<u32>),
+        validation: &mut Rows,
         drop: bool,
     ) -> Result<Self, StageError> {
         let leaked: BTreeSet<usize> =
