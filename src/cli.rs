@@ -106,6 +106,10 @@ pub enum Command {
         action: Option<SweepAction>,
         /// The sweep file (TOML).
         file: Option<PathBuf>,
+        /// Override a value of the swept pipeline for every trial, e.g. `--set train.epochs=2`
+        /// (repeatable; part of the sweep's identity).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
         /// Print one JSON object (sweep, record, best, trials) instead of progress and a table.
@@ -124,6 +128,19 @@ pub enum Command {
 /// What to do with a sweep that has run.
 #[derive(Debug, Subcommand)]
 pub enum SweepAction {
+    /// The trials the sweep will run, without running them (with what the store has of them).
+    Plan {
+        /// The sweep file (TOML).
+        file: PathBuf,
+        /// As for `pipe sweep FILE --set`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The sweep's trials, best first (from its record).
     Show {
         /// The sweep's id (or a unique prefix), or its sweep file.

@@ -89,7 +89,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Sweep { action, file, store, json } => {
+        Command::Sweep { action, file, sets, store, json } => {
             let env: Vec<(String, String)> = std::env::vars_os()
                 .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
                 .collect();
@@ -109,6 +109,21 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     }
                     return Ok(());
                 }
+                Some(SweepAction::Plan { file, sets, store, json }) => {
+                    let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
+                    let id = pipe::sweep::trials::sweep_id(&spec);
+                    // What the store has of the sweep so far, if it ran.
+                    let store = Store::new(store.store);
+                    let recorded = pipe::sweep::run::read_record(&store, &id[..12], &env).ok();
+                    let planned = pipe::sweep::trials::plan(&spec);
+                    let recorded = recorded.map(|r| r.outcome.trials).unwrap_or_default();
+                    if json {
+                        println!("{}", render::sweep_plan_json(&spec, &id, &planned, &recorded));
+                    } else {
+                        print!("{}", render::sweep_plan(&spec, &id, &planned, &recorded));
+                    }
+                    return Ok(());
+                }
                 Some(SweepAction::Best { sweep, store }) => {
                     let record = pipe::sweep::run::read_record(&Store::new(store.store), &sweep, &env)
                         .map_err(sweep_failure)?;
@@ -125,10 +140,11 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let Some(file) = file else {
                 return Err(Failure {
                     code: 2,
-                    message: "pipe sweep needs a sweep file (or: show ID|FILE, best ID|FILE)".into(),
+                    message: "pipe sweep needs a sweep file (or: plan FILE, show ID|FILE, best ID|FILE)"
+                        .into(),
                 });
             };
-            let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &env)?;
+            let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
             let store = Store::new(store.store);
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::sweep::run::run(&spec, &store, &env, &mut |event| {

@@ -11,6 +11,7 @@ use pipe::reproduce::Reproduction;
 use pipe::stages::Event;
 use pipe::store::{Store, short};
 use pipe::sweep::run::{Status, SweepEvent, SweepOutcome, Trial};
+use pipe::sweep::sampler::Value;
 use pipe::sweep::spec::SweepSpec;
 
 /// Renders engine events: a progress bar on a terminal, occasional plain lines otherwise, and
@@ -382,6 +383,73 @@ pub fn sweep_table(metric: &str, maximize: bool, outcome: &SweepOutcome) -> Stri
         }
     }
     out
+}
+
+/// A planned trial as shown: what the record says of it, or what the sweep will try.
+struct PlanRow {
+    number: u64,
+    status: &'static str,
+    run: Option<String>,
+    /// `None`: TPE chooses it from earlier results.
+    set: Option<Vec<String>>,
+}
+
+fn plan_rows(spec: &SweepSpec, planned: &[Option<Vec<Value>>], recorded: &[Trial]) -> Vec<PlanRow> {
+    let rows =
+        planned.iter().enumerate().map(|(k, values)| match recorded.iter().find(|t| t.number == k as u64) {
+            Some(t) => PlanRow {
+                number: t.number,
+                status: t.status.name(),
+                run: t.run.clone(),
+                set: Some(t.overrides.clone()),
+            },
+            None => PlanRow {
+                number: k as u64,
+                status: "to run",
+                run: None,
+                set: values.as_ref().map(|v| spec.overrides(v)),
+            },
+        });
+    rows.collect()
+}
+
+/// `pipe sweep plan`: the trials a sweep will run, and what the store has of them.
+pub fn sweep_plan(spec: &SweepSpec, id: &str, planned: &[Option<Vec<Value>>], recorded: &[Trial]) -> String {
+    let mut out = String::new();
+    let known = planned.iter().filter(|p| p.is_some()).count();
+    let pruner = spec.pruner.describe();
+    let _ = writeln!(
+        out,
+        "sweep {}  {}, {} trials ({known} known before it runs), pruner {}",
+        short(id),
+        spec.method.name(),
+        planned.len(),
+        pruner["method"].as_str().unwrap_or("none")
+    );
+    let _ = writeln!(out, "{:>5}  {:<10}  {:<12}  set", "trial", "status", "run");
+    for row in plan_rows(spec, planned, recorded) {
+        let set = row.set.map_or_else(
+            || format!("(chosen by TPE from the results of trials 1-{})", row.number),
+            |set| set.join(" "),
+        );
+        let run = row.run.as_deref().unwrap_or("-");
+        let _ = writeln!(out, "{:>5}  {:<10}  {run:<12}  {set}", row.number + 1, row.status);
+    }
+    out
+}
+
+/// `pipe sweep plan --json`.
+pub fn sweep_plan_json(
+    spec: &SweepSpec,
+    id: &str,
+    planned: &[Option<Vec<Value>>],
+    recorded: &[Trial],
+) -> String {
+    let trials: Vec<_> = plan_rows(spec, planned, recorded)
+        .into_iter()
+        .map(|r| serde_json::json!({ "number": r.number, "status": r.status, "run": r.run, "set": r.set }))
+        .collect();
+    serde_json::json!({ "sweep": short(id), "method": spec.method.name(), "trials": trials }).to_string()
 }
 
 /// `pipe sweep --json` and `pipe sweep show --json`.

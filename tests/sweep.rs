@@ -26,8 +26,20 @@ fn sweep_json(dir: &Path) -> Value {
 fn a_sweep_shares_tokenize_reruns_from_the_store_and_extends() {
     let dir = project();
     std::fs::write(dir.path().join("sweep.toml"), SWEEP).unwrap();
+    // The plan lists the trials before anything runs, and runs nothing.
+    let plan = |dir: &Path| -> Value {
+        serde_json::from_str(&pipe_ok(dir, &["sweep", "plan", "sweep.toml", "--json"])).unwrap()
+    };
+    let planned = plan(dir.path());
+    assert!(!dir.path().join("runs/stages").exists(), "planning runs nothing");
     let first = sweep_json(dir.path());
     println!("{first}");
+    let after = plan(dir.path());
+    for k in 0..3 {
+        assert_eq!(planned["trials"][k]["status"], "to run");
+        assert_eq!(planned["trials"][k]["set"], first["trials"][k]["set"], "the plan is what ran");
+        assert_eq!(after["trials"][k]["run"], first["trials"][k]["run"], "and then shows the runs");
+    }
     let trials = first["trials"].as_array().unwrap();
     assert_eq!(trials.len(), 3);
     assert!(trials.iter().all(|t| t["status"] == "complete" && t["objective"].is_number()), "{first}");
@@ -104,7 +116,7 @@ fn bad_sweep_files_exit_2_with_their_position() {
 #[test]
 fn the_example_sweep_file_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps/quickstart-lr.toml");
-    let spec = pipe::sweep::spec::SweepSpec::load_with_env(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let spec = pipe::sweep::spec::SweepSpec::load_with_env(&path, &[], &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(spec.params.len(), 2);
     assert!(spec.objective.maximize);
 }

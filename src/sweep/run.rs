@@ -33,7 +33,7 @@ use super::pruner::Seen;
 use super::sampler::{Observation, Tpe, Value};
 use super::spec::{Method, SweepSpec};
 use super::trials::{propose, sweep_id};
-use crate::config::{self, ConfigError};
+use crate::config::ConfigError;
 use crate::engine::{self, EngineError, RunOutcome};
 use crate::plan::StageKind;
 use crate::stages::Event;
@@ -229,7 +229,7 @@ pub fn run(
                             let history = observations(&trials);
                             let Some(values) = propose(spec, &id, k as u64, &history) else { break };
                             let overrides = spec.overrides(&values);
-                            let pipeline = config::load_with_env(&spec.pipeline, &overrides, env)?;
+                            let pipeline = spec.trial_pipeline(&overrides, env)?;
                             let epochs = pipeline.train.epochs;
                             let rungs: Vec<u64> = spec
                                 .pruner
@@ -270,8 +270,8 @@ pub fn run(
                         std::thread::sleep(crate::fault::trial_delay(k as u64));
                         let begun = Instant::now();
                         let result = pool.install(|| {
-                            let pipeline = config::load_with_env(&spec.pipeline, &overrides, env)
-                                .map_err(EngineError::Config)?;
+                            let pipeline =
+                                spec.trial_pipeline(&overrides, env).map_err(EngineError::Config)?;
                             engine::run(&pipeline, store, &mut |event| {
                                 emit(SweepEvent::Stage { trial: k as u64, event })
                             })
@@ -432,6 +432,9 @@ fn write_record(spec: &SweepSpec, store: &Store, outcome: &SweepOutcome) -> Resu
         "params": spec.params.iter().map(|p| p.key.clone()).collect::<Vec<_>>(),
         "trials": trials,
     });
+    if !spec.sets.is_empty() {
+        doc["pipeline_set"] = json!(spec.sets);
+    }
     // The best trial's test metrics, beside its validation objective: the honest estimate of
     // what the selection is worth (no other trial's, so that nobody selects on them).
     if let Some(best) = outcome.best(spec.objective.maximize).filter(|b| !b.test.is_empty()) {
@@ -460,7 +463,7 @@ pub struct SweepRecord {
 pub fn read_record(store: &Store, sweep: &str, env: &[(String, String)]) -> Result<SweepRecord, SweepError> {
     let dir = store.root().join("sweeps");
     let wanted = if std::path::Path::new(sweep).is_file() {
-        sweep_id(&SweepSpec::load_with_env(std::path::Path::new(sweep), env)?)[..12].to_string()
+        sweep_id(&SweepSpec::load_with_env(std::path::Path::new(sweep), &[], env)?)[..12].to_string()
     } else {
         sweep.to_string()
     };

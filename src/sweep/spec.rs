@@ -83,7 +83,9 @@ pub struct SweepSpec {
     pub path: PathBuf,
     /// The pipeline file, resolved against the sweep file's directory.
     pub pipeline: PathBuf,
-    /// That pipeline as loaded (every trial layers its `--set`s on it).
+    /// `--set`s given with the sweep, under every trial's own.
+    pub sets: Vec<String>,
+    /// The pipeline as loaded with them (every trial layers its `--set`s on it).
     pub base: Pipeline,
     pub method: Method,
     pub n_trials: u64,
@@ -107,11 +109,16 @@ impl SweepSpec {
         let env: Vec<(String, String)> = std::env::vars_os()
             .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
             .collect();
-        Self::load_with_env(path, &env)
+        Self::load_with_env(path, &[], &env)
     }
 
-    /// [`SweepSpec::load`] with the environment given as `(name, value)` pairs.
-    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
+    /// [`SweepSpec::load`] with `--set`s for the pipeline and the environment given as
+    /// `(name, value)` pairs.
+    pub fn load_with_env(
+        path: &Path,
+        sets: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
         let mut layers = config::layers::file_chain(path)?;
         let layer = layers.pop().expect("a file chain has at least the file itself");
         let (table, provenance) = (layer.table, layer.provenance);
@@ -185,7 +192,7 @@ impl SweepSpec {
                 ));
             }
         };
-        let base = config::load_with_env(&pipeline, &[], env).map_err(|e| match e {
+        let base = config::load_with_env(&pipeline, sets, env).map_err(|e| match e {
             ConfigError::Read { source, .. } => invalid(
                 at(&["pipeline"], Val),
                 format!("cannot read the pipeline `{}`: {source}", pipeline.display()),
@@ -206,7 +213,7 @@ impl SweepSpec {
         let mut params = Vec::new();
         for (key, raw) in raw_params {
             let space = space(key, raw, method, &at)?;
-            check_key(&pipeline, env, key, &space, &at(&["params", key], Key))?;
+            check_key(&pipeline, sets, env, key, &space, &at(&["params", key], Key))?;
             params.push(Param { key: key.clone(), space });
         }
         if params.is_empty() {
@@ -215,6 +222,7 @@ impl SweepSpec {
         Ok(Self {
             path: path.to_owned(),
             pipeline,
+            sets: sets.to_vec(),
             base,
             method,
             n_trials,
@@ -238,6 +246,15 @@ impl SweepSpec {
                 Space::Choice(v) | Space::Grid(v) => Domain::Choice { n: v.len() },
             })
             .collect()
+    }
+
+    /// A trial's pipeline: the sweep's `--set`s, then the trial's `overrides`.
+    pub fn trial_pipeline(
+        &self,
+        overrides: &[String],
+        env: &[(String, String)],
+    ) -> Result<Pipeline, ConfigError> {
+        config::load_with_env(&self.pipeline, &[self.sets.as_slice(), overrides].concat(), env)
     }
 
     /// The `--set` arguments for sampled values.
@@ -465,6 +482,7 @@ fn space(
 /// of the wrong type is reported with the pipeline's own message, at the sweep file's line.
 fn check_key(
     pipeline: &Path,
+    sets: &[String],
     env: &[(String, String)],
     key: &str,
     space: &Space,
@@ -475,7 +493,8 @@ fn check_key(
         Space::Int { low, .. } => low.to_string(),
         Space::Choice(v) | Space::Grid(v) => v[0].to_string(),
     };
-    match config::load_with_env(pipeline, &[format!("{key}={probe}")], env) {
+    let probe = [sets, &[format!("{key}={probe}")]].concat();
+    match config::load_with_env(pipeline, &probe, env) {
         Ok(_) => Ok(()),
         Err(ConfigError::Invalid { origin: Origin::Set { .. }, message, help }) => {
             let float_on_integer = matches!(space, Space::Uniform { .. } | Space::LogUniform { .. })
@@ -514,7 +533,7 @@ mod tests {
         std::fs::write(dir.path().join("p.toml"), PIPELINE).unwrap();
         let path = dir.path().join("s.toml");
         std::fs::write(&path, sweep).unwrap();
-        SweepSpec::load_with_env(&path, &[])
+        SweepSpec::load_with_env(&path, &[], &[])
             .map_err(|e| e.to_string().replace(&format!("{}/", dir.path().display()), ""))
     }
 

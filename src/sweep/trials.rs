@@ -79,6 +79,27 @@ pub fn propose(spec: &SweepSpec, id: &str, k: u64, history: &[Observation]) -> O
     Some(values)
 }
 
+/// The trials a sweep will propose, as far as they are known before it runs: every trial of a
+/// grid or a random search, and TPE's random start-up trials; `None` for a trial that TPE will
+/// choose from the results before it. Ends early where a grid is exhausted.
+pub fn plan(spec: &SweepSpec) -> Vec<Option<Vec<Value>>> {
+    let id = sweep_id(spec);
+    let startup = if spec.method == Method::Tpe { Tpe::default().startup as u64 } else { u64::MAX };
+    let mut history: Vec<Observation> = Vec::new();
+    let mut trials = Vec::new();
+    for k in 0..spec.n_trials {
+        if k >= startup {
+            trials.push(None);
+            continue;
+        }
+        // Results are not read before `startup`: proposing without them gives the same values.
+        let Some(values) = propose(spec, &id, k, &history) else { break };
+        history.push(Observation { values: values.clone(), objective: None });
+        trials.push(Some(values));
+    }
+    trials
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,7 +116,7 @@ mod tests {
             "pipeline = \"p.toml\"\nmethod = \"{method}\"\nn_trials = {n_trials}\n[params]\n{params}"
         );
         std::fs::write(&path, text).unwrap();
-        SweepSpec::load_with_env(&path, &[]).unwrap()
+        SweepSpec::load_with_env(&path, &[], &[]).unwrap()
     }
 
     /// Trials of a sweep whose objective is `f(values)`, proposed one after another.
@@ -125,6 +146,23 @@ mod tests {
         assert_eq!(sweep_id(&spec("tpe", LR, 4)), sweep_id(&spec("tpe", LR, 14)));
         assert_ne!(sweep_id(&spec("tpe", LR, 4)), sweep_id(&spec("random", LR, 4)));
         assert_ne!(run(&spec("random", LR, 4), lr), four, "another method, other trials");
+    }
+
+    #[test]
+    fn the_plan_is_what_the_sweep_proposes_before_reading_results() {
+        const LR: &str = "\"optimizer.lr\" = { log_uniform = [1e-5, 1e-3] }\n";
+        for method in ["random", "tpe"] {
+            let s = spec(method, LR, 12);
+            let planned = plan(&s);
+            let ran = run(&s, lr);
+            assert_eq!(planned.len(), 12);
+            let known = if method == "tpe" { 10 } else { 12 };
+            for k in 0..12 {
+                assert_eq!(planned[k].as_ref(), (k < known).then(|| &ran[k]), "{method} trial {k}");
+            }
+        }
+        let grid = spec("grid", "\"train.epochs\" = { grid = [1, 2] }\n", 5);
+        assert_eq!(plan(&grid).len(), 2, "a grid's plan ends with the grid");
     }
 
     #[test]
