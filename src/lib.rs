@@ -15,6 +15,9 @@
 //! - [`records`], [`reproduce`], [`predict`], [`verify`]: run records, `pipe diff`/`reproduce`/
 //!   `predict`, and `pipe verify` (re-hash the whole store, set aside what is corrupt).
 //! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
+//! - [`sweep`]: hyperparameter search (`pipe sweep`): sweep files, grid/random/TPE, median and
+//!   ASHA pruning, trials as ordinary runs, sweep records and plots.
+//! - [`plot`]: PNG and SVG figures with the same bytes on every machine.
 //! - [`fault`]: `PIPE_FAULT`, aborting at named points of the commit protocols (failure tests).
 //! - [`digest`]: SHA-256 of files and canonical JSON; [`interrupt`]: Ctrl-C at safe points;
 //!   [`runtime`]: process settings (allocator, thread pools) measured to matter for training.
@@ -45,6 +48,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plan;
+pub mod plot;
 pub mod predict;
 pub mod records;
 pub mod reproduce;

@@ -19,8 +19,9 @@ pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, Train
 use crate::data::{DataError, TokenizeError, TokensError};
 use crate::model::ModelError;
 use crate::plan::{KeyFields, StageKind};
+use crate::plot::PlotError;
 use crate::store::{StageOutput, StoreError, WorkDir};
-use crate::train::{CurvesError, Evaluation, StepReport};
+use crate::train::{Evaluation, StepReport};
 
 /// The finished upstream stages a stage reads, by kind.
 pub type Upstream = BTreeMap<StageKind, StageOutput>;
@@ -67,7 +68,7 @@ pub enum StageError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
-    Curves(#[from] CurvesError),
+    Plot(#[from] PlotError),
     #[error("interrupted; checkpoint saved at step {step}, the next run resumes from it")]
     Interrupted { step: u64 },
 }

@@ -1,40 +1,26 @@
 //! Training curves: the evaluations of a run drawn as `curves.png` and `curves.svg`.
 //!
 //! Two panels over the epochs: the train and validation loss, and a validation metric; with early
-//! stopping, the best evaluation is marked. The drawing is made from the evaluations alone, with
-//! a font compiled into the binary (`assets/fonts`), so the same numbers give the same bytes on
-//! any machine: the files are stage outputs, part of the train stage's digest.
+//! stopping, the best evaluation is marked. The drawing is made from the evaluations alone
+//! ([`crate::plot`]), so the same numbers give the same bytes on any machine: the files are stage
+//! outputs, part of the train stage's digest.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 use super::Evaluation;
 use crate::config::Metric;
+use crate::plot::{FONT, Figure, PlotError, short_number};
 
 /// Size of the drawing in pixels (the SVG's user units).
 const SIZE: (u32, u32) = (1200, 480);
-/// The font family every text uses; registered from the bundled font.
-const FONT: &str = "sans-serif";
 
 const TRAIN_COLOR: RGBColor = RGBColor(31, 119, 180);
 const VALIDATION_COLOR: RGBColor = RGBColor(255, 127, 14);
 const METRIC_COLOR: RGBColor = RGBColor(44, 160, 44);
 const BEST_COLOR: RGBColor = RGBColor(120, 120, 120);
-
-/// Errors from drawing the curves.
-#[derive(Debug, thiserror::Error)]
-pub enum CurvesError {
-    #[error("{}: cannot draw the training curves: {message}", path.display())]
-    Draw { path: PathBuf, message: String },
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("the bundled font does not load")]
-    Font,
-}
 
 /// Draws `evaluations` into `png` and `svg`: the losses, and `metric` (a validation metric other
 /// than the loss) when given; `best` (an index into `evaluations`) is marked.
@@ -44,27 +30,8 @@ pub fn draw_curves(
     best: Option<usize>,
     png: &Path,
     svg: &Path,
-) -> Result<(), CurvesError> {
-    register_font()?;
-    let curves = Curves::new(evaluations, metric.filter(|&m| m != Metric::Loss), best);
-
-    let mut text = String::new();
-    let drawn = draw(SVGBackend::with_string(&mut text, SIZE).into_drawing_area(), &curves);
-    drawn.map_err(|e| CurvesError::Draw { path: svg.into(), message: e.to_string() })?;
-    std::fs::write(svg, text).map_err(|source| CurvesError::Io { path: svg.into(), source })?;
-
-    let drawn = draw(BitMapBackend::new(png, SIZE).into_drawing_area(), &curves);
-    drawn.map_err(|e| CurvesError::Draw { path: png.into(), message: e.to_string() })
-}
-
-/// Registers the bundled DejaVu Sans as [`FONT`], once per process.
-fn register_font() -> Result<(), CurvesError> {
-    static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED.get_or_init(|| {
-        let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-        plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_ok()
-    });
-    if ok { Ok(()) } else { Err(CurvesError::Font) }
+) -> Result<(), PlotError> {
+    crate::plot::save(&Curves::new(evaluations, metric.filter(|&m| m != Metric::Loss), best), png, svg)
 }
 
 /// The series to draw, as (epoch, value) points with non-finite values left out.
@@ -105,35 +72,43 @@ impl Curves {
     }
 }
 
-/// Draws both panels on `root` and presents it (which writes a bitmap backend's file).
-fn draw<DB: DrawingBackend>(
-    root: DrawingArea<DB, Shift>,
-    curves: &Curves,
-) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    root.fill(&WHITE)?;
-    let panels = match curves.metric {
-        Some(_) => root.split_evenly((1, 2)),
-        None => vec![root.clone()],
-    };
-    let loss_max =
-        curves.train_loss.iter().chain(&curves.validation_loss).map(|&(_, v)| v).fold(0.0f64, f64::max);
-    // Headroom above the highest loss for the legend, which sits in the upper right corner where
-    // falling losses leave room; rising metrics leave room in the lower right corner.
-    let loss_top = if loss_max > 0.0 { loss_max * 1.3 } else { 1.0 };
-    let series = [
-        Series { name: "train loss", color: TRAIN_COLOR, points: &curves.train_loss },
-        Series { name: "validation loss", color: VALIDATION_COLOR, points: &curves.validation_loss },
-    ];
-    let loss = Panel { caption: "Loss", y_label: "loss", y_range: 0.0..loss_top, series: &series };
-    draw_panel(&panels[0], &loss, SeriesLabelPosition::UpperRight, curves.best_loss, curves)?;
-    if let Some((metric, points)) = &curves.metric {
-        let name = format!("validation {metric}");
-        let series = [Series { name: &name, color: METRIC_COLOR, points }];
-        let caption = format!("Validation {metric}");
-        let panel = Panel { caption: &caption, y_label: metric.name(), y_range: 0.0..1.0, series: &series };
-        draw_panel(&panels[1], &panel, SeriesLabelPosition::LowerRight, curves.best_metric, curves)?;
+impl Figure for Curves {
+    fn size(&self) -> (u32, u32) {
+        SIZE
     }
-    root.present()
+
+    /// Both panels: the losses, and the metric when there is one.
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: DrawingArea<DB, Shift>,
+    ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+        let curves = self;
+        root.fill(&WHITE)?;
+        let panels = match curves.metric {
+            Some(_) => root.split_evenly((1, 2)),
+            None => vec![root.clone()],
+        };
+        let loss_max =
+            curves.train_loss.iter().chain(&curves.validation_loss).map(|&(_, v)| v).fold(0.0f64, f64::max);
+        // Headroom above the highest loss for the legend, which sits in the upper right corner where
+        // falling losses leave room; rising metrics leave room in the lower right corner.
+        let loss_top = if loss_max > 0.0 { loss_max * 1.3 } else { 1.0 };
+        let series = [
+            Series { name: "train loss", color: TRAIN_COLOR, points: &curves.train_loss },
+            Series { name: "validation loss", color: VALIDATION_COLOR, points: &curves.validation_loss },
+        ];
+        let loss = Panel { caption: "Loss", y_label: "loss", y_range: 0.0..loss_top, series: &series };
+        draw_panel(&panels[0], &loss, SeriesLabelPosition::UpperRight, curves.best_loss, curves)?;
+        if let Some((metric, points)) = &curves.metric {
+            let name = format!("validation {metric}");
+            let series = [Series { name: &name, color: METRIC_COLOR, points }];
+            let caption = format!("Validation {metric}");
+            let panel =
+                Panel { caption: &caption, y_label: metric.name(), y_range: 0.0..1.0, series: &series };
+            draw_panel(&panels[1], &panel, SeriesLabelPosition::LowerRight, curves.best_metric, curves)?;
+        }
+        root.present()
+    }
 }
 
 /// One line of a chart.
@@ -211,13 +186,6 @@ fn draw_panel<DB: DrawingBackend>(
         .draw()
 }
 
-/// `1`, `0.5`, `0.125`: at most three decimals, no trailing zeros.
-fn short_number(value: f64) -> String {
-    let text = format!("{value:.3}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    if text == "-0" { "0".into() } else { text.into() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,13 +232,5 @@ mod tests {
         draw_curves(&evaluations()[..1], Some(Metric::Loss), None, &png, &svg).unwrap();
         let svg = std::fs::read_to_string(svg).unwrap();
         assert!(svg.contains("validation loss") && !svg.contains("best"), "{svg}");
-    }
-
-    #[test]
-    fn numbers_are_short() {
-        assert_eq!(short_number(1.0), "1");
-        assert_eq!(short_number(0.5), "0.5");
-        assert_eq!(short_number(0.1234), "0.123");
-        assert_eq!(short_number(-0.0001), "0");
     }
 }

@@ -15,7 +15,7 @@ mod evaluation;
 pub use batching::epoch_batches;
 pub use checkpoint::{CHECKPOINT_FILE, History};
 pub use config::{ClassWeights, EarlyStoppingConfig, TrainConfig};
-pub use curves::{CurvesError, draw_curves};
+pub use curves::draw_curves;
 pub use evaluation::{EarlyStopping, Evaluation};
 
 use candle_core::{Result, Tensor};
