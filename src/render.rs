@@ -382,6 +382,10 @@ pub fn sweep_table(metric: &str, maximize: bool, outcome: &SweepOutcome) -> Stri
             );
         }
     }
+    let plots = outcome.plots();
+    if plots.join("history.png").is_file() {
+        let _ = writeln!(out, "plots: {0}/history.png, {0}/parallel.png (and .svg)", plots.display());
+    }
     out
 }
 

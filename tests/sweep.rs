@@ -165,6 +165,18 @@ fn a_pruned_sweep_is_the_same_whatever_the_threads_parallel_or_timing() {
     let parallel = sweep_with(two.path(), &delays);
     assert_eq!(parallel, serial, "the trial list, runs and decisions do not depend on parallel or timing");
     assert_eq!(record_of(two.path(), &parallel), record_of(one.path(), &serial), "byte-identical records");
+    let plots = |dir: &Path| dir.join("runs/sweeps").join(serial["sweep"].as_str().unwrap());
+    for file in ["history.png", "history.svg", "parallel.png", "parallel.svg"] {
+        let (a, b) = (
+            std::fs::read(plots(one.path()).join(file)).unwrap(),
+            std::fs::read(plots(two.path()).join(file)).unwrap(),
+        );
+        assert!(a == b, "{file}: the same sweep draws the same bytes");
+    }
+    let history = std::fs::read_to_string(plots(one.path()).join("history.svg")).unwrap();
+    assert!(history.contains("best so far") && history.contains("pruned (where it stopped)"), "{history}");
+    let parallel_svg = std::fs::read_to_string(plots(one.path()).join("parallel.svg")).unwrap();
+    assert!(parallel_svg.contains("optimizer.lr") && parallel_svg.contains("(log)"), "{parallel_svg}");
 
     let trials = serial["trials"].as_array().unwrap();
     assert_eq!(trials.len(), 12);

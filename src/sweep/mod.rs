@@ -5,6 +5,7 @@
 //! so a sweep's trial list and its pruning never depend on timing, threads or a dependency's
 //! version. [`run`] runs a sweep's trials as pipeline runs (one at a time, without pruning yet).
 
+pub mod plots;
 pub mod pruner;
 pub mod run;
 pub mod sampler;

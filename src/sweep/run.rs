@@ -90,6 +90,11 @@ pub struct SweepOutcome {
 }
 
 impl SweepOutcome {
+    /// Where the sweep's plots are (beside its record).
+    pub fn plots(&self) -> PathBuf {
+        self.record.with_extension("")
+    }
+
     /// The best complete trial (pruned trials stopped early because they were not).
     pub fn best(&self, maximize: bool) -> Option<&Trial> {
         let score = |t: &Trial| t.objective.map(|y| if maximize { -y } else { y });
@@ -114,6 +119,8 @@ pub enum SweepError {
     Interrupted(Box<EngineError>),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
     #[error("cannot start the trials' thread pools: {0}")]
     Threads(String),
     #[error("no trial of sweep {id} completed (first failure: {first})")]
@@ -126,7 +133,7 @@ impl SweepError {
         match self {
             Self::Config(_) | Self::Invalid(_) => 2,
             Self::Interrupted(e) => e.exit_code(),
-            Self::Store(_) | Self::Threads(_) | Self::NothingCompleted { .. } => 1,
+            Self::Store(_) | Self::Plot(_) | Self::Threads(_) | Self::NothingCompleted { .. } => 1,
         }
     }
 }
@@ -309,6 +316,7 @@ pub fn run(
             if let Some(ended) = &trials[k].ended {
                 let outcome = outcome_of(&id, &trials, &record);
                 record = write_record(spec, store, &outcome)?;
+                super::plots::draw(spec, &outcome, &record.with_extension(""))?;
                 emit(SweepEvent::TrialDone { trial: ended, best: outcome.best(spec.objective.maximize) });
             }
         }
@@ -316,6 +324,7 @@ pub fn run(
     })?;
     let outcome = outcome_of(&id, &trials, &record);
     let outcome = SweepOutcome { record: write_record(spec, store, &outcome)?, ..outcome };
+    super::plots::draw(spec, &outcome, &outcome.plots())?;
     if let Some(e) = interrupted {
         return Err(SweepError::Interrupted(Box::new(e)));
     }
