@@ -121,8 +121,12 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Print the JSON Schema of pipeline files.
-    Schema,
+    /// Print the JSON Schema of pipeline files (or of sweep files).
+    Schema {
+        /// The schema of sweep files instead.
+        #[arg(long)]
+        sweep: bool,
+    },
 }
 
 /// What to do with a sweep that has run.

@@ -251,8 +251,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             print!("{}", render::runs_table(&records));
             Ok(())
         }
-        Command::Schema => {
-            print!("{}", config::schema_json());
+        Command::Schema { sweep } => {
+            print!("{}", if sweep { pipe::sweep::schema::schema_json() } else { config::schema_json() });
             Ok(())
         }
     }

@@ -117,7 +117,10 @@ fn bad_sweep_files_exit_2_with_their_position() {
 fn the_example_sweep_file_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps/quickstart-lr.toml");
     let spec = pipe::sweep::spec::SweepSpec::load_with_env(&path, &[], &[]).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(spec.params.len(), 2);
+    assert_eq!(spec.params.len(), 4);
+    assert_eq!(spec.n_trials, 12);
+    assert!(matches!(spec.pruner, pipe::sweep::pruner::Pruner::Asha { min_epochs: 1, reduction: 2 }));
+    assert!(spec.base.dataset.test.is_some(), "selection on a split of train, the test file held out");
     assert!(spec.objective.maximize);
 }
 

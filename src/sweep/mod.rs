@@ -9,5 +9,6 @@ pub mod plots;
 pub mod pruner;
 pub mod run;
 pub mod sampler;
+pub mod schema;
 pub mod spec;
 pub mod trials;

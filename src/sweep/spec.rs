@@ -98,9 +98,11 @@ pub struct SweepSpec {
     pub params: Vec<Param>,
 }
 
-const TOP_KEYS: &[&str] =
+/// Every top-level key of a sweep file (besides `extends`).
+pub(crate) const TOP_KEYS: &[&str] =
     &["pipeline", "method", "n_trials", "timeout", "parallel", "seed", "objective", "pruner", "params"];
-const SPACES: &[&str] = &["uniform", "log_uniform", "int", "choice", "grid"];
+/// The spaces a parameter may have.
+pub(crate) const SPACES: &[&str] = &["uniform", "log_uniform", "int", "choice", "grid"];
 
 impl SweepSpec {
     /// Reads and checks the sweep file at `path` and the pipeline it names (with the process's
