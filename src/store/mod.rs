@@ -300,7 +300,7 @@ impl Store {
         fs::create_dir_all(&self.root).map_err(io(&self.root))?;
         self.write_gitignore()?;
         let path = self.record_path(id);
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let tmp = temporary(&path);
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
         crate::fault::point("record.written");
@@ -440,11 +440,19 @@ impl WorkDir {
 
 /// Writes a file through a temporary sibling and a rename, synced, so readers never see half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = temporary(path);
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
     crate::fault::point("atomic.before-rename");
     fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A temporary sibling of `path` that no other write uses: the process id and a counter, since
+/// a sweep's parallel trials write the same files (refs, `.gitignore`) from one process.
+fn temporary(path: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_extension(format!("tmp-{}-{n}", std::process::id()))
 }
 
 /// A stage's output digest: SHA-256 over its sorted `(path, file digest)` list.
