@@ -462,14 +462,18 @@ pub fn sweep_json(metric: &str, maximize: bool, outcome: &SweepOutcome) -> Strin
         .trials
         .iter()
         .map(|t| {
-            serde_json::json!({
+            let mut trial = serde_json::json!({
                 "number": t.number,
                 "set": t.overrides,
                 "status": t.status.name(),
                 "epochs": t.epochs,
                 "run": t.run,
                 "objective": t.objective,
-            })
+            });
+            if let Status::Failed(why) = &t.status {
+                trial["error"] = serde_json::json!(why);
+            }
+            trial
         })
         .collect();
     let best = outcome.best(maximize);

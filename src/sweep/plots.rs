@@ -101,7 +101,9 @@ impl Figure for History {
             .configure_mesh()
             .x_desc("trial")
             .y_desc(self.metric.as_str())
-            .x_label_formatter(&|x| short_number(*x))
+            // Trials are whole numbers: ticks between them stay unlabelled.
+            .x_labels((self.trials as usize + 1).min(21))
+            .x_label_formatter(&|x| if x.fract() == 0.0 { short_number(*x) } else { String::new() })
             .y_label_formatter(&|y| short_number(*y))
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))

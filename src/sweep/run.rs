@@ -170,6 +170,28 @@ struct Running {
 }
 
 impl Running {
+    /// A new trial with these values, its rungs from its pipeline's epochs.
+    fn new(spec: &SweepSpec, values: Vec<Value>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let overrides = spec.overrides(&values);
+        let train = spec.trial_pipeline(&overrides, env)?.train;
+        let rungs = spec.pruner.rungs(train.epochs as usize).into_iter().map(|e| e as u64);
+        // A trial that already stops early (`train.stop_after_epoch` swept) decides before that.
+        let rungs = rungs.filter(|&e| train.stop_after_epoch.is_none_or(|s| e < s)).collect();
+        Ok(Self {
+            values,
+            overrides,
+            epochs: train.epochs,
+            rungs,
+            passed: 0,
+            curve: Vec::new(),
+            busy: false,
+            deciding: false,
+            last_run: None,
+            seconds: 0.0,
+            ended: None,
+        })
+    }
+
     /// The epoch the next run stops after (`None`: the end).
     fn next_stop(&self) -> Option<u64> {
         self.rungs.get(self.passed).copied()
@@ -218,9 +240,20 @@ pub fn run(
     let mut record = store.root().join("sweeps");
     let (reports, inbox) = mpsc::channel::<Report>();
 
+    // After a trial ends: the record and plots are rewritten, and the trial reported.
+    let publish = |trials: &[Running], k: usize, record: &mut PathBuf| -> Result<(), SweepError> {
+        let outcome = outcome_of(&id, trials, record);
+        *record = write_record(spec, store, &outcome)?;
+        super::plots::draw(spec, &outcome, &outcome.plots())?;
+        let ended = trials[k].ended.as_ref().expect("an ended trial");
+        emit(SweepEvent::TrialDone { trial: ended, best: outcome.best(spec.objective.maximize) });
+        Ok(())
+    };
     std::thread::scope(|scope| -> Result<(), SweepError> {
         loop {
-            decide(spec, store, &mut trials);
+            for k in decide(spec, store, &mut trials) {
+                publish(&trials, k, &mut record)?;
+            }
             if interrupted.is_none() {
                 // Start what can start, earliest trial first: continuations, then a new trial.
                 while let Some(&slot) = free.last() {
@@ -235,29 +268,7 @@ pub fn run(
                             }
                             let history = observations(&trials);
                             let Some(values) = propose(spec, &id, k as u64, &history) else { break };
-                            let overrides = spec.overrides(&values);
-                            let pipeline = spec.trial_pipeline(&overrides, env)?;
-                            let epochs = pipeline.train.epochs;
-                            let rungs: Vec<u64> = spec
-                                .pruner
-                                .rungs(epochs as usize)
-                                .into_iter()
-                                .map(|e| e as u64)
-                                .filter(|&e| pipeline.train.stop_after_epoch.is_none_or(|s| e < s))
-                                .collect();
-                            trials.push(Running {
-                                values,
-                                overrides,
-                                epochs,
-                                rungs,
-                                passed: 0,
-                                curve: Vec::new(),
-                                busy: false,
-                                deciding: false,
-                                last_run: None,
-                                seconds: 0.0,
-                                ended: None,
-                            });
+                            trials.push(Running::new(spec, values, env)?);
                             k
                         }
                     };
@@ -313,11 +324,8 @@ pub fn run(
                 Err(e) if e.exit_code() == 130 => interrupted = interrupted.take().or(Some(e)),
                 Err(e) => trial.end(k as u64, Status::Failed(e.to_string()), None, 0),
             }
-            if let Some(ended) = &trials[k].ended {
-                let outcome = outcome_of(&id, &trials, &record);
-                record = write_record(spec, store, &outcome)?;
-                super::plots::draw(spec, &outcome, &record.with_extension(""))?;
-                emit(SweepEvent::TrialDone { trial: ended, best: outcome.best(spec.objective.maximize) });
+            if trials[k].ended.is_some() {
+                publish(&trials, k, &mut record)?;
             }
         }
         Ok(())
@@ -365,8 +373,10 @@ fn observations(trials: &[Running]) -> Vec<Observation> {
 }
 
 /// Takes the pruner's decision for every trial waiting at a rung whose decision the earlier
-/// trials already determine; earliest first, since one decision can settle the next.
-fn decide(spec: &SweepSpec, store: &Store, trials: &mut [Running]) {
+/// trials already determine; earliest first, since one decision can settle the next. Returns the
+/// trials it pruned.
+fn decide(spec: &SweepSpec, store: &Store, trials: &mut [Running]) -> Vec<usize> {
+    let mut pruned = Vec::new();
     for k in 0..trials.len() {
         if !trials[k].deciding {
             continue;
@@ -397,10 +407,12 @@ fn decide(spec: &SweepSpec, store: &Store, trials: &mut [Running]) {
                 // Best effort: a leftover checkpoint costs disk, never a result.
                 let _ = store.discard_checkpoints(StageKind::Train.name(), &train.lineage);
             }
+            pruned.push(k);
         } else {
             trial.passed += 1;
         }
     }
+    pruned
 }
 
 /// The sweep so far: its ended trials, in trial order.
