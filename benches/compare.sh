@@ -2,6 +2,7 @@
 # Side-by-side benchmark of pipe and the PyTorch reference recipe on this machine.
 #
 #   benches/compare.sh [REPEATS]          (default 3; results under bench-results/<time>/)
+#   benches/compare.sh --summary DIR N    (the table again from an earlier run's files)
 #
 # Needs models/all-MiniLM-L6-v2 (scripts/fetch-model.sh) and a Python with torch, transformers
 # and datasets: $PYTHON, default .venv/bin/python (python3 -m venv .venv &&
@@ -12,8 +13,12 @@
 # --group-by-length`; and `--bf16` for the training step), not only the guide's padded recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repeats=${1:-3}
 python=${PYTHON:-.venv/bin/python}
+if [ "${1:-}" = --summary ]; then
+  # Summarise an earlier run's files again: benches/compare.sh --summary bench-results/<time> N
+  out=$2 repeats=$3
+else
+repeats=${1:-3}
 reference=${REFERENCE:-../shared/reference/hf_finetune.py}
 model=models/all-MiniLM-L6-v2
 out=bench-results/$(date -u +%Y%m%dT%H%M%SZ)
@@ -50,6 +55,8 @@ for i in $(seq 1 "$repeats"); do
       --warmup-steps-for-timing 2 --no-eval --out-json "$out/ref-step128-bf16-$i.json"
 done
 
+fi
+
 "$python" - "$out" "$repeats" <<'PY'
 import glob, json, re, statistics, sys
 out, n = sys.argv[1], int(sys.argv[2])
@@ -57,8 +64,14 @@ med = statistics.median
 load = lambda p: json.load(open(p))
 pipe_tok = med(load(f"{out}/pipe-tokenize-{i}.json")["rows_per_s"] for i in range(1, n + 1))
 ref_tok = med(load(f"{out}/ref-step128-{i}.json")["metrics"]["tokenize_train_rows_per_s"] for i in range(1, n + 1))
-step = [float(re.search(r"= ([0-9.]+) samples/s", open(f"{out}/pipe-step128-{i}.txt").read().splitlines()[-1]).group(1)) for i in range(1, n + 1)]
-pipe_sps = med(step)
+def step(i):
+    text = open(f"{out}/pipe-step128-{i}.txt").read()
+    gflops = [float(x) for x in re.findall(r"([0-9.]+) GFLOP/s", text)]  # the machine's GEMM, then the dense step's
+    return json.loads(text.split("RESULT ", 1)[1].splitlines()[0]), gflops
+pipe_sps = med(step(i)[0]["sst2_samples_per_s"] for i in range(1, n + 1))
+pipe_dense = med(step(i)[0]["dense_samples_per_s"] for i in range(1, n + 1))
+gemm_rate = med(step(i)[1][0] for i in range(1, n + 1))
+dense_rate = med(step(i)[1][1] for i in range(1, n + 1))
 ref_sps = med(load(f"{out}/ref-step128-{i}.json")["metrics"]["train_samples_per_s_median_step"] for i in range(1, n + 1))
 pipe_wall = med(load(f"{out}/pipe-recipe-time-{i}.json")["wall_s"] for i in range(1, n + 1))
 ref_wall = med(load(f"{out}/ref-recipe-time-{i}.json")["wall_s"] for i in range(1, n + 1))
@@ -83,7 +96,9 @@ rows = [
     ("same, pipe with `train.length_bucketing = true`, wall s", bucket_wall, strong_wall, strong_wall / bucket_wall),
     ("same, accuracy: pipe default / PyTorch strongest (difference)", pipe_acc, strong_acc, pipe_acc - strong_acc),
     ("same, accuracy: pipe length-bucketed / PyTorch strongest (difference)", bucket_acc, strong_acc, bucket_acc - strong_acc),
-    ("training on SST-2 rows padded to 128, batch 32, samples/s: pipe f32 / PyTorch bf16 autocast", pipe_sps, ref_bf16, pipe_sps / ref_bf16),
+    ("**dense rows** (all 128 positions real), batch 32, f32 training samples/s (PyTorch: rows padded to 128, the same FLOPs)", pipe_dense, ref_sps, pipe_dense / ref_sps),
+    ("same, pipe f32 / PyTorch bf16 autocast", pipe_dense, ref_bf16, pipe_dense / ref_bf16),
+    ("pipe's dense step, GFLOP/s / the machine's f32 GEMM GFLOP/s on the FFN's shape", dense_rate, gemm_rate, dense_rate / gemm_rate),
     ("tokenization, rows/s (67,349 rows)", pipe_tok, ref_tok, pipe_tok / ref_tok),
     ("training on SST-2 rows padded to 128, batch 32, samples/s", pipe_sps, ref_sps, pipe_sps / ref_sps),
     ("4,000-row recipe against the guide's setting (pad to max_length), wall s", pipe_wall, ref_wall, ref_wall / pipe_wall),
