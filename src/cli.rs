@@ -99,7 +99,8 @@ pub enum Command {
     },
     /// Run a hyperparameter sweep file: each trial is a pipeline run (cached and reproducible
     /// like any other); prints the trials best first and writes `<store>/sweeps/<id>.toml`.
-    /// `pipe sweep show ID|FILE` and `pipe sweep best ID|FILE` read a sweep's record.
+    /// `pipe sweep plan FILE` lists its trials first; `pipe sweep show ID|FILE` and
+    /// `pipe sweep best ID|FILE` read a sweep's record.
     #[command(args_conflicts_with_subcommands = true)]
     Sweep {
         #[command(subcommand)]
@@ -129,7 +130,7 @@ pub enum Command {
     },
 }
 
-/// What to do with a sweep that has run.
+/// A sweep's plan before it runs, or its record after.
 #[derive(Debug, Subcommand)]
 pub enum SweepAction {
     /// The trials the sweep will run, without running them (with what the store has of them).

@@ -55,7 +55,7 @@
 mod error;
 mod keys;
 pub(crate) mod layers;
-mod schema;
+pub(crate) mod schema;
 mod source;
 mod validate;
 

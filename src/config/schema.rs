@@ -49,3 +49,15 @@ fn remove_required(value: &mut Value) {
         _ => {}
     }
 }
+
+/// Test helper: fails unless the checked-in file at `path` (relative to the crate) is `fresh`,
+/// and rewrites it when `PIPE_BLESS` is set (`regenerate` says how).
+#[cfg(test)]
+pub(crate) fn assert_checked_in(path: &str, fresh: &str, regenerate: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if std::env::var_os("PIPE_BLESS").is_some() {
+        std::fs::write(&path, fresh).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(on_disk == fresh, "{} is stale; regenerate it with `{regenerate}`", path.display());
+}

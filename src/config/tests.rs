@@ -386,16 +386,10 @@ fn shipped_pipelines_load() {
 /// `schemas/pipeline.schema.json` is checked in for editors; it must match the types.
 #[test]
 fn schema_file_is_fresh() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json");
-    let fresh = schema_json();
-    if std::env::var_os("PIPE_BLESS").is_some() {
-        std::fs::write(&path, &fresh).unwrap();
-    }
-    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        on_disk == fresh,
-        "{} is stale; regenerate it with `PIPE_BLESS=1 cargo test --lib config::tests::schema_file_is_fresh`",
-        path.display()
+    schema::assert_checked_in(
+        "schemas/pipeline.schema.json",
+        &schema_json(),
+        "PIPE_BLESS=1 cargo test --lib config::tests::schema_file_is_fresh",
     );
 }
 

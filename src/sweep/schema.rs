@@ -91,22 +91,14 @@ pub fn schema_json() -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     #[test]
     fn schema_file_is_fresh() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/sweep.schema.json");
-        let fresh = schema_json();
-        if std::env::var_os("PIPE_BLESS").is_some() {
-            std::fs::write(&path, &fresh).unwrap();
-        }
-        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            on_disk == fresh,
-            "{} is stale; regenerate it with `PIPE_BLESS=1 cargo test --lib sweep::schema`",
-            path.display()
+        crate::config::schema::assert_checked_in(
+            "schemas/sweep.schema.json",
+            &schema_json(),
+            "PIPE_BLESS=1 cargo test --lib sweep::schema",
         );
     }
 
