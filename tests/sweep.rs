@@ -340,4 +340,10 @@ fn a_held_out_test_split_is_reported_and_never_steers_the_sweep() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{}", describe(&["run"], &output));
     assert!(stderr.contains("test.csv"), "{stderr}");
+    // A test split that repeats validation rows is not held out from selection: said so.
+    std::fs::copy(a.path().join("data/validation.csv"), a.path().join("data/test.csv")).unwrap();
+    let output = pipe(a.path(), &["run", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}", describe(&["run"], &output));
+    assert!(stderr.contains("12 of 12 test rows also occur in the validation data"), "{stderr}");
 }

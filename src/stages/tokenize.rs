@@ -41,6 +41,8 @@ struct Prepared {
     validation: Rows,
     leakage: Leakage,
     test: Option<(Rows, Leakage)>,
+    /// Test rows whose text is also in the validation split, which selection reads.
+    test_in_validation: usize,
 }
 
 /// Rows of a held-out split whose exact text also occurs in the training data.
@@ -63,13 +65,12 @@ impl Leakage {
     fn handle(
         split: &'static str,
         train: &[String],
-        validation: &mut Rows,
+        rows: &mut Rows,
         drop: bool,
     ) -> Result<Self, StageError> {
-        let leaked: BTreeSet<usize> =
-            data::leaked_validation_rows(train, &validation.0).into_iter().collect();
-        let of = validation.0.len();
-        let examples = leaked.iter().take(3).map(|&v| validation.0[v].clone()).collect();
+        let leaked: BTreeSet<usize> = data::leaked_validation_rows(train, &rows.0).into_iter().collect();
+        let of = rows.0.len();
+        let examples = leaked.iter().take(3).map(|&v| rows.0[v].clone()).collect();
         let dropped = drop && !leaked.is_empty();
         if dropped {
             if leaked.len() == of {
@@ -78,8 +79,8 @@ impl Leakage {
                      `dataset.drop_duplicates = true` would leave nothing to score"
                 )));
             }
-            let (texts, classes) = std::mem::take(validation);
-            *validation = texts
+            let (texts, classes) = std::mem::take(rows);
+            *rows = texts
                 .into_iter()
                 .zip(classes)
                 .enumerate()
@@ -200,8 +201,11 @@ impl Stage for TokenizeStage {
             }
             None => None,
         };
+        let test_in_validation =
+            test.as_ref().map_or(0, |(t, _)| data::leaked_validation_rows(&validation.0, &t.0).len());
         let encoder = TextEncoder::from_file(&self.tokenizer.path, self.max_length)?;
-        self.prepared = Some(Prepared { encoder, labels, train, validation, leakage, test });
+        self.prepared =
+            Some(Prepared { encoder, labels, train, validation, leakage, test, test_in_validation });
         Ok(())
     }
 
@@ -220,6 +224,13 @@ impl Stage for TokenizeStage {
             if let Some(warning) = leakage.warning() {
                 observe(Event::Warning(warning));
             }
+        }
+        if let (Some((test, _)), n @ 1..) = (&p.test, p.test_in_validation) {
+            observe(Event::Warning(format!(
+                "{n} of {} test rows also occur in the validation data, which selection (early \
+                 stopping, a sweep) reads: their test score is not held out; remove them from one file",
+                test.0.len()
+            )));
         }
         let train = TokenizedSplit { ids: p.encoder.encode_all(&p.train.0)?, labels: p.train.1 };
         let validation =
