@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::dropout::DropMask;
 use super::gemm::{Element, MatMut, MatRef, Threads, gemm};
-use super::{slice, with_real};
+use super::{slice, vectorized, with_real};
 
 /// Attention over `q`, `k`, `v` of shape `(tokens, heads * head_dim)` (the projections as they
 /// come out of the linear layers), where `segments` lists each row's `(start, len)` in the packed
@@ -147,16 +147,23 @@ impl Attention {
         let (qm, km) = (self.view(q, base, len), self.view(k, base, len));
         gemm(MatMut::row_major(p, len, len), false, qm, km.t(), Threads::Caller);
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
-        for scores in p.chunks_mut(len) {
-            let max = scores.iter().fold(T::neg_infinity(), |m, &s| num_traits::Float::max(m, s * scale));
-            let mut sum = T::zero();
-            for s in scores.iter_mut() {
-                *s = (*s * scale - max).portable_exp();
-                sum += *s;
+        let mut max = vec![T::zero(); len];
+        fold_rows(len, T::neg_infinity(), &mut max, |m, i| num_traits::Float::max(m, p[i] * scale));
+        // The exponentials apart from the sums, so that they vectorise (a float sum in the same
+        // loop would keep the loop scalar).
+        vectorized!({
+            for (row, &max) in p.chunks_mut(len).zip(&max) {
+                row.iter_mut().for_each(|s| *s = (*s * scale - max).portable_exp());
             }
-            let inv = sum.recip();
-            scores.iter_mut().for_each(|s| *s *= inv);
-        }
+        });
+        let mut sum = max;
+        fold_rows(len, T::zero(), &mut sum, |s, i| s + p[i]);
+        vectorized!({
+            for (row, &sum) in p.chunks_mut(len).zip(&sum) {
+                let inv = sum.recip();
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+        });
     }
 
     /// The task's first element in the dropout mask's counter space.
@@ -205,15 +212,23 @@ impl Attention {
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let scratch = self.max_len() * self.max_len();
         (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
-            || (vec![T::zero(); scratch], vec![T::zero(); scratch], vec![T::zero(); scratch]),
-            |(p, dropped, dp), task| {
+            || [(); 4].map(|_| vec![T::zero(); scratch]),
+            |[p, dropped, dp, factors], task| {
                 let (segment, head, start, len) = self.task(task);
                 let base = self.base(start, head);
                 let (p, dropped, dp) = (&mut p[..len * len], &mut dropped[..len * len], &mut dp[..len * len]);
                 self.probabilities(q, k, base, len, p);
-                dropped.copy_from_slice(p);
-                if let Some(mask) = &self.mask {
-                    mask.apply_in_place(self.mask_start(segment, head, len), dropped);
+                // The mask's factors once, for the probabilities and their gradient.
+                let factors = self.mask.map(|mask| {
+                    let factors = &mut factors[..len * len];
+                    mask.factors(self.mask_start(segment, head, len), factors);
+                    &*factors
+                });
+                match factors {
+                    Some(f) => vectorized!({
+                        dropped.iter_mut().zip(p.iter()).zip(f).for_each(|((d, &p), &f)| *d = p * f)
+                    }),
+                    None => dropped.copy_from_slice(p),
                 }
                 let g_block = self.view(g, base, len);
                 // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
@@ -234,16 +249,19 @@ impl Attention {
                     self.view(v, base, len).t(),
                     Threads::Caller,
                 );
-                if let Some(mask) = &self.mask {
-                    mask.apply_in_place(self.mask_start(segment, head, len), dp);
+                if let Some(f) = factors {
+                    vectorized!({ dp.iter_mut().zip(f).for_each(|(d, &f)| *d *= f) });
                 }
                 // d scores = scale * p * (dp - rowsum(dp * p))
-                for (dp_row, p_row) in dp.chunks_mut(len).zip(p.chunks(len)) {
-                    let dot = dp_row.iter().zip(p_row.iter()).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                    for (d, &pv) in dp_row.iter_mut().zip(p_row.iter()) {
-                        *d = scale * pv * (*d - dot);
+                let mut dot = vec![T::zero(); len];
+                fold_rows(len, T::zero(), &mut dot, |acc, i| acc + dp[i] * p[i]);
+                vectorized!({
+                    for ((dp_row, p_row), &dot) in dp.chunks_mut(len).zip(p.chunks(len)).zip(&dot) {
+                        for (d, &pv) in dp_row.iter_mut().zip(p_row) {
+                            *d = scale * pv * (*d - dot);
+                        }
                     }
-                }
+                });
                 // dq = ds k ; dk = ds^T q
                 let ds = MatRef::row_major(&*dp, len, len);
                 gemm(dq, false, ds, self.view(k, base, len), Threads::Caller);
@@ -251,6 +269,25 @@ impl Attention {
             },
         );
         out
+    }
+}
+
+/// For each row of `len` elements (`out.len()` rows), `acc = step(acc, index)` over the row's
+/// element indices in ascending order, starting from `init`. Eight rows go side by side so that
+/// their independent chains overlap in the pipeline; each row's result is still that of its own
+/// sequential loop.
+#[inline(always)]
+fn fold_rows<T: Copy>(len: usize, init: T, out: &mut [T], step: impl Fn(T, usize) -> T) {
+    const ROWS: usize = 8;
+    for (group, out) in out.chunks_mut(ROWS).enumerate() {
+        let mut acc = [init; ROWS];
+        let acc = &mut acc[..out.len()];
+        for j in 0..len {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = step(*acc, (group * ROWS + r) * len + j);
+            }
+        }
+        out.copy_from_slice(acc);
     }
 }
 

@@ -45,27 +45,40 @@ impl DropMask {
         (threshold > 0).then(|| Self { threshold, scale: 1.0 / (1.0 - f64::from(threshold) / 65536.0), key })
     }
 
-    fn factor<T: Real>(&self, index: u64, scale: T) -> T {
-        // Four 16-bit draws per 64-bit hash.
-        let bits = splitmix64(self.key ^ (index >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let draw = ((bits >> ((index & 3) * 16)) & 0xffff) as u32;
-        if draw < self.threshold { T::zero() } else { scale }
+    /// Calls `f(i, factor)` for each element `start + i` of the counter space, `i < n`, where
+    /// `factor` is zero (dropped) or the scale. Four 16-bit draws come from each 64-bit hash, so
+    /// the hash runs once per four elements.
+    #[inline(always)]
+    fn for_each_factor<T: Real>(&self, start: u64, n: usize, mut f: impl FnMut(usize, T)) {
+        let (scale, zero) = (T::from_f64(self.scale), T::zero());
+        let mut i = 0;
+        while i < n {
+            let index = start + i as u64;
+            let bits = splitmix64(self.key ^ (index >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let first = (index & 3) as usize;
+            let count = (4 - first).min(n - i);
+            for lane in 0..count {
+                let draw = ((bits >> ((first + lane) * 16)) & 0xffff) as u32;
+                f(i + lane, if draw < self.threshold { zero } else { scale });
+            }
+            i += count;
+        }
     }
 
     /// `out[i] = x[i] * factor(start + i)`.
     fn apply<T: Real>(&self, start: usize, x: &[T], out: &mut [T]) {
-        let scale = T::from_f64(self.scale);
-        for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-            *o = v * self.factor((start + i) as u64, scale);
-        }
+        self.for_each_factor(start as u64, x.len(), |i, f: T| out[i] = x[i] * f);
     }
 
     /// Applies the mask in place to `x`, whose first element is number `start`.
     pub fn apply_in_place<T: Real>(&self, start: u64, x: &mut [T]) {
-        let scale = T::from_f64(self.scale);
-        for (i, v) in x.iter_mut().enumerate() {
-            *v *= self.factor(start + i as u64, scale);
-        }
+        self.for_each_factor(start, x.len(), |i, f: T| x[i] *= f);
+    }
+
+    /// The factors (zero or the scale) of elements `start..start + out.len()`.
+    pub fn factors<T: Real>(&self, start: u64, out: &mut [T]) {
+        let n = out.len();
+        self.for_each_factor(start, n, |i, f: T| out[i] = f);
     }
 }
 

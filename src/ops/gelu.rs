@@ -124,7 +124,7 @@ impl CustomOp1 for ActivationOp {
             let x = slice::<T>("activation", xs, xl)?;
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-                each_variant!(self.0, A => vectorized(|| {
+                each_variant!(self.0, A => vectorized!({
                     for (y, &x) in y.iter_mut().zip(x) {
                         *y = A.value_and_slope(x).0;
                     }
@@ -175,7 +175,7 @@ impl CustomOp2 for ActivationBackward {
             let mut out = vec![T::zero(); x.len()];
             out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(
                 |(dx, (x, g))| {
-                    each_variant!(self.0, A => vectorized(|| {
+                    each_variant!(self.0, A => vectorized!({
                         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
                             *dx = g * A.value_and_slope(x).1;
                         }

@@ -92,20 +92,45 @@ impl Real for f64 {
     }
 }
 
-/// Runs `body`, compiled for AVX2 where the kernel path allows it, else as plain code: for
-/// element-wise loops, which the compiler then vectorises. The bits do not change, only the speed:
-/// additions, multiplications and divisions round the same in any vector width, and Rust never
-/// fuses them into FMA. (Reductions stay sequential: the compiler does not reorder float sums.)
+/// Runs `$body` (a block), compiled for the widest vector instructions the kernel path allows
+/// (AVX-512 or AVX2), else as plain code: for element-wise loops, which the compiler then
+/// vectorises. The bits do not change, only the speed: additions, multiplications and divisions
+/// round the same in any vector width, and Rust never fuses them into FMA. (Reductions stay
+/// sequential: the compiler does not reorder float sums.) A macro, so that the body is always
+/// inlined into the function compiled with those features: a closure called from it is not
+/// (LLVM declines to inline large bodies, which then run as scalar code for the baseline CPU).
+macro_rules! vectorized {
+    ($body:block) => {
+        $crate::ops::with_vector_features(
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+pub(crate) use vectorized;
+
+/// See [`vectorized!`]: calls `body` from a function compiled with the kernel path's features.
 #[inline(always)]
-pub(crate) fn vectorized<R>(body: impl FnOnce() -> R) -> R {
+pub(crate) fn with_vector_features<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if cpu::kernel_path() >= cpu::KernelPath::Avx2 {
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        fn avx512<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
         #[target_feature(enable = "avx2,fma")]
         fn avx2<R>(body: impl FnOnce() -> R) -> R {
             body()
         }
-        // SAFETY: the kernel path is only AVX2 or wider on CPUs with AVX2 and FMA.
-        return unsafe { avx2(body) };
+        let path = cpu::kernel_path();
+        if path >= cpu::KernelPath::Avx512 {
+            // SAFETY: the kernel path is AVX-512 only on CPUs with these features.
+            return unsafe { avx512(body) };
+        }
+        if path >= cpu::KernelPath::Avx2 {
+            // SAFETY: the kernel path is only AVX2 or wider on CPUs with AVX2 and FMA.
+            return unsafe { avx2(body) };
+        }
     }
     body()
 }
