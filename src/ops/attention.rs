@@ -279,15 +279,19 @@ impl Attention {
 #[inline(always)]
 fn fold_rows<T: Copy>(len: usize, init: T, out: &mut [T], step: impl Fn(T, usize) -> T) {
     const ROWS: usize = 8;
-    for (group, out) in out.chunks_mut(ROWS).enumerate() {
+    let first = out.len() / ROWS * ROWS;
+    for (group, out) in out.chunks_exact_mut(ROWS).enumerate() {
+        // A fixed count, so that the accumulators stay in registers.
         let mut acc = [init; ROWS];
-        let acc = &mut acc[..out.len()];
         for j in 0..len {
             for (r, acc) in acc.iter_mut().enumerate() {
                 *acc = step(*acc, (group * ROWS + r) * len + j);
             }
         }
-        out.copy_from_slice(acc);
+        out.copy_from_slice(&acc);
+    }
+    for (row, out) in out.iter_mut().enumerate().skip(first) {
+        *out = (0..len).fold(init, |acc, j| step(acc, row * len + j));
     }
 }
 
