@@ -32,8 +32,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Achieved GFLOP/s of f32 `(m x k) * (k x n)` products, median of 7: pipe's GEMM (the one the
-/// training path uses) and candle's matmul (the `gemm` crate) for comparison.
-fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64) {
+/// training path uses) with f32 and with bf16 operands, and candle's matmul (the `gemm` crate)
+/// for comparison.
+fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64, f64) {
     let time = |f: &dyn Fn()| {
         let times: Vec<f64> = (0..8)
             .map(|_| {
@@ -49,6 +50,10 @@ fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64) {
     let pipe = time(&|| {
         pipe::ops::gemm::matmul(&a, &b, m, k, n);
     });
+    let bf16 = time(&|| {
+        use pipe::ops::gemm::{Transpose, matmul_with};
+        matmul_with(&a, &b, m, k, n, Transpose::None, pipe::ops::Products::Bf16);
+    });
     let (ta, tb) = (
         Tensor::ones((m, k), DType::F32, &Device::Cpu).unwrap(),
         Tensor::ones((k, n), DType::F32, &Device::Cpu).unwrap(),
@@ -56,7 +61,7 @@ fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64) {
     let candle = time(&|| {
         ta.matmul(&tb).unwrap();
     });
-    (pipe, candle)
+    (pipe, bf16, candle)
 }
 
 /// Rows padded (with 0, masked) to exactly `len` columns.
@@ -123,9 +128,21 @@ fn time_op(device: &Device, f: &dyn Fn() -> candle_core::Result<()>) -> anyhow::
 
 /// `--ops`: each training-path op alone on the dense shape (`rows` tokens), forward and forward
 /// plus backward, to see where a step's time goes.
-fn op_breakdown(model: &BertClassifier, rows: usize, len: usize, dtype: DType) -> anyhow::Result<()> {
+fn op_breakdown(
+    model: &BertClassifier,
+    rows: usize,
+    len: usize,
+    precision: pipe::device::Precision,
+) -> anyhow::Result<()> {
     use std::sync::Arc;
     let device = model.device();
+    // As the model computes: bf16 tensors on a GPU, f32 tensors with bf16 products on the CPU.
+    let bf16 = precision == pipe::device::Precision::Bf16;
+    let (dtype, products) = match (bf16, device.is_cpu()) {
+        (true, true) => (DType::F32, pipe::ops::Products::Bf16),
+        (true, false) => (DType::BF16, pipe::ops::Products::Full),
+        (false, _) => (DType::F32, pipe::ops::Products::Full),
+    };
     let c = model.config();
     let var = |shape: &[usize]| -> anyhow::Result<candle_core::Var> {
         Ok(candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?)?)
@@ -142,10 +159,13 @@ fn op_breakdown(model: &BertClassifier, rows: usize, len: usize, dtype: DType) -
     let heads = c.num_attention_heads;
     type Op<'a> = Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>;
     let ops: Vec<(&str, Op)> = vec![
-        ("linear 384->1536", Box::new(|| pipe::ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()))),
+        (
+            "linear 384->1536",
+            Box::new(|| pipe::ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), products)),
+        ),
         (
             "linear 384->1536, rows - 3",
-            Box::new(|| pipe::ops::linear(x_odd.as_tensor(), w.as_tensor(), b.as_tensor())),
+            Box::new(|| pipe::ops::linear(x_odd.as_tensor(), w.as_tensor(), b.as_tensor(), products)),
         ),
         (
             "attention",
@@ -158,6 +178,7 @@ fn op_breakdown(model: &BertClassifier, rows: usize, len: usize, dtype: DType) -
                     heads,
                     0.1,
                     7,
+                    products,
                 )
             }),
         ),
@@ -169,7 +190,7 @@ fn op_breakdown(model: &BertClassifier, rows: usize, len: usize, dtype: DType) -
         ("dropout", Box::new(|| pipe::ops::dropout(x.as_tensor(), 0.1, 3))),
         ("word embedding", Box::new(|| pipe::ops::embedding(table.as_tensor(), Arc::clone(&ids)))),
     ];
-    println!("op (dense, {rows} tokens, {dtype:?})  forward ms   forward+backward ms");
+    println!("op (dense, {rows} tokens, {dtype:?}, {products:?} products)  forward ms   forward+backward ms");
     for (name, op) in &ops {
         let fwd = time_op(device, &|| op().map(drop))?;
         let both = time_op(device, &|| op()?.sum_all()?.backward().map(drop))?;
@@ -198,7 +219,7 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--dtype {other}: expected f32 or bf16"),
     };
     let device_name = flag("--device").unwrap_or_else(|| "cpu".into());
-    let target = pipe::device::resolve(&device_name, precision)?;
+    let target = pipe::device::resolve(&device_name)?;
     let mut model = BertClassifier::from_pretrained(
         &dir,
         Some(vec!["0".into(), "1".into()]),
@@ -206,21 +227,21 @@ fn main() -> anyhow::Result<()> {
         &target.device,
         0,
     )?;
-    model.set_compute_dtype(precision.compute_dtype());
+    model.set_precision(precision);
     let c = model.config().clone();
     let (rows, hidden, inner) = (batch * len, c.hidden_size, c.intermediate_size);
     if let Some(gpu) = &target.gpu {
         println!("device: {gpu}, dtype {}", precision.name());
     } else {
-        let (pipe_gemm, candle_gemm) = gemm_gflops(rows, hidden, inner);
+        let (pipe_gemm, bf16_gemm, candle_gemm) = gemm_gflops(rows, hidden, inner);
         println!(
-            "machine: {pipe_gemm:.0} GFLOP/s on a {rows}x{hidden}x{inner} f32 GEMM (the FFN's shape; pipe's GEMM, kernel path {}), candle's matmul {candle_gemm:.0}",
+            "machine: {pipe_gemm:.0} GFLOP/s on a {rows}x{hidden}x{inner} f32 GEMM (the FFN's shape; pipe's GEMM, kernel path {}), {bf16_gemm:.0} with bf16 operands, candle's matmul {candle_gemm:.0}",
             pipe::ops::cpu::kernel_path()
         );
     }
 
     if args.iter().any(|a| a == "--ops") {
-        op_breakdown(&model, rows, len, precision.compute_dtype())?;
+        op_breakdown(&model, rows, len, precision)?;
     }
 
     // Dense: all LEN positions real.

@@ -10,8 +10,9 @@
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-/// How tensors are stored while computing: `f32`, or `bf16` mixed precision (bf16 matrix products
-/// and activations, f32 master weights, optimizer moments, loss and reductions).
+/// How to compute: `f32`, or `bf16` mixed precision: f32 master weights, optimizer moments, loss
+/// and reductions, with bf16 matrix products (on a GPU also bf16 activations; on the CPU, bf16
+/// operands accumulated in f32 under one contract on every CPU, see `ops::gemm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -47,8 +48,6 @@ pub enum DeviceError {
     NotBuilt(String),
     #[error("device `{device}`: no usable CUDA GPU: {why}")]
     NoGpu { device: String, why: String },
-    #[error("dtype = \"bf16\" needs device = \"cuda\": pipe's CPU kernels are f32 (device `{0}`)")]
-    Bf16OnCpu(String),
 }
 
 /// A resolved device: the candle device, and for a GPU its identity.
@@ -67,12 +66,9 @@ fn cuda_ordinal(device: &str) -> Option<usize> {
     }
 }
 
-/// Opens `device` for computing in `precision`.
-pub fn resolve(device: &str, precision: Precision) -> Result<Target, DeviceError> {
+/// Opens `device` (both precisions run on every device).
+pub fn resolve(device: &str) -> Result<Target, DeviceError> {
     let Some(ordinal) = cuda_ordinal(device) else {
-        if precision == Precision::Bf16 {
-            return Err(DeviceError::Bf16OnCpu(device.into()));
-        }
         return Ok(Target { device: Device::Cpu, gpu: None });
     };
     open_cuda(device, ordinal)

@@ -87,8 +87,7 @@ pub struct PlannedStage {
 /// The device is opened here, so that a pipeline for a GPU this machine lacks (or a build without
 /// CUDA) is bad input before anything runs; the resolved device comes back for the run record.
 pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, Target), EngineError> {
-    let target = crate::device::resolve(&pipeline.device, pipeline.dtype)
-        .map_err(|e| EngineError::Input(e.to_string()))?;
+    let target = crate::device::resolve(&pipeline.device).map_err(|e| EngineError::Input(e.to_string()))?;
     let input =
         |path: PathBuf, what: &str| Input::hash(path, what).map_err(|e| EngineError::Input(e.to_string()));
     let d = &pipeline.dataset;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, fixture_batch, load, rel_err, scalar};
+use pipe::device::Precision;
 use pipe::model::{BertClassifier, Mode};
-use pipe::ops::cross_entropy;
+use pipe::ops::{Products, cross_entropy};
 use pipe::optim::{AdamW, OptimizerConfig, ScheduleConfig, ScheduleKind, global_grad_norm};
 
 /// The first GPU, or `None` (after saying so) when there is none and none is required.
@@ -31,7 +32,7 @@ fn gpu() -> Option<Device> {
 fn tiny(device: &Device, compute: DType) -> BertClassifier {
     let mut model =
         BertClassifier::from_pretrained(&fixture("parity/bert-tiny"), None, DType::F32, device, 0).unwrap();
-    model.set_compute_dtype(compute);
+    model.set_precision(if compute == DType::BF16 { Precision::Bf16 } else { Precision::F32 });
     model
 }
 
@@ -192,7 +193,7 @@ fn dropout_masks_are_the_cpus() {
     let segments = Arc::new(vec![(0, 4), (4, 3)]);
     let on = |d: &Device| {
         let (q, k, v) = (q.to_device(d).unwrap(), k.to_device(d).unwrap(), v.to_device(d).unwrap());
-        pipe::ops::attention(&q, &k, &v, Arc::clone(&segments), 2, 0.3, 99)
+        pipe::ops::attention(&q, &k, &v, Arc::clone(&segments), 2, 0.3, 99, Products::Full)
             .unwrap()
             .to_device(&Device::Cpu)
             .unwrap()

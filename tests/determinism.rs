@@ -3,7 +3,7 @@
 //! A colleague's CPU may have other cache sizes, another SIMD width, another thread count and
 //! another C library. pipe's kernels are written so that none of these can change a result (see
 //! `src/ops/gemm/mod.rs` and `src/ops/math.rs`); these tests prove it on one machine by forcing
-//! every kernel path this CPU can run (`PIPE_KERNEL=portable|avx2|avx512`) with 1 and 2 threads,
+//! every kernel path this CPU can run (`PIPE_KERNEL=portable|avx2|avx512|avx512bf16`) with 1 and 2 threads,
 //! on the tiny model and on a model with MiniLM's layer widths (products with k = 1536 that run on
 //! the thread pool, optimizer updates over many chunks). The golden digests pin the numerics
 //! themselves: a change fails the test until the stage version is bumped in the same commit.
@@ -179,6 +179,27 @@ fn a_model_with_minilm_widths_gives_the_same_bits_on_every_kernel_path_and_threa
     assert_same_bits_everywhere(dir.path(), &extra);
 }
 
+/// bf16 mixed precision on the CPU: the native `VDPBF16PS` path (where this CPU has it) and the
+/// emulation on every other path give the same bits, with 1 and 2 threads.
+#[test]
+fn bf16_on_the_cpu_gives_the_same_bits_on_every_kernel_path_and_thread_count() {
+    let dir = project();
+    wide_model(dir.path());
+    let extra = [
+        "--set",
+        "dtype=bf16",
+        "--set",
+        "model.source=model-wide",
+        "--set",
+        "model.dropout=0.1",
+        "--set",
+        "model.attention_dropout=0.1",
+        "--set",
+        "train.max_steps=3",
+    ];
+    assert_same_bits_everywhere(dir.path(), &extra);
+}
+
 /// The tiny pipeline's output digests, pinned with the stage versions that produced them.
 ///
 /// If this fails, pipe's numerics or outputs changed. If that was on purpose, bump the stage's
@@ -191,20 +212,28 @@ const GOLDEN: [(&str, u32, &str); 3] = [
     ("evaluate", 3, "4fbd7144d167e1658c0ca5983a0789ed8e0c3b6ebfa4fec0047aaaa39e677830"),
 ];
 
+/// The same pipeline in bf16 mixed precision on the CPU (the tokenize stage is shared).
+const GOLDEN_BF16: [(&str, u32, &str); 2] = [
+    ("train", 4, "156782ca9a9ac208a427e0275c1032a09be9156d2deb50916af3dea41033bdc2"),
+    ("evaluate", 3, "fa4cb68dd16675c34648719b89424183302c97831ca3ff4c88300fc6fd52da99"),
+];
+
 #[test]
 fn golden_digests_of_the_tiny_pipeline() {
     let dir = project();
-    let run = run_json(dir.path(), &[]);
-    let store = dir.path().join("runs");
     let mut failures = Vec::new();
-    for (stage, version, digest) in GOLDEN {
-        let kind = StageKind::ALL.into_iter().find(|k| k.name() == stage).unwrap();
-        let got = recorded_digest(&store, &run.run, stage);
-        if got != digest || kind.version() != version {
-            failures.push(format!(
-                "{stage}: version {} with digest {got}; pinned: version {version} with digest {digest}",
-                kind.version()
-            ));
+    for (extra, golden) in [(&[][..], &GOLDEN[..]), (&["--set", "dtype=bf16"][..], &GOLDEN_BF16[..])] {
+        let run = run_json(dir.path(), extra);
+        let store = dir.path().join("runs");
+        for &(stage, version, digest) in golden {
+            let kind = StageKind::ALL.into_iter().find(|k| k.name() == stage).unwrap();
+            let got = recorded_digest(&store, &run.run, stage);
+            if got != digest || kind.version() != version {
+                failures.push(format!(
+                    "{stage} {extra:?}: version {} with digest {got}; pinned: version {version} with digest {digest}",
+                    kind.version()
+                ));
+            }
         }
     }
     assert!(

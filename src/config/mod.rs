@@ -90,8 +90,8 @@ pub struct Pipeline {
     #[serde(default = "default_device")]
     #[schemars(regex(pattern = r"^(cpu|cuda|cuda:[0-9]+)$"))]
     pub device: String,
-    /// How to compute: "f32", or "bf16" mixed precision (CUDA only: bf16 matrix products and
-    /// activations, f32 master weights, optimizer moments and loss).
+    /// How to compute: "f32", or "bf16" mixed precision: bf16 matrix products (on a GPU also
+    /// activations), f32 master weights, optimizer moments and loss.
     #[serde(default, skip_serializing_if = "is_f32")]
     pub dtype: crate::device::Precision,
     /// The training and validation data.

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng as _;
 
 use super::BertConfig;
+use crate::device::Precision;
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
 
@@ -123,8 +124,8 @@ pub(super) struct Linear {
 
 impl Linear {
     /// `x W^T + b` in `x`'s dtype (the parameters are cast to it for mixed precision).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?)
+    fn forward(&self, x: &Tensor, products: ops::Products) -> Result<Tensor> {
+        ops::linear(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, products)
     }
 }
 
@@ -179,8 +180,11 @@ pub struct BertClassifier {
     pub(super) activation: Activation,
     pub(super) dropout: Dropout,
     /// The dtype of activations and matrix products: the parameters' own, or bf16 for mixed
-    /// precision (parameters stay f32 and are cast as they are used).
+    /// precision on a GPU (parameters stay f32 and are cast as they are used).
     pub(super) compute: DType,
+    /// The operand precision of the CPU's matrix products: bf16 for mixed precision on the CPU,
+    /// whose activations stay f32.
+    pub(super) products: ops::Products,
 }
 
 impl BertClassifier {
@@ -204,10 +208,19 @@ impl BertClassifier {
         self.embeddings.word.dtype()
     }
 
-    /// Computes in `dtype` from now on (bf16: mixed precision; logits still come back in the
-    /// parameters' dtype).
-    pub fn set_compute_dtype(&mut self, dtype: DType) {
-        self.compute = dtype;
+    /// Computes in `precision` from now on. bf16 is mixed precision: on a GPU, activations and
+    /// products in bf16; on the CPU, products with bf16 operands and f32 accumulation, everything
+    /// else f32 (see `ops::gemm`). Parameters, their gradients and the logits stay in the
+    /// parameters' dtype.
+    pub fn set_precision(&mut self, precision: Precision) {
+        let bf16 = precision == Precision::Bf16;
+        if self.device().is_cpu() {
+            self.compute = self.dtype();
+            self.products = if bf16 { ops::Products::Bf16 } else { ops::Products::Full };
+        } else {
+            self.compute = if bf16 { DType::BF16 } else { self.dtype() };
+            self.products = ops::Products::Full;
+        }
     }
 
     /// The device the parameters live on.
@@ -264,11 +277,11 @@ impl BertClassifier {
             x = self.layer_forward(layer, &x, &segments, &mut mode)?;
         }
         let cls = ops::embedding(&x, Arc::new(cls))?;
-        let pooled = ops::activation(&self.pooler.forward(&cls)?, Activation::Tanh)?;
+        let pooled = ops::activation(&self.pooler.forward(&cls, self.products)?, Activation::Tanh)?;
         let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
         debug_assert_eq!(pooled.dim(0)?, rows);
         // The loss and predictions read logits in the parameters' dtype (f32 under bf16).
-        cast(&self.classifier.forward(&pooled)?, self.dtype())
+        cast(&self.classifier.forward(&pooled, self.products)?, self.dtype())
     }
 
     fn layer_forward(
@@ -279,17 +292,23 @@ impl BertClassifier {
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (q, k, v) = (layer.query.forward(x)?, layer.key.forward(x)?, layer.value.forward(x)?);
+        let products = self.products;
+        let (q, k, v) = (
+            layer.query.forward(x, products)?,
+            layer.key.forward(x, products)?,
+            layer.value.forward(x, products)?,
+        );
         let p = if matches!(mode, Mode::Train(_)) { self.dropout.attention } else { 0.0 };
         let key = match mode {
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
             _ => 0,
         };
-        let context = ops::attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, p, key)?;
-        let attended = dropout(&layer.attention_out.forward(&context)?, self.dropout.hidden, mode)?;
+        let context =
+            ops::attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, p, key, products)?;
+        let attended = dropout(&layer.attention_out.forward(&context, products)?, self.dropout.hidden, mode)?;
         let x = layer.attention_norm.forward(&(attended + x)?, c.layer_norm_eps)?;
-        let inner = ops::activation(&layer.intermediate.forward(&x)?, self.activation)?;
-        let out = dropout(&layer.output.forward(&inner)?, self.dropout.hidden, mode)?;
+        let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
+        let out = dropout(&layer.output.forward(&inner, products)?, self.dropout.hidden, mode)?;
         layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
     }
 }

@@ -93,6 +93,7 @@ impl BertClassifier {
             pooler,
             classifier,
             compute: dtype,
+            products: crate::ops::Products::Full,
         })
     }
 

@@ -22,13 +22,15 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::dropout::DropMask;
-use super::gemm::{Element, MatMut, MatRef, Threads, gemm};
+use super::gemm::{Element, MatMut, MatRef, Products, Threads, product};
 use super::{slice, vectorized, with_real};
 
 /// Attention over `q`, `k`, `v` of shape `(tokens, heads * head_dim)` (the projections as they
 /// come out of the linear layers), where `segments` lists each row's `(start, len)` in the packed
 /// token order. Returns the context in the same layout. Probabilities are dropped out with
-/// probability `dropout` using mask `key`.
+/// probability `dropout` using mask `key`. On the CPU, the four products take operands in
+/// `products`' precision.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -37,6 +39,7 @@ pub fn attention(
     heads: usize,
     dropout: f64,
     key: u64,
+    products: Products,
 ) -> Result<Tensor> {
     let (tokens, hidden) = q.dims2()?;
     if k.dims() != q.dims() || v.dims() != q.dims() {
@@ -74,6 +77,7 @@ pub fn attention(
         heads,
         head_dim: hidden / heads,
         mask: DropMask::new(dropout, key),
+        products,
     };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -85,6 +89,7 @@ struct Attention {
     heads: usize,
     head_dim: usize,
     mask: Option<DropMask>,
+    products: Products,
 }
 
 /// The output buffer, shared by rayon tasks that each write their own (segment, head) blocks.
@@ -145,7 +150,7 @@ impl Attention {
     /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`len x len`, row-major).
     fn probabilities<T: Element>(&self, q: &[T], k: &[T], base: usize, len: usize, p: &mut [T]) {
         let (qm, km) = (self.view(q, base, len), self.view(k, base, len));
-        gemm(MatMut::row_major(p, len, len), false, qm, km.t(), Threads::Caller);
+        product(MatMut::row_major(p, len, len), false, qm, km.t(), Threads::Caller, self.products);
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let mut max = vec![T::zero(); len];
         fold_rows(len, T::neg_infinity(), &mut max, |m, i| num_traits::Float::max(m, p[i] * scale));
@@ -188,12 +193,13 @@ impl Attention {
                 }
                 // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
                 let context = unsafe { self.block(dst, size, base, len) };
-                gemm(
+                product(
                     context,
                     false,
                     MatRef::row_major(p, len, len),
                     self.view(v, base, len),
                     Threads::Caller,
+                    self.products,
                 );
             },
         );
@@ -240,14 +246,22 @@ impl Attention {
                     )
                 };
                 // dv = dropped^T g
-                gemm(dv, false, MatRef::row_major(dropped, len, len).t(), g_block, Threads::Caller);
+                product(
+                    dv,
+                    false,
+                    MatRef::row_major(dropped, len, len).t(),
+                    g_block,
+                    Threads::Caller,
+                    self.products,
+                );
                 // d dropped = g v^T, then through the dropout mask
-                gemm(
+                product(
                     MatMut::row_major(dp, len, len),
                     false,
                     g_block,
                     self.view(v, base, len).t(),
                     Threads::Caller,
+                    self.products,
                 );
                 if let Some(f) = factors {
                     vectorized!({ dp.iter_mut().zip(f).for_each(|(d, &f)| *d *= f) });
@@ -264,8 +278,8 @@ impl Attention {
                 });
                 // dq = ds k ; dk = ds^T q
                 let ds = MatRef::row_major(&*dp, len, len);
-                gemm(dq, false, ds, self.view(k, base, len), Threads::Caller);
-                gemm(dk, false, ds.t(), self.view(q, base, len), Threads::Caller);
+                product(dq, false, ds, self.view(k, base, len), Threads::Caller, self.products);
+                product(dk, false, ds.t(), self.view(q, base, len), Threads::Caller, self.products);
             },
         );
         out
@@ -623,19 +637,22 @@ mod tests {
         let (q, k, v) = qkv();
         for segments in [vec![(0, 3), (2, 2)], vec![(3, 3)], vec![(0, 0)], vec![(3, 2), (0, 3)]] {
             assert!(
-                attention(&q, &k, &v, Arc::new(segments.clone()), HEADS, 0.0, 0).is_err(),
+                attention(&q, &k, &v, Arc::new(segments.clone()), HEADS, 0.0, 0, Products::Full).is_err(),
                 "{segments:?}"
             );
         }
         let short = input(&[4, WIDTH], 9);
-        assert!(attention(&q, &short, &v, segments(), HEADS, 0.0, 0).is_err(), "k of another shape");
-        assert!(attention(&q, &k, &v, segments(), 4, 0.0, 0).is_err(), "width 6 in 4 heads");
+        assert!(
+            attention(&q, &short, &v, segments(), HEADS, 0.0, 0, Products::Full).is_err(),
+            "k of another shape"
+        );
+        assert!(attention(&q, &k, &v, segments(), 4, 0.0, 0, Products::Full).is_err(), "width 6 in 4 heads");
     }
 
     #[test]
     fn matches_the_textbook_composition() -> Result<()> {
         let (q, k, v) = qkv();
-        let got = attention(&q, &k, &v, segments(), HEADS, 0.0, 0)?;
+        let got = attention(&q, &k, &v, segments(), HEADS, 0.0, 0, Products::Full)?;
         let diff = (got - reference(&q, &k, &v))?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "{diff}");
         Ok(())
@@ -645,9 +662,9 @@ mod tests {
     fn gradients_match_finite_differences_with_and_without_dropout() {
         let (q, k, v) = qkv();
         for p in [0.0, 0.3] {
-            check_grad(&q, |q| attention(q, &k, &v, segments(), HEADS, p, 5).unwrap());
-            check_grad(&k, |k| attention(&q, k, &v, segments(), HEADS, p, 5).unwrap());
-            check_grad(&v, |v| attention(&q, &k, v, segments(), HEADS, p, 5).unwrap());
+            check_grad(&q, |q| attention(q, &k, &v, segments(), HEADS, p, 5, Products::Full).unwrap());
+            check_grad(&k, |k| attention(&q, k, &v, segments(), HEADS, p, 5, Products::Full).unwrap());
+            check_grad(&v, |v| attention(&q, &k, v, segments(), HEADS, p, 5, Products::Full).unwrap());
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum KernelPath {
     Avx2,
     /// x86-64 AVX-512F (512-bit vectors).
     Avx512,
+    /// AVX-512 with the BF16 dot product (`VDPBF16PS`): the AVX-512 kernels, and bf16 products
+    /// natively instead of emulated (see [`super::gemm`]'s bf16 contract).
+    Avx512Bf16,
 }
 
 /// The environment variable that forces a kernel path.
@@ -25,7 +28,7 @@ pub const KERNEL_ENV: &str = "PIPE_KERNEL";
 
 impl KernelPath {
     /// Every path, in order.
-    pub const ALL: [Self; 3] = [Self::Portable, Self::Avx2, Self::Avx512];
+    pub const ALL: [Self; 4] = [Self::Portable, Self::Avx2, Self::Avx512, Self::Avx512Bf16];
 
     /// The name used by `PIPE_KERNEL` and run records.
     pub fn name(self) -> &'static str {
@@ -33,6 +36,7 @@ impl KernelPath {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
             Self::Avx512 => "avx512",
+            Self::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -50,8 +54,10 @@ impl KernelPath {
                     && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("avx512vl")
             }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Bf16 => Self::Avx512.supported() && is_x86_feature_detected!("avx512bf16"),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 | Self::Avx512 => false,
+            Self::Avx2 | Self::Avx512 | Self::Avx512Bf16 => false,
         }
     }
 
@@ -70,7 +76,7 @@ impl std::fmt::Display for KernelPath {
 /// A `PIPE_KERNEL` value that names no path, or one this CPU cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KernelPathError {
-    #[error("{KERNEL_ENV}={0:?}: expected one of portable, avx2, avx512")]
+    #[error("{KERNEL_ENV}={0:?}: expected one of portable, avx2, avx512, avx512bf16")]
     Unknown(String),
     #[error("{KERNEL_ENV}={0}: this CPU does not support it (it supports: {1})")]
     Unsupported(KernelPath, String),

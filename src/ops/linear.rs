@@ -15,15 +15,16 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
-use super::gemm::{MatMut, MatRef, Threads, gemm};
+use super::gemm::{MatMut, MatRef, Products, Threads, product};
 use super::{ROW_BLOCK, slice, with_real};
 
-/// `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)` (torch's layout), `bias` `(out)`.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(weight, bias, Linear)
+/// `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)` (torch's layout), `bias` `(out)`; on
+/// the CPU, this product and the two of the backward take operands in `products`' precision.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, products: Products) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(weight, bias, Linear(products))
 }
 
-struct Linear;
+struct Linear(Products);
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -55,7 +56,7 @@ impl CustomOp3 for Linear {
             let b = slice::<T>("linear", bs, bl)?;
             let mut y: Vec<T> = b.iter().copied().cycle().take(rows * out).collect();
             let (x, w) = (MatRef::row_major(x, rows, inp), MatRef::row_major(w, out, inp).t());
-            gemm(MatMut::row_major(&mut y, rows, out), true, x, w, Threads::Pool);
+            product(MatMut::row_major(&mut y, rows, out), true, x, w, Threads::Pool, self.0);
             Ok((T::to_cpu_storage_owned(y), Shape::from((rows, out))))
         })
     }
@@ -106,15 +107,15 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(weight, &GradInput)?;
-        let dw = grad.apply_op2_no_bwd(x, &GradWeight)?;
+        let dx = grad.apply_op2_no_bwd(weight, &GradInput(self.0))?;
+        let dw = grad.apply_op2_no_bwd(x, &GradWeight(self.0))?;
         let db = grad.apply_op1_no_bwd(&GradBias)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
 /// `dx = g W`: `(rows, out) x (out, in)`.
-struct GradInput;
+struct GradInput(Products);
 
 impl CustomOp2 for GradInput {
     fn name(&self) -> &'static str {
@@ -135,7 +136,7 @@ impl CustomOp2 for GradInput {
             let w = slice::<T>("linear-grad-input", ws, wl)?;
             let mut dx = vec![T::zero(); rows * inp];
             let (g, w) = (MatRef::row_major(g, rows, out), MatRef::row_major(w, out, inp));
-            gemm(MatMut::row_major(&mut dx, rows, inp), false, g, w, Threads::Pool);
+            product(MatMut::row_major(&mut dx, rows, inp), false, g, w, Threads::Pool, self.0);
             Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, inp))))
         })
     }
@@ -161,7 +162,7 @@ impl CustomOp2 for GradInput {
 }
 
 /// `dW = g^T x`: `(out, rows) x (rows, in)`.
-struct GradWeight;
+struct GradWeight(Products);
 
 impl CustomOp2 for GradWeight {
     fn name(&self) -> &'static str {
@@ -182,7 +183,7 @@ impl CustomOp2 for GradWeight {
             let x = slice::<T>("linear-grad-weight", xs, xl)?;
             let mut dw = vec![T::zero(); out * inp];
             let (g, x) = (MatRef::row_major(g, rows, out).t(), MatRef::row_major(x, rows, inp));
-            gemm(MatMut::row_major(&mut dw, out, inp), false, g, x, Threads::Pool);
+            product(MatMut::row_major(&mut dw, out, inp), false, g, x, Threads::Pool, self.0);
             Ok((T::to_cpu_storage_owned(dw), Shape::from((out, inp))))
         })
     }
@@ -264,7 +265,7 @@ mod tests {
     #[test]
     fn matches_matmul_plus_bias() -> Result<()> {
         let (x, w, b) = (input(&[70, 5], 1), input(&[3, 5], 2), input(&[3], 3));
-        let got = linear(&x, &w, &b)?;
+        let got = linear(&x, &w, &b, Products::Full)?;
         let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "{diff}");
@@ -274,8 +275,8 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let (x, w, b) = (input(&[70, 5], 1), input(&[3, 5], 2), input(&[3], 3));
-        check_grad(&x, |x| linear(x, &w, &b).unwrap());
-        check_grad(&w, |w| linear(&x, w, &b).unwrap());
-        check_grad(&b, |b| linear(&x, &w, b).unwrap());
+        check_grad(&x, |x| linear(x, &w, &b, Products::Full).unwrap());
+        check_grad(&w, |w| linear(&x, w, &b, Products::Full).unwrap());
+        check_grad(&b, |b| linear(&x, &w, b, Products::Full).unwrap());
     }
 }

@@ -30,6 +30,7 @@ pub use attention::attention;
 pub use dropout::dropout;
 pub use embedding::embedding;
 pub use gelu::{Activation, activation};
+pub use gemm::Products;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use loss::cross_entropy;

@@ -206,7 +206,7 @@ impl Stage for TrainStage {
             &self.target.device,
             self.seed,
         )?;
-        model.set_compute_dtype(self.precision.compute_dtype());
+        model.set_precision(self.precision);
         model.set_dropout(self.dropout_for(&model));
         let data = Examples { ids: &train.ids, labels: &train.labels };
         let mut trainer = Trainer::new(

@@ -5,6 +5,7 @@
 //! kernels run one element per vector lane, so their bits equal the portable kernel's.
 
 use super::super::Real;
+use super::{MatMut, MatRef, Threads};
 use crate::ops::cpu::KernelPath;
 
 /// Where a micro-kernel reads its operands: element `(i, p)` of `A` at `a + i * rs_a + p * cs_a`,
@@ -81,16 +82,35 @@ const MAX_TILE: usize = 12 * 32;
 pub(crate) trait Element: Real {
     /// The kernel for `path` (a path without a variant of its own for this type uses the nearest).
     fn kernel(path: KernelPath) -> Kernel<Self>;
+
+    /// A product with bf16 operands ([`super::Products::Bf16`]).
+    fn bf16_product(
+        c: MatMut<'_, Self>,
+        accumulate: bool,
+        a: MatRef<'_, Self>,
+        b: MatRef<'_, Self>,
+        threads: Threads,
+    );
 }
 
 impl Element for f32 {
+    fn bf16_product(
+        c: MatMut<'_, f32>,
+        accumulate: bool,
+        a: MatRef<'_, f32>,
+        b: MatRef<'_, f32>,
+        threads: Threads,
+    ) {
+        super::bf16::gemm_bf16(c, accumulate, a, b, threads);
+    }
+
     fn kernel(path: KernelPath) -> Kernel<f32> {
         match path {
             KernelPath::Portable => Kernel { mr: 4, nr: 8, run: portable::<f32, 4, 8> },
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => Kernel { mr: 6, nr: 16, run: x86::f32_avx2 },
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512 => Kernel { mr: 12, nr: 32, run: x86::f32_avx512 },
+            KernelPath::Avx512 | KernelPath::Avx512Bf16 => Kernel { mr: 12, nr: 32, run: x86::f32_avx512 },
             #[cfg(not(target_arch = "x86_64"))]
             _ => Kernel { mr: 4, nr: 8, run: portable::<f32, 4, 8> },
         }
@@ -98,10 +118,23 @@ impl Element for f32 {
 }
 
 impl Element for f64 {
+    /// f64 serves the finite-difference tests, which check the exact products.
+    fn bf16_product(
+        c: MatMut<'_, f64>,
+        accumulate: bool,
+        a: MatRef<'_, f64>,
+        b: MatRef<'_, f64>,
+        threads: Threads,
+    ) {
+        super::gemm(c, accumulate, a, b, threads);
+    }
+
     fn kernel(path: KernelPath) -> Kernel<f64> {
         match path {
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 | KernelPath::Avx512 => Kernel { mr: 4, nr: 8, run: x86::f64_fma },
+            KernelPath::Avx2 | KernelPath::Avx512 | KernelPath::Avx512Bf16 => {
+                Kernel { mr: 4, nr: 8, run: x86::f64_fma }
+            }
             _ => Kernel { mr: 4, nr: 8, run: portable::<f64, 4, 8> },
         }
     }

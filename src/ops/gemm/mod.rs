@@ -34,6 +34,7 @@
 //! column panel of `B` in L1/L2 for the whole `k`. (The tests split `k` into blocks anyway, to show
 //! that the bits do not depend on it: the chain continues through the tile's store and reload.)
 
+mod bf16;
 mod kernels;
 
 use std::marker::PhantomData;
@@ -42,6 +43,7 @@ use rayon::prelude::*;
 
 use super::Real;
 use super::cpu::{KernelPath, kernel_path};
+pub use bf16::{from_bf16, to_bf16};
 pub(crate) use kernels::Element;
 
 /// Steps of `k` per pass over a task's tiles (its slices of A and B then stay in L1/L2).
@@ -162,6 +164,32 @@ pub(crate) fn gemm<T: Element>(
     gemm_on(kernel_path(), Blocking::STANDARD, c, accumulate, a, b, threads);
 }
 
+/// The operand precision of a product on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Products {
+    /// The operands' own precision, under the contract above.
+    #[default]
+    Full,
+    /// f32 operands rounded to bf16, products accumulated in f32, under the bf16 contract of
+    /// [`bf16`] (the CPU's mixed precision). f64 operands (the finite-difference tests) ignore it.
+    Bf16,
+}
+
+/// [`gemm`] with the operand precision `products`.
+pub(crate) fn product<T: Element>(
+    c: MatMut<'_, T>,
+    accumulate: bool,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+    products: Products,
+) {
+    match products {
+        Products::Full => gemm(c, accumulate, a, b, threads),
+        Products::Bf16 => T::bf16_product(c, accumulate, a, b, threads),
+    }
+}
+
 /// The block sizes; fixed in production, varied by the tests to show they do not matter.
 #[derive(Debug, Clone, Copy)]
 struct Blocking {
@@ -231,7 +259,7 @@ fn gemm_on<T: Element>(
     }
     // Small products (attention's, per row and head) waste most of a 12 x 32 AVX-512 tile; the
     // 6 x 16 AVX2 kernel fits them better and computes the same bits (the contract above).
-    let path = if path == KernelPath::Avx512 && (m < 4 * 12 || n < 2 * 32) { KernelPath::Avx2 } else { path };
+    let path = if path >= KernelPath::Avx512 && (m < 4 * 12 || n < 2 * 32) { KernelPath::Avx2 } else { path };
     let kernel = T::kernel(path);
     let (mr, nr) = (kernel.mr, kernel.nr);
     let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
@@ -370,12 +398,25 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
 
 /// [`matmul`] with one operand stored transposed.
 pub fn matmul_t(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, transpose: Transpose) -> Vec<f32> {
+    matmul_with(a, b, m, k, n, transpose, Products::Full)
+}
+
+/// [`matmul_t`] with the operand precision `products`.
+pub fn matmul_with(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    transpose: Transpose,
+    products: Products,
+) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
     let a =
         if transpose == Transpose::Lhs { MatRef::row_major(a, k, m).t() } else { MatRef::row_major(a, m, k) };
     let b =
         if transpose == Transpose::Rhs { MatRef::row_major(b, n, k).t() } else { MatRef::row_major(b, k, n) };
-    gemm(MatMut::row_major(&mut c, m, n), false, a, b, Threads::Pool);
+    product(MatMut::row_major(&mut c, m, n), false, a, b, Threads::Pool, products);
     c
 }
 

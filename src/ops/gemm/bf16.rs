@@ -1,0 +1,569 @@
+//! Matrix products with bf16 operands and f32 accumulation, with one result on every CPU.
+//!
+//! # The contract
+//!
+//! Both operands are rounded to bf16 ([`to_bf16`]: round to nearest even; a result below bf16's
+//! smallest normal becomes a zero of the same sign). The steps of `k` go in pairs (`k` rounded
+//! up to even with zeros), and every element of `C` is one chain:
+//!
+//! ```text
+//! c = daz(C[i][j])  (or +0.0)
+//! for q in 0..k/2:
+//!     c = ftz(fma(A[i][2q+1], B[2q+1][j], c))     // the odd step of the pair first
+//!     c = ftz(fma(A[i][2q],   B[2q][j],   c))
+//! ```
+//!
+//! where `daz` and `ftz` turn a subnormal f32 into a zero of the same sign (`ftz` judges the
+//! rounded result). That is exactly what AVX-512 BF16's `VDPBF16PS` computes per lane (Intel's
+//! pseudocode: two f32 FMAs, odd element first, subnormal inputs as zero, subnormal results
+//! flushed, round to nearest even, MXCSR ignored); a bf16 product is exact in f32, so each step
+//! is an FMA. CPUs with the instruction ([`KernelPath::Avx512Bf16`]) run it natively; every other
+//! path runs the chain above as plain code (vectorised where it can be), with the same bits. The
+//! tests check the two against each other, thread counts and blockings.
+//!
+//! The packed layouts put a pair in one 32-bit word (low half the even step), as the instruction
+//! reads it: `A`'s row panels as `[q][i]` words, `B`'s column panels as `[q][j]`.
+
+use rayon::prelude::*;
+
+use super::{KC, MC, MatMut, MatRef, NC, PARALLEL_WORK, Threads};
+use crate::ops::cpu::{KernelPath, kernel_path};
+use crate::ops::vectorized;
+
+/// `x` rounded to bf16 (the high 16 bits of an f32), to nearest even; NaN stays a (quiet) NaN and
+/// a subnormal result becomes a zero of the same sign. Branch-free, so that packing loops
+/// vectorise.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let normal = if rounded & 0x7f80 == 0 { rounded & 0x8000 } else { rounded };
+    if x.is_nan() { ((bits >> 16) | 0x40) as u16 } else { normal }
+}
+
+/// The f32 value of a bf16.
+#[inline(always)]
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits(u32::from(x) << 16)
+}
+
+/// A subnormal `x` as a zero of the same sign (the instruction's input and output rule).
+#[inline(always)]
+fn flush(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE { f32::from_bits(x.to_bits() & 0x8000_0000) } else { x }
+}
+
+/// Two bf16 steps of `k` in one word, low half first.
+#[inline(always)]
+fn pair(even: f32, odd: f32) -> u32 {
+    u32::from(to_bf16(even)) | (u32::from(to_bf16(odd)) << 16)
+}
+
+/// A bf16 micro-kernel over a full `MR x NR` tile: `kq` pairs from the packed panels `a`
+/// (`[q][MR]`) and `b` (`[q][NR]`), `c` with row stride `rs_c`; `zero` starts from +0.0.
+type TileFn = unsafe fn(kq: usize, a: *const u32, b: *const u32, c: *mut f32, rs_c: usize, zero: bool);
+
+#[derive(Clone, Copy)]
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    run: TileFn,
+}
+
+/// The largest `MR * NR` of any kernel (the scratch tile for edges).
+const MAX_TILE: usize = 12 * 32;
+
+impl Kernel {
+    fn for_path(path: KernelPath) -> Self {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Bf16 => Kernel { mr: 12, nr: 32, run: x86::native },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => Kernel { mr: 8, nr: 32, run: x86::emulated_avx512 },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => Kernel { mr: 4, nr: 16, run: x86::emulated_avx2 },
+            _ => Kernel { mr: 4, nr: 8, run: emulated::<4, 8> },
+        }
+    }
+
+    /// Runs the kernel on a tile of which only `rows x cols` lie inside `C`, as
+    /// [`super::kernels::Kernel::run_tile`] does.
+    ///
+    /// # Safety
+    ///
+    /// `a` and `b` address `kq` pairs of full panels; the `rows x cols` elements at
+    /// `c + r * rs_c + j` are valid and accessed by no one else; `rows <= mr`, `cols <= nr`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_tile(
+        &self,
+        kq: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        rs_c: usize,
+        rows: usize,
+        cols: usize,
+        zero: bool,
+    ) {
+        if rows == self.mr && cols == self.nr {
+            // SAFETY: the caller's contract covers the whole tile.
+            unsafe { (self.run)(kq, a, b, c, rs_c, zero) };
+            return;
+        }
+        let mut tile = [0f32; MAX_TILE];
+        let tile = &mut tile[..self.mr * self.nr];
+        for r in 0..rows {
+            for j in 0..cols {
+                // SAFETY: (r, j) is inside the valid block.
+                tile[r * self.nr + j] = unsafe { *c.add(r * rs_c + j) };
+            }
+        }
+        // SAFETY: `tile` is a full tile with row stride nr.
+        unsafe { (self.run)(kq, a, b, tile.as_mut_ptr(), self.nr, zero) };
+        for r in 0..rows {
+            for j in 0..cols {
+                // SAFETY: as above.
+                unsafe { *c.add(r * rs_c + j) = tile[r * self.nr + j] };
+            }
+        }
+    }
+}
+
+/// `c = a b` or `c += a b` under the contract of the module doc, on the process's kernel path.
+pub(crate) fn gemm_bf16(
+    c: MatMut<'_, f32>,
+    accumulate: bool,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    threads: Threads,
+) {
+    gemm_bf16_on(kernel_path(), KC / 2, c, accumulate, a, b, threads);
+}
+
+/// A pointer handed to tasks that write disjoint tiles of one output.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint tiles of an exclusively borrowed `MatMut`.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`gemm_bf16`] on `path`, with `kc` pairs per pass (the tests vary both).
+fn gemm_bf16_on(
+    path: KernelPath,
+    kc: usize,
+    c: MatMut<'_, f32>,
+    accumulate: bool,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    threads: Threads,
+) {
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    assert!(
+        a.rows == m && b.rows == k && b.cols == n,
+        "gemm_bf16: {m}x{n} = {}x{} * {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kernel = Kernel::for_path(path);
+    let (mr, nr, kq) = (kernel.mr, kernel.nr, k.div_ceil(2));
+    let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let parallel = threads == Threads::Pool && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
+
+    let mut packed_a = vec![0u32; row_panels * kq * mr];
+    let mut packed_b = vec![0u32; col_panels * kq * nr];
+    let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(&a, pi * mr, mr, dst);
+    let pack_b = |(pj, dst): (usize, &mut [u32])| pack_cols(&b, pj * nr, nr, dst);
+    if kq > 0 {
+        if parallel {
+            packed_a.par_chunks_mut(kq * mr).enumerate().for_each(pack_a);
+            packed_b.par_chunks_mut(kq * nr).enumerate().for_each(pack_b);
+        } else {
+            packed_a.chunks_mut(kq * mr).enumerate().for_each(pack_a);
+            packed_b.chunks_mut(kq * nr).enumerate().for_each(pack_b);
+        }
+    }
+
+    let (mc_tiles, nc_tiles) = (MC.div_ceil(mr), NC / nr);
+    let (row_tasks, col_tasks) = (row_panels.div_ceil(mc_tiles), col_panels.div_ceil(nc_tiles));
+    let (out, rs_c) = (Out(c.ptr), c.rs);
+    let kc = kc.max(1);
+    let task = |t: usize| {
+        let (ti, tj) = (t / col_tasks, t % col_tasks);
+        let mut q0 = 0;
+        // At least one pass, so that `k == 0` still writes (or flushes) C.
+        loop {
+            let steps = kc.min(kq - q0);
+            for pi in ti * mc_tiles..((ti + 1) * mc_tiles).min(row_panels) {
+                let ap = packed_a[(pi * kq + q0) * mr..].as_ptr();
+                for pj in tj * nc_tiles..((tj + 1) * nc_tiles).min(col_panels) {
+                    let bp = packed_b[(pj * kq + q0) * nr..].as_ptr();
+                    let (r0, c0) = (pi * mr, pj * nr);
+                    // SAFETY: the tile lies inside the output and belongs to this task alone; the
+                    // panels hold `steps` pairs from `q0`.
+                    unsafe {
+                        kernel.run_tile(
+                            steps,
+                            ap,
+                            bp,
+                            out.ptr().add(r0 * rs_c + c0),
+                            rs_c,
+                            mr.min(m - r0),
+                            nr.min(n - c0),
+                            q0 == 0 && !accumulate,
+                        )
+                    };
+                }
+            }
+            q0 += steps;
+            if q0 >= kq {
+                break;
+            }
+        }
+    };
+    if parallel {
+        (0..row_tasks * col_tasks).into_par_iter().for_each(task);
+    } else {
+        (0..row_tasks * col_tasks).for_each(task);
+    }
+}
+
+/// Rows `r0..` (at most `mr`) of `a` as `[q][mr]` pairs, zero-padded (`dst` comes zeroed).
+fn pack_rows(a: &MatRef<'_, f32>, r0: usize, mr: usize, dst: &mut [u32]) {
+    let (rows, k) = (mr.min(a.rows - r0), a.cols);
+    if a.cs == 1 {
+        // Rows contiguous: convert a row's pairs in one pass, then spread them over the panel.
+        let mut row_pairs = vec![0u32; k.div_ceil(2)];
+        for i in 0..rows {
+            let start = a.offset + (r0 + i) * a.rs;
+            pairs_of(&a.data[start..start + k], &mut row_pairs);
+            for (q, &w) in row_pairs.iter().enumerate() {
+                dst[q * mr + i] = w;
+            }
+        }
+    } else if a.rs == 1 {
+        // Columns contiguous (a transposed operand): each pair of columns fills one step.
+        for q in 0..k.div_ceil(2) {
+            let column = |p: usize| &a.data[a.offset + r0 + p * a.cs..][..rows];
+            let even = column(2 * q);
+            let step = &mut dst[q * mr..q * mr + rows];
+            if 2 * q + 1 < k {
+                let odd = column(2 * q + 1);
+                vectorized!({
+                    for ((d, &e), &o) in step.iter_mut().zip(even).zip(odd) {
+                        *d = pair(e, o);
+                    }
+                });
+            } else {
+                vectorized!({ step.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0)) });
+            }
+        }
+    } else {
+        for i in 0..rows {
+            for q in 0..k.div_ceil(2) {
+                let odd = if 2 * q + 1 < k { a.at(r0 + i, 2 * q + 1) } else { 0.0 };
+                dst[q * mr + i] = pair(a.at(r0 + i, 2 * q), odd);
+            }
+        }
+    }
+}
+
+/// Columns `c0..` (at most `nr`) of `b` as `[q][nr]` pairs, zero-padded (`dst` comes zeroed).
+fn pack_cols(b: &MatRef<'_, f32>, c0: usize, nr: usize, dst: &mut [u32]) {
+    let (cols, k) = (nr.min(b.cols - c0), b.rows);
+    if b.cs == 1 {
+        // Rows contiguous: each pair of rows fills one step.
+        for q in 0..k.div_ceil(2) {
+            let row = |p: usize| &b.data[b.offset + p * b.rs + c0..][..cols];
+            let even = row(2 * q);
+            let step = &mut dst[q * nr..q * nr + cols];
+            if 2 * q + 1 < k {
+                let odd = row(2 * q + 1);
+                vectorized!({
+                    for ((d, &e), &o) in step.iter_mut().zip(even).zip(odd) {
+                        *d = pair(e, o);
+                    }
+                });
+            } else {
+                vectorized!({ step.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0)) });
+            }
+        }
+    } else if b.rs == 1 {
+        // Columns contiguous (a transposed weight): convert a column's pairs, then spread them.
+        let mut column_pairs = vec![0u32; k.div_ceil(2)];
+        for j in 0..cols {
+            let start = b.offset + (c0 + j) * b.cs;
+            pairs_of(&b.data[start..start + k], &mut column_pairs);
+            for (q, &w) in column_pairs.iter().enumerate() {
+                dst[q * nr + j] = w;
+            }
+        }
+    } else {
+        for q in 0..k.div_ceil(2) {
+            for j in 0..cols {
+                let odd = if 2 * q + 1 < k { b.at(2 * q + 1, c0 + j) } else { 0.0 };
+                dst[q * nr + j] = pair(b.at(2 * q, c0 + j), odd);
+            }
+        }
+    }
+}
+
+/// Consecutive steps `src` as pairs (the last one zero-padded when `src` is odd).
+fn pairs_of(src: &[f32], dst: &mut [u32]) {
+    let whole = src.len() / 2;
+    vectorized!({
+        for (d, s) in dst[..whole].iter_mut().zip(src.chunks_exact(2)) {
+            *d = pair(s[0], s[1]);
+        }
+    });
+    if src.len() % 2 == 1 {
+        dst[whole] = pair(src[src.len() - 1], 0.0);
+    }
+}
+
+/// The contract's chain in plain code, one element per lane of `[f32; NR]` rows (which the
+/// compiler vectorises where the caller enables vector features).
+///
+/// # Safety
+///
+/// As [`TileFn`]: `a` and `b` address `kq` pairs of full panels, `c` a full `MR x NR` tile.
+#[inline(always)]
+unsafe fn emulated<const MR: usize, const NR: usize>(
+    kq: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    rs_c: usize,
+    zero: bool,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    // SAFETY (whole body): every offset stays within the sizes of the contract above.
+    unsafe {
+        if !zero {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = flush(*c.add(i * rs_c + j));
+                }
+            }
+        }
+        for q in 0..kq {
+            let (ap, bp) = (a.add(q * MR), b.add(q * NR));
+            let mut b_even = [0f32; NR];
+            let mut b_odd = [0f32; NR];
+            for j in 0..NR {
+                let w = *bp.add(j);
+                b_even[j] = f32::from_bits(w << 16);
+                b_odd[j] = f32::from_bits(w & 0xffff_0000);
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let w = *ap.add(i);
+                let (a_even, a_odd) = (f32::from_bits(w << 16), f32::from_bits(w & 0xffff_0000));
+                for (j, v) in row.iter_mut().enumerate() {
+                    let odd = flush(a_odd.mul_add(b_odd[j], *v));
+                    *v = flush(a_even.mul_add(b_even[j], odd));
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                *c.add(i * rs_c + j) = v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The emulation compiled for AVX-512 (8 x 32 tile).
+    ///
+    /// # Safety
+    ///
+    /// As [`super::TileFn`], on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    pub(super) unsafe fn emulated_avx512(
+        kq: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        rs_c: usize,
+        zero: bool,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { super::emulated::<8, 32>(kq, a, b, c, rs_c, zero) }
+    }
+
+    /// The emulation compiled for AVX2 (4 x 16 tile).
+    ///
+    /// # Safety
+    ///
+    /// As [`super::TileFn`], on a CPU with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn emulated_avx2(
+        kq: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        rs_c: usize,
+        zero: bool,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe { super::emulated::<4, 16>(kq, a, b, c, rs_c, zero) }
+    }
+
+    /// `VDPBF16PS`: a 12 x 32 tile in zmm registers (24 accumulators), one instruction per row,
+    /// vector and pair of steps.
+    ///
+    /// # Safety
+    ///
+    /// As [`super::TileFn`], on a CPU with AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn native(
+        kq: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        rs_c: usize,
+        zero: bool,
+    ) {
+        const MR: usize = 12;
+        // SAFETY (whole body): offsets within the contract's sizes.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            if !zero {
+                // The instruction reads a subnormal accumulator as zero; so do the other paths.
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_loadu_ps(c.add(i * rs_c));
+                    row[1] = _mm512_loadu_ps(c.add(i * rs_c + 16));
+                }
+            }
+            let (mut a, mut b) = (a, b);
+            for _ in 0..kq {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+                }
+                a = a.add(MR);
+                b = b.add(32);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(i * rs_c), row[0]);
+                _mm512_storeu_ps(c.add(i * rs_c + 16), row[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, salt: u64) -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1d ^ salt;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                // Varied exponents, down to the subnormal range, so that flushing shows.
+                unit * [1.0, 0.01, 30.0, 1e-19, 1e-20][(state % 5) as usize]
+            })
+            .collect()
+    }
+
+    /// The contract, literally.
+    fn reference(c0: &[f32], a: &MatRef<'_, f32>, b: &MatRef<'_, f32>) -> Vec<u32> {
+        let (m, n, k) = (a.rows, b.cols, a.cols);
+        let r = |x: f32| from_bf16(to_bf16(x));
+        let mut out = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = flush(c0[i * n + j]);
+                for q in 0..k.div_ceil(2) {
+                    let (ao, bo) = if 2 * q + 1 < k {
+                        (r(a.at(i, 2 * q + 1)), r(b.at(2 * q + 1, j)))
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    acc = flush(ao.mul_add(bo, acc));
+                    acc = flush(r(a.at(i, 2 * q)).mul_add(r(b.at(2 * q, j)), acc));
+                }
+                out.push(acc.to_bits());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_to_bf16() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80, "a tie goes to even");
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82, "a tie goes to even");
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "rounds up to infinity");
+        assert_eq!(to_bf16(-1e-39), 0x8000, "subnormal results flush to a signed zero");
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    }
+
+    /// Every path against the literal chain (and so the native instruction against the
+    /// emulation, where this CPU has it), with transposed operands, odd `k`, ragged edges,
+    /// accumulation into C, several K-blocks and thread counts.
+    #[test]
+    fn every_path_gives_the_contract_bits() {
+        let shapes = [
+            (70, 384, 96, false, true),
+            (40, 71, 50, true, false),
+            (128, 32, 128, false, true),
+            (5, 3, 7, true, true),
+            (13, 1, 33, false, false),
+        ];
+        for (m, k, n, ta, tb) in shapes {
+            let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+            let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
+            let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
+            for accumulate in [false, true] {
+                let start = if accumulate { c0.clone() } else { vec![0.0; m * n] };
+                let want = reference(&start, &a, &b);
+                for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
+                    for kc in [KC / 2, 3, 1000] {
+                        for threads in [1, 2, 3] {
+                            let mut c = c0.clone();
+                            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                            pool.install(|| {
+                                gemm_bf16_on(
+                                    path,
+                                    kc,
+                                    MatMut::row_major(&mut c, m, n),
+                                    accumulate,
+                                    a,
+                                    b,
+                                    Threads::Pool,
+                                )
+                            });
+                            let got: Vec<u32> = c.iter().map(|x| x.to_bits()).collect();
+                            assert!(
+                                got == want,
+                                "{path} kc={kc} {threads} threads, {m}x{k}x{n} acc={accumulate}: bits differ"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
