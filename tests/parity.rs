@@ -54,6 +54,23 @@ fn tiny_bert_logits_loss_and_every_gradient_match_pytorch() {
     assert_eq!(grads.len(), case.keys().filter(|k| k.starts_with("grad.")).count());
 }
 
+/// Inference computes the last layer for each row's [CLS] only; the logits are those of the
+/// full forward pass bit for bit, in f32 and with bf16 products.
+#[test]
+fn inference_gives_the_full_forward_pass_bits() {
+    let case = load("parity/bert-tiny-case.safetensors");
+    for precision in [pipe::device::Precision::F32, pipe::device::Precision::Bf16] {
+        let mut model = tiny(DType::F32);
+        model.set_precision(precision);
+        let (batch, _) = fixture_batch(&case, model.dtype());
+        let bits = |mode| -> Vec<u32> {
+            let logits = model.forward(&batch, mode).unwrap();
+            logits.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(Mode::Infer), bits(Mode::Eval), "{precision:?}");
+    }
+}
+
 #[test]
 fn every_parameter_gets_a_nonzero_gradient_except_the_provably_zero_key_bias() {
     // In f64, so that "zero" is unambiguous: softmax ignores a constant added to every score of a

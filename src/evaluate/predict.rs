@@ -45,7 +45,7 @@ pub fn predict_probabilities(
         // Built on the CPU: the model reads it back to pack the real tokens, then indexes on its device.
         let batch = Batch::pad(&ids, model.pad_id(), model.dtype(), &candle_core::Device::Cpu)?;
         let logits =
-            model.forward(&batch, Mode::Eval)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            model.forward(&batch, Mode::Infer)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
         for (&r, row) in chunk.iter().zip(logits) {
             out[r] = crate::ops::math::softmax(&row);
         }

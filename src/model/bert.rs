@@ -32,9 +32,13 @@ impl Dropout {
     }
 }
 
-/// Whether a forward pass trains (dropout on, masks from the given generator) or evaluates.
+/// Whether a forward pass trains (dropout on, masks from the given generator), evaluates (no
+/// dropout, still differentiable) or only predicts.
 pub enum Mode<'a> {
     Eval,
+    /// [`Mode::Eval`] for predictions only: the result has no usable gradient, and on the CPU the
+    /// last layer computes just the rows the head reads (the same bits).
+    Infer,
     Train(&'a mut Rng),
 }
 
@@ -273,10 +277,21 @@ impl BertClassifier {
         let x = e.norm.forward(&cast(&x, self.compute)?, c.layer_norm_eps)?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
         let segments = Arc::new(segments);
-        for layer in &self.layers {
+        let cls = Arc::new(cls);
+        // In inference on the CPU, the last layer computes only what the head reads: each row's
+        // [CLS] (the same bits as computing every token; see `ops::first_token_attention`).
+        let first_tokens_only = matches!(mode, Mode::Infer) && self.device().is_cpu();
+        let (last, rest) = match self.layers.split_last() {
+            Some((last, rest)) if first_tokens_only => (Some(last), rest),
+            _ => (None, &self.layers[..]),
+        };
+        for layer in rest {
             x = self.layer_forward(layer, &x, &segments, &mut mode)?;
         }
-        let cls = ops::embedding(&x, Arc::new(cls))?;
+        let cls = match last {
+            Some(layer) => self.last_layer_first_tokens(layer, &x, &segments, &cls)?,
+            None => ops::embedding(&x, cls)?,
+        };
         let pooled = ops::activation(&self.pooler.forward(&cls, self.products)?, Activation::Tanh)?;
         let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
         debug_assert_eq!(pooled.dim(0)?, rows);
@@ -309,6 +324,31 @@ impl BertClassifier {
         let x = layer.attention_norm.forward(&(attended + x)?, c.layer_norm_eps)?;
         let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
         let out = dropout(&layer.output.forward(&inner, products)?, self.dropout.hidden, mode)?;
+        layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
+    }
+}
+
+impl BertClassifier {
+    /// [`Self::layer_forward`] in inference for the first token of each row only: queries, the
+    /// attention output, the feed-forward block and the norms on those rows; keys and values on
+    /// every token. Returns `(rows, hidden)`.
+    fn last_layer_first_tokens(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        segments: &Arc<Vec<(usize, usize)>>,
+        cls: &Arc<Vec<u32>>,
+    ) -> Result<Tensor> {
+        let (c, products) = (&self.config, self.products);
+        let first = ops::embedding(x, Arc::clone(cls))?;
+        let q = layer.query.forward(&first, products)?;
+        let (k, v) = (layer.key.forward(x, products)?, layer.value.forward(x, products)?);
+        let context =
+            ops::first_token_attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, products)?;
+        let attended = layer.attention_out.forward(&context, products)?;
+        let x = layer.attention_norm.forward(&(attended + first)?, c.layer_norm_eps)?;
+        let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
+        let out = layer.output.forward(&inner, products)?;
         layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
     }
 }

@@ -82,6 +82,52 @@ pub fn attention(
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
+/// [`attention`] for each segment's first token only (BERT's `[CLS]`, all a classifier reads
+/// from the last layer), for inference: `q` has one row per segment, `k` and `v` every token.
+/// Each row equals the first token's row of [`attention`] without dropout, bit for bit: a row of
+/// scores, its softmax and its context depend on that row's query alone. CPU only, no backward.
+pub fn first_token_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Arc<Vec<(usize, usize)>>,
+    heads: usize,
+    products: Products,
+) -> Result<Tensor> {
+    let (rows, hidden) = q.dims2()?;
+    let (tokens, k_hidden) = k.dims2()?;
+    if rows != segments.len() || k_hidden != hidden || v.dims() != k.dims() {
+        candle_core::bail!(
+            "first-token attention: q {:?} (one row per segment of {}), k {:?} and v {:?} do not fit",
+            q.dims(),
+            segments.len(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let mut end = 0;
+    for &(start, len) in segments.iter() {
+        if len == 0 || start < end || start + len > tokens {
+            candle_core::bail!(
+                "first-token attention: segments must be ordered, non-empty, disjoint and within {tokens} tokens"
+            );
+        }
+        end = start + len;
+    }
+    if heads == 0 || hidden % heads != 0 {
+        candle_core::bail!("first-token attention: width {hidden} does not split into {heads} heads");
+    }
+    let op = Attention {
+        segments,
+        mask_offsets: Arc::new(Vec::new()),
+        heads,
+        head_dim: hidden / heads,
+        mask: None,
+        products,
+    };
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &FirstTokenAttention(op))
+}
+
 #[derive(Clone)]
 struct Attention {
     segments: Arc<Vec<(usize, usize)>>,
@@ -98,6 +144,13 @@ struct SharedMut<T>(*mut T);
 // SAFETY: the tasks that receive it write disjoint blocks (see `Attention::block`).
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// A method, so that closures capture the whole `Sync` wrapper, not the raw pointer field.
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
 
 impl Attention {
     fn hidden(&self) -> usize {
@@ -147,12 +200,14 @@ impl Attention {
         unsafe { MatMut::from_raw(buffer.0.add(base), len, self.head_dim, self.hidden()) }
     }
 
-    /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`len x len`, row-major).
-    fn probabilities<T: Element>(&self, q: &[T], k: &[T], base: usize, len: usize, p: &mut [T]) {
-        let (qm, km) = (self.view(q, base, len), self.view(k, base, len));
-        product(MatMut::row_major(p, len, len), false, qm, km.t(), Threads::Caller, self.products);
+    /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`rows x len`, row-major), for
+    /// queries `qm` (`rows x head_dim`) and the segment's keys `km` (`len x head_dim`). A row's
+    /// result depends on its query alone, not on the other rows.
+    fn probabilities<T: Element>(&self, qm: MatRef<'_, T>, km: MatRef<'_, T>, p: &mut [T]) {
+        let (rows, len) = (qm.rows(), km.rows());
+        product(MatMut::row_major(p, rows, len), false, qm, km.t(), Threads::Caller, self.products);
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
-        let mut max = vec![T::zero(); len];
+        let mut max = vec![T::zero(); rows];
         fold_rows(len, T::neg_infinity(), &mut max, |m, i| num_traits::Float::max(m, p[i] * scale));
         // The exponentials apart from the sums, so that they vectorise (a float sum in the same
         // loop would keep the loop scalar).
@@ -187,7 +242,7 @@ impl Attention {
                 let (segment, head, start, len) = self.task(task);
                 let base = self.base(start, head);
                 let p = &mut p[..len * len];
-                self.probabilities(q, k, base, len, p);
+                self.probabilities(self.view(q, base, len), self.view(k, base, len), p);
                 if let Some(mask) = &self.mask {
                     mask.apply_in_place(self.mask_start(segment, head, len), p);
                 }
@@ -223,7 +278,7 @@ impl Attention {
                 let (segment, head, start, len) = self.task(task);
                 let base = self.base(start, head);
                 let (p, dropped, dp) = (&mut p[..len * len], &mut dropped[..len * len], &mut dp[..len * len]);
-                self.probabilities(q, k, base, len, p);
+                self.probabilities(self.view(q, base, len), self.view(k, base, len), p);
                 // The mask's factors once, for the probabilities and their gradient.
                 let factors = self.mask.map(|mask| {
                     let factors = &mut factors[..len * len];
@@ -283,6 +338,69 @@ impl Attention {
             },
         );
         out
+    }
+}
+
+/// The op behind [`first_token_attention`].
+struct FirstTokenAttention(Attention);
+
+impl FirstTokenAttention {
+    fn forward<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let op = &self.0;
+        let hidden = op.hidden();
+        let mut out = vec![T::zero(); q.len()];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..op.segments.len() * op.heads).into_par_iter().for_each_init(
+            || vec![T::zero(); op.max_len()],
+            |p, task| {
+                let (segment, head, start, len) = op.task(task);
+                let p = &mut p[..len];
+                let query = MatRef::new(q, segment * hidden + head * op.head_dim, 1, op.head_dim, hidden, 1);
+                op.probabilities(query, op.view(k, op.base(start, head), len), p);
+                // SAFETY: `out` outlives the loop; each task writes its own (row, head) block, one
+                // row of `head_dim` elements inside the `(segments, hidden)` buffer.
+                let context = unsafe {
+                    MatMut::from_raw(
+                        dst.ptr().add(segment * hidden + head * op.head_dim),
+                        1,
+                        op.head_dim,
+                        hidden,
+                    )
+                };
+                let weights = MatRef::row_major(&*p, 1, len);
+                product(
+                    context,
+                    false,
+                    weights,
+                    op.view(v, op.base(start, head), len),
+                    Threads::Caller,
+                    op.products,
+                );
+            },
+        );
+        out
+    }
+}
+
+impl CustomOp3 for FirstTokenAttention {
+    fn name(&self) -> &'static str {
+        "first-token-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_real!("first-token attention", qs, T => {
+            let q = slice::<T>("first-token attention", qs, ql)?;
+            let (k, v) = (slice::<T>("first-token attention", ks, kl)?, slice::<T>("first-token attention", vs, vl)?);
+            Ok((T::to_cpu_storage_owned(self.forward(q, k, v)), ql.shape().clone()))
+        })
     }
 }
 

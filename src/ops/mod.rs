@@ -26,7 +26,7 @@ mod linear;
 mod loss;
 pub mod math;
 
-pub use attention::attention;
+pub use attention::{attention, first_token_attention};
 pub use dropout::dropout;
 pub use embedding::embedding;
 pub use gelu::{Activation, activation};

@@ -86,6 +86,11 @@ impl<'a, T> MatRef<'a, T> {
         Self::new(data, 0, rows, cols, cols, 1)
     }
 
+    /// The number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
