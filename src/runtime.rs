@@ -34,6 +34,10 @@ pub unsafe fn configure() -> Result<KernelPath, KernelPathError> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         // Keep up to 1 GiB of freed heap instead of returning it to the OS after every step.
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // And nothing above 32 MiB from mmap either: the word embeddings' gradient (47 MiB for
+        // BERT's vocabulary) and its accumulation buffers would otherwise fault in fresh pages
+        // every step.
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
     cpu::configure_from_env()
 }
