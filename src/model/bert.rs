@@ -326,9 +326,7 @@ impl BertClassifier {
         let out = dropout(&layer.output.forward(&inner, products)?, self.dropout.hidden, mode)?;
         layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
     }
-}
 
-impl BertClassifier {
     /// [`Self::layer_forward`] in inference for the first token of each row only: queries, the
     /// attention output, the feed-forward block and the norms on those rows; keys and values on
     /// every token. Returns `(rows, hidden)`.
