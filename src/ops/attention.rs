@@ -50,20 +50,7 @@ pub fn attention(
             v.dims()
         );
     }
-    // Segments in order, non-empty, not overlapping, inside the tokens: each task then owns its
-    // block of the output (the kernels rely on it).
-    let mut end = 0;
-    for &(start, len) in segments.iter() {
-        if len == 0 || start < end || start + len > tokens {
-            candle_core::bail!(
-                "attention: segments {segments:?} must be ordered, non-empty, disjoint and within {tokens} tokens"
-            );
-        }
-        end = start + len;
-    }
-    if heads == 0 || hidden % heads != 0 {
-        candle_core::bail!("attention: width {hidden} does not split into {heads} heads");
-    }
+    check_layout("attention", &segments, tokens, hidden, heads)?;
     // Each task's first element in the dropout mask's counter space.
     let mut mask_offsets = Vec::with_capacity(segments.len());
     let mut offset = 0u64;
@@ -105,18 +92,7 @@ pub fn first_token_attention(
             v.dims()
         );
     }
-    let mut end = 0;
-    for &(start, len) in segments.iter() {
-        if len == 0 || start < end || start + len > tokens {
-            candle_core::bail!(
-                "first-token attention: segments must be ordered, non-empty, disjoint and within {tokens} tokens"
-            );
-        }
-        end = start + len;
-    }
-    if heads == 0 || hidden % heads != 0 {
-        candle_core::bail!("first-token attention: width {hidden} does not split into {heads} heads");
-    }
+    check_layout("first-token attention", &segments, tokens, hidden, heads)?;
     let op = Attention {
         segments,
         mask_offsets: Arc::new(Vec::new()),
@@ -126,6 +102,30 @@ pub fn first_token_attention(
         products,
     };
     q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &FirstTokenAttention(op))
+}
+
+/// Segments in order, non-empty, not overlapping, inside the tokens (each task then owns its block
+/// of the output: the kernels rely on it), and a width that splits into the heads.
+fn check_layout(
+    op: &str,
+    segments: &[(usize, usize)],
+    tokens: usize,
+    hidden: usize,
+    heads: usize,
+) -> Result<()> {
+    let mut end = 0;
+    for &(start, len) in segments {
+        if len == 0 || start < end || start + len > tokens {
+            candle_core::bail!(
+                "{op}: segments {segments:?} must be ordered, non-empty, disjoint and within {tokens} tokens"
+            );
+        }
+        end = start + len;
+    }
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        candle_core::bail!("{op}: width {hidden} does not split into {heads} heads");
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
