@@ -26,9 +26,8 @@
 //! A micro-kernel computes one `MR x NR` tile of `C` in registers: per step `p` it loads `NR`
 //! consecutive elements of row `p` of `B`, broadcasts the `MR` elements of column `p` of `A` and
 //! fuses them in. `A` is read in place through its strides (row-major, or transposed as in a weight
-//! gradient); `B` is read in place when its rows are contiguous, and otherwise (a transposed weight
-//! in the forward pass) packed once into panels of `NR` columns. Ragged last panels are copied
-//! zero-padded. Tiles are grouped into tasks of [`MC`] rows by [`NC`] columns on the rayon pool,
+//! gradient); `B` is packed once into panels of `NR` columns (read in place, its rows collide in
+//! the caches). Ragged last panels are copied zero-padded. Tiles are grouped into tasks of [`MC`] rows by [`NC`] columns on the rayon pool,
 //! each task walking its row panels (which stay in cache) against its column panels. There is no
 //! K-blocking in production: the product shapes of the models here keep a row panel of `A` and a
 //! column panel of `B` in L1/L2 for the whole `k`. (The tests split `k` into blocks anyway, to show
@@ -272,13 +271,12 @@ fn gemm_on<T: Element>(
     let (row_tasks, col_tasks) = (row_panels.div_ceil(mc_tiles), col_panels.div_ceil(nc_tiles));
     let parallel = threads == Threads::Pool && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
 
-    // B's column panels as the kernels read them: in place when rows are contiguous and the panel
-    // is full, else packed (`k` rows of `nr`, zero-padded).
-    let direct_b = b.cs == 1;
-    let first_packed = if direct_b { n / nr } else { 0 };
-    let mut packed_b = vec![T::zero(); (col_panels - first_packed) * k * nr];
-    let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, (first_packed + i) * nr, nr, dst);
-    if parallel && !direct_b {
+    // B's column panels as the kernels read them, packed (`k` rows of `nr`, zero-padded) even when
+    // B's rows are contiguous: read in place, rows kilobytes apart collide in the caches (in place
+    // ran at 104-142 GFLOP/s where packed ran at 149-170, at BERT-base's and MiniLM's shapes).
+    let mut packed_b = vec![T::zero(); col_panels * k * nr];
+    let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, i * nr, nr, dst);
+    if parallel {
         packed_b.par_chunks_mut(k * nr).enumerate().for_each(pack);
     } else {
         packed_b.chunks_mut(k * nr).enumerate().for_each(pack);
@@ -287,7 +285,7 @@ fn gemm_on<T: Element>(
     let ragged_a = if m % mr == 0 { Vec::new() } else { pack_rows(&a, m - m % mr, mr) };
 
     let out = Shared(c.ptr);
-    let (a_base, b_base) = (Shared(a.data.as_ptr().cast_mut()), Shared(b.data.as_ptr().cast_mut()));
+    let a_base = Shared(a.data.as_ptr().cast_mut());
     let rs_c = c.rs;
     // (pointer, row stride, column stride) of row panel `pi`'s elements (i, p) of A.
     let a_panel = |pi: usize| {
@@ -300,14 +298,7 @@ fn gemm_on<T: Element>(
         }
     };
     // (pointer, row stride) of column panel `pj` of B.
-    let b_panel = |pj: usize| {
-        if pj < first_packed {
-            // SAFETY: a full panel of a view with contiguous rows.
-            (unsafe { b_base.ptr().add(b.offset + pj * nr) }.cast_const(), b.rs)
-        } else {
-            (packed_b[(pj - first_packed) * k * nr..].as_ptr(), nr)
-        }
-    };
+    let b_panel = |pj: usize| (packed_b[pj * k * nr..].as_ptr(), nr);
     let kc = blocking.kc.min(k);
     let task = |t: usize| {
         let (ti, tj) = (t / col_tasks, t % col_tasks);
