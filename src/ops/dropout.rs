@@ -12,7 +12,7 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Real, slice, with_real};
+use super::{Real, slice, vectorized, with_real};
 
 const CHUNK: usize = 1 << 14;
 
@@ -45,42 +45,64 @@ impl DropMask {
         (threshold > 0).then(|| Self { threshold, scale: 1.0 / (1.0 - f64::from(threshold) / 65536.0), key })
     }
 
-    /// Calls `f(i, factor)` for each element `start + i` of the counter space, `i < n`, where
-    /// `factor` is zero (dropped) or the scale. Four 16-bit draws come from each 64-bit hash, so
-    /// the hash runs once per four elements.
+    /// The 64-bit hash behind the draws of elements `4 * group .. 4 * group + 4`: each element's
+    /// 16-bit draw is its own quarter of it, so the hash runs once per four elements.
     #[inline(always)]
-    fn for_each_factor<T: Real>(&self, start: u64, n: usize, mut f: impl FnMut(usize, T)) {
-        let (scale, zero) = (T::from_f64(self.scale), T::zero());
-        let mut i = 0;
-        while i < n {
-            let index = start + i as u64;
-            let bits = splitmix64(self.key ^ (index >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let first = (index & 3) as usize;
-            let count = (4 - first).min(n - i);
-            for lane in 0..count {
-                let draw = ((bits >> ((first + lane) * 16)) & 0xffff) as u32;
-                f(i + lane, if draw < self.threshold { zero } else { scale });
+    fn hash(&self, group: u64) -> u64 {
+        splitmix64(self.key ^ group.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// Zero (dropped) or the scale, for the 16-bit draw `draw`.
+    #[inline(always)]
+    fn factor_of<T: Real>(&self, draw: u64, scale: T) -> T {
+        if ((draw & 0xffff) as u32) < self.threshold { T::zero() } else { scale }
+    }
+
+    /// The factors (zero or the scale) of elements `start..start + out.len()` of the counter space.
+    pub fn factors<T: Real>(&self, start: u64, out: &mut [T]) {
+        let scale = T::from_f64(self.scale);
+        let one = |index: u64| self.factor_of(self.hash(index >> 2) >> ((index & 3) * 16), scale);
+        // Single elements up to a multiple of four, then blocks of eight hashes (32 elements)
+        // written as fixed-size loops that the compiler vectorises (64-bit multiplies, shifts
+        // and compares lane by lane: the same draws as one element at a time).
+        let head = (start.next_multiple_of(4) - start).min(out.len() as u64) as usize;
+        let (head_out, body) = out.split_at_mut(head);
+        for (i, f) in head_out.iter_mut().enumerate() {
+            *f = one(start + i as u64);
+        }
+        let first_group = (start + head as u64) / 4;
+        let done = (body.len() / BLOCK * BLOCK) as u64;
+        vectorized!({
+            let mut blocks = body.chunks_exact_mut(BLOCK);
+            for (b, block) in (&mut blocks).enumerate() {
+                let group = first_group + (b * BLOCK / 4) as u64;
+                let mut bits = [0u64; BLOCK / 4];
+                for (g, bits) in bits.iter_mut().enumerate() {
+                    *bits = self.hash(group + g as u64);
+                }
+                for (j, f) in block.iter_mut().enumerate() {
+                    *f = self.factor_of(bits[j / 4] >> ((j % 4) * 16), scale);
+                }
             }
-            i += count;
+            for (i, f) in blocks.into_remainder().iter_mut().enumerate() {
+                *f = one(start + head as u64 + done + i as u64);
+            }
+        });
+    }
+
+    /// `x[i] *= factor(start + i)`, with the factors made a block at a time.
+    pub fn apply_in_place<T: Real>(&self, start: u64, x: &mut [T]) {
+        let mut factors = [T::zero(); 8 * BLOCK];
+        for (c, x) in x.chunks_mut(factors.len()).enumerate() {
+            let factors = &mut factors[..x.len()];
+            self.factors(start + (c * 8 * BLOCK) as u64, factors);
+            vectorized!({ x.iter_mut().zip(&*factors).for_each(|(x, &f)| *x *= f) });
         }
     }
-
-    /// `out[i] = x[i] * factor(start + i)`.
-    fn apply<T: Real>(&self, start: usize, x: &[T], out: &mut [T]) {
-        self.for_each_factor(start as u64, x.len(), |i, f: T| out[i] = x[i] * f);
-    }
-
-    /// Applies the mask in place to `x`, whose first element is number `start`.
-    pub fn apply_in_place<T: Real>(&self, start: u64, x: &mut [T]) {
-        self.for_each_factor(start, x.len(), |i, f: T| x[i] *= f);
-    }
-
-    /// The factors (zero or the scale) of elements `start..start + out.len()`.
-    pub fn factors<T: Real>(&self, start: u64, out: &mut [T]) {
-        let n = out.len();
-        self.for_each_factor(start, n, |i, f: T| out[i] = f);
-    }
 }
+
+/// Elements whose factors are made together: eight hashes of four draws.
+const BLOCK: usize = 32;
 
 #[derive(Clone, Copy)]
 struct Dropout(DropMask);
@@ -89,11 +111,10 @@ impl Dropout {
     fn run(&self, xs: &CpuStorage, xl: &Layout) -> Result<CpuStorage> {
         with_real!("dropout", xs, T => {
             let x = slice::<T>("dropout", xs, xl)?;
-            let mut out = vec![T::zero(); x.len()];
+            let mut out = x.to_vec();
             out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
                 .enumerate()
-                .for_each(|(c, (o, x))| self.0.apply(c * CHUNK, x, o));
+                .for_each(|(c, o)| self.0.apply_in_place((c * CHUNK) as u64, o));
             Ok(T::to_cpu_storage_owned(out))
         })
     }
@@ -198,5 +219,28 @@ mod tests {
     #[test]
     fn gradient_uses_the_same_mask() {
         check_grad(&input(&[40, 9], 4), |x| dropout(x, 0.3, 11).unwrap());
+    }
+
+    #[test]
+    fn blocks_of_factors_are_the_element_by_element_mask() {
+        // The definition: element `i`'s draw is quarter `i % 4` of the hash of `i / 4`.
+        let mask = DropMask::new(0.4, 0x5eed).unwrap();
+        let factor = |i: u64| {
+            let draw = (splitmix64(mask.key ^ (i >> 2).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                >> ((i & 3) * 16))
+                & 0xffff;
+            if (draw as u32) < mask.threshold { 0.0 } else { mask.scale as f32 }
+        };
+        for start in 0..9u64 {
+            for n in [0, 1, 3, 5, 31, 32, 33, 64, 100, 300, 1000] {
+                let want: Vec<f32> = (start..start + n as u64).map(factor).collect();
+                let mut got = vec![f32::NAN; n];
+                mask.factors(start, &mut got);
+                assert_eq!(got, want, "start {start}, {n} elements");
+                let mut x = vec![1.0f32; n];
+                mask.apply_in_place(start, &mut x);
+                assert_eq!(x, want, "in place: start {start}, {n} elements");
+            }
+        }
     }
 }
