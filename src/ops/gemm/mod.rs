@@ -360,11 +360,31 @@ fn pack_cols<T: Real>(b: &MatRef<'_, T>, c0: usize, nr: usize, dst: &mut [T]) {
             dst[p * nr..p * nr + cols].copy_from_slice(&b.data[start..start + cols]);
         }
     } else if b.rs == 1 {
-        // A transposed row-major matrix: each column is a contiguous run along k.
+        // A transposed row-major matrix: each column is a contiguous run along k. Transposed in
+        // 8 x 8 tiles, so that reads and writes both go eight consecutive elements at a time.
+        const T8: usize = 8;
+        let (k, full_cols, full_rows) = (b.rows, cols / T8 * T8, b.rows / T8 * T8);
+        for j0 in (0..full_cols).step_by(T8) {
+            for p0 in (0..full_rows).step_by(T8) {
+                let mut tile = [[T::zero(); T8]; T8];
+                for (j, run) in tile.iter_mut().enumerate() {
+                    let start = b.offset + (c0 + j0 + j) * b.cs + p0;
+                    run.copy_from_slice(&b.data[start..start + T8]);
+                }
+                for i in 0..T8 {
+                    let row = &mut dst[(p0 + i) * nr + j0..(p0 + i) * nr + j0 + T8];
+                    for (j, d) in row.iter_mut().enumerate() {
+                        *d = tile[j][i];
+                    }
+                }
+            }
+        }
+        // The ragged edges element by element.
         for j in 0..cols {
             let start = b.offset + (c0 + j) * b.cs;
-            for (d, &v) in dst[j..].iter_mut().step_by(nr).zip(&b.data[start..start + b.rows]) {
-                *d = v;
+            let first = if j < full_cols { full_rows } else { 0 };
+            for p in first..k {
+                dst[p * nr + j] = b.data[start + p];
             }
         }
     } else {
@@ -484,12 +504,14 @@ mod tests {
             Blocking { kc: 1000, mc_tiles: 64, nc_tiles: 64 },
         ];
         // (m, k, n, a transposed, b transposed): the FFN down-projection forward, its weight
-        // gradient (transposed lhs), the input gradient, and a ragged small case.
+        // gradient (transposed lhs), the input gradient, and ragged small cases (a transposed rhs
+        // whose packing has whole 8 x 8 tiles and ragged rows and columns).
         let shapes = [
             (70, 1536, 384, false, true),
             (384, 70, 1536, true, false),
             (37, 384, 1536, false, false),
             (5, 33, 7, true, true),
+            (9, 37, 45, false, true),
         ];
         for (m, k, n, ta, tb) in shapes {
             let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
