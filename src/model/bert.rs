@@ -137,6 +137,18 @@ impl Norm {
     fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
         ops::layer_norm(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, eps)
     }
+
+    /// `forward(dropout(h) + x)`, a block's residual connection as one op; dropout with
+    /// probability `p` in training only, its mask key drawn from the generator here (where the
+    /// separate dropout drew it).
+    fn residual(&self, h: &Tensor, x: &Tensor, eps: f64, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let (p, key) = match mode {
+            Mode::Train(rng) if p > 0.0 => (p, rng.random::<u64>()),
+            _ => (0.0, 0),
+        };
+        let (weight, bias) = (cast(&self.weight, x.dtype())?, cast(&self.bias, x.dtype())?);
+        ops::residual_layer_norm(h, x, &weight, &bias, eps, p, key)
+    }
 }
 
 /// `t` in `dtype`: itself when it already is, else a differentiable cast (its gradient comes back
@@ -320,11 +332,12 @@ impl BertClassifier {
         };
         let context =
             ops::attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, p, key, products)?;
-        let attended = dropout(&layer.attention_out.forward(&context, products)?, self.dropout.hidden, mode)?;
-        let x = layer.attention_norm.forward(&(attended + x)?, c.layer_norm_eps)?;
+        let (eps, p) = (c.layer_norm_eps, self.dropout.hidden);
+        let attended = layer.attention_out.forward(&context, products)?;
+        let x = layer.attention_norm.residual(&attended, x, eps, p, mode)?;
         let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
-        let out = dropout(&layer.output.forward(&inner, products)?, self.dropout.hidden, mode)?;
-        layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
+        let out = layer.output.forward(&inner, products)?;
+        layer.output_norm.residual(&out, &x, eps, p, mode)
     }
 
     /// [`Self::layer_forward`] in inference for the first token of each row only: queries, the
@@ -343,11 +356,12 @@ impl BertClassifier {
         let (k, v) = (layer.key.forward(x, products)?, layer.value.forward(x, products)?);
         let context =
             ops::first_token_attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, products)?;
+        let (eps, mode) = (c.layer_norm_eps, &mut Mode::Infer);
         let attended = layer.attention_out.forward(&context, products)?;
-        let x = layer.attention_norm.forward(&(attended + first)?, c.layer_norm_eps)?;
+        let x = layer.attention_norm.residual(&attended, &first, eps, 0.0, mode)?;
         let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
         let out = layer.output.forward(&inner, products)?;
-        layer.output_norm.forward(&(out + x)?, c.layer_norm_eps)
+        layer.output_norm.residual(&out, &x, eps, 0.0, mode)
     }
 }
 
