@@ -151,7 +151,7 @@ fn op_breakdown(
     let (x, w, b) = (var(&[rows, h])?, var(&[inner, h])?, var(&[inner])?);
     // The same product on a row count that is not a multiple of 8, as packed SST-2 batches have.
     let x_odd = var(&[rows - 3, h])?;
-    let (q, k, v) = (var(&[rows, h])?, var(&[rows, h])?, var(&[rows, h])?);
+    let qkv = var(&[rows, 3 * h])?;
     let (ln_w, ln_b) = (var(&[h])?, var(&[h])?);
     let table = var(&[c.vocab_size, h])?;
     let ids: Arc<Vec<u32>> = Arc::new((0..rows as u32).map(|i| (i * 7919) % c.vocab_size as u32).collect());
@@ -170,16 +170,7 @@ fn op_breakdown(
         (
             "attention",
             Box::new(|| {
-                pipe::ops::attention(
-                    q.as_tensor(),
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    Arc::clone(&segments),
-                    heads,
-                    0.1,
-                    7,
-                    products,
-                )
+                pipe::ops::attention(qkv.as_tensor(), Arc::clone(&segments), heads, 0.1, 7, products)
             }),
         ),
         (

@@ -189,11 +189,10 @@ fn dropout_masks_are_the_cpus() {
             .sin()
             .unwrap()
     };
-    let (q, k, v) = (make(0.1), make(0.2), make(0.3));
+    let qkv = Tensor::cat(&[make(0.1), make(0.2), make(0.3)], 1).unwrap();
     let segments = Arc::new(vec![(0, 4), (4, 3)]);
     let on = |d: &Device| {
-        let (q, k, v) = (q.to_device(d).unwrap(), k.to_device(d).unwrap(), v.to_device(d).unwrap());
-        pipe::ops::attention(&q, &k, &v, Arc::clone(&segments), 2, 0.3, 99, Products::Full)
+        pipe::ops::attention(&qkv.to_device(d).unwrap(), Arc::clone(&segments), 2, 0.3, 99, Products::Full)
             .unwrap()
             .to_device(&Device::Cpu)
             .unwrap()

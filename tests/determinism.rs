@@ -208,13 +208,13 @@ fn bf16_on_the_cpu_gives_the_same_bits_on_every_kernel_path_and_thread_count() {
 /// means other bits.
 const GOLDEN: [(&str, u32, &str); 3] = [
     ("tokenize", 2, "56af9fed8f68ef4bec6e0acc5eaae4173d1ef9a0b692bca04eed276478264b06"),
-    ("train", 4, "3fcb44367cfafff8a8a2e1d19aca26a9a105b239c87b49ca1caa9fab376bf389"),
-    ("evaluate", 3, "4fbd7144d167e1658c0ca5983a0789ed8e0c3b6ebfa4fec0047aaaa39e677830"),
+    ("train", 5, "bd6296ed235ed35886a0f40d96f56ce80b5a033149036ac7b50839b16bc6f45c"),
+    ("evaluate", 3, "5f7f932e03c0aae7ea4552ebc56908324529152328326810ee80e93848c10fe6"),
 ];
 
 /// The same pipeline in bf16 mixed precision on the CPU (the tokenize stage is shared).
 const GOLDEN_BF16: [(&str, u32, &str); 2] = [
-    ("train", 4, "156782ca9a9ac208a427e0275c1032a09be9156d2deb50916af3dea41033bdc2"),
+    ("train", 5, "cd246339ea80149ae7e91a6c8a6b79f3256b72077dfefeb834b98eab1f2a80c2"),
     ("evaluate", 3, "fa4cb68dd16675c34648719b89424183302c97831ca3ff4c88300fc6fd52da99"),
 ];
 

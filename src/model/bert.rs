@@ -131,6 +131,17 @@ impl Linear {
     fn forward(&self, x: &Tensor, products: ops::Products) -> Result<Tensor> {
         ops::linear(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, products)
     }
+
+    /// Several layers on one input as one product, their outputs side by side (each element is
+    /// computed as by its own layer; the input's gradient comes from one product, and reaches
+    /// the graph as one edge).
+    fn side_by_side(layers: &[&Self], x: &Tensor, products: ops::Products) -> Result<Tensor> {
+        let stack = |part: fn(&Self) -> &Tensor| {
+            let parts = layers.iter().map(|l| cast(part(l), x.dtype())).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        };
+        ops::linear(x, &stack(|l| &l.weight)?, &stack(|l| &l.bias)?, products)
+    }
 }
 
 impl Norm {
@@ -320,18 +331,13 @@ impl BertClassifier {
     ) -> Result<Tensor> {
         let c = &self.config;
         let products = self.products;
-        let (q, k, v) = (
-            layer.query.forward(x, products)?,
-            layer.key.forward(x, products)?,
-            layer.value.forward(x, products)?,
-        );
+        let qkv = Linear::side_by_side(&[&layer.query, &layer.key, &layer.value], x, products)?;
         let p = if matches!(mode, Mode::Train(_)) { self.dropout.attention } else { 0.0 };
         let key = match mode {
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
             _ => 0,
         };
-        let context =
-            ops::attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, p, key, products)?;
+        let context = ops::attention(&qkv, Arc::clone(segments), c.num_attention_heads, p, key, products)?;
         let (eps, p) = (c.layer_norm_eps, self.dropout.hidden);
         let attended = layer.attention_out.forward(&context, products)?;
         let x = layer.attention_norm.residual(&attended, x, eps, p, mode)?;
@@ -353,9 +359,9 @@ impl BertClassifier {
         let (c, products) = (&self.config, self.products);
         let first = ops::embedding(x, Arc::clone(cls))?;
         let q = layer.query.forward(&first, products)?;
-        let (k, v) = (layer.key.forward(x, products)?, layer.value.forward(x, products)?);
+        let kv = Linear::side_by_side(&[&layer.key, &layer.value], x, products)?;
         let context =
-            ops::first_token_attention(&q, &k, &v, Arc::clone(segments), c.num_attention_heads, products)?;
+            ops::first_token_attention(&q, &kv, Arc::clone(segments), c.num_attention_heads, products)?;
         let (eps, mode) = (c.layer_norm_eps, &mut Mode::Infer);
         let attended = layer.attention_out.forward(&context, products)?;
         let x = layer.attention_norm.residual(&attended, &first, eps, 0.0, mode)?;

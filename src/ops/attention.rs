@@ -1,8 +1,11 @@
 //! Multi-head scaled dot-product attention over packed rows, as one op with its backward.
 //!
 //! The model packs the real tokens of a batch one row after another and never computes padding
-//! (see `model::bert`); a row is a *segment* `(start, len)` of the packed `(tokens, hidden)`
-//! projections, and attends only within itself. Composed from candle ops, attention would also
+//! (see `model::bert`); a row is a *segment* `(start, len)` of the packed tokens, and attends only
+//! within itself. The op takes the query, key and value projections side by side, as one linear
+//! layer makes them (`(tokens, 3 hidden)`), and returns their gradient as one tensor of that shape:
+//! one GEMM per direction for the three projections, and one edge in the gradient graph instead of
+//! three. Composed from candle ops, attention would also
 //! cost head-splitting transposes (copies), batched GEMMs with transposed copies in the backward,
 //! a mask, a dropout mask tensor and the head-merging transpose. Here each (segment, head) pair is
 //! one task: it reads its query, key and value slices through GEMM strides, keeps its `len x len`
@@ -18,38 +21,31 @@ use std::sync::Arc;
 use super::cuda::{self, CudaSlice, PushKernelArg as _};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::dropout::DropMask;
 use super::gemm::{Element, MatMut, MatRef, Products, Threads, product};
 use super::{slice, vectorized, with_real};
 
-/// Attention over `q`, `k`, `v` of shape `(tokens, heads * head_dim)` (the projections as they
-/// come out of the linear layers), where `segments` lists each row's `(start, len)` in the packed
-/// token order. Returns the context in the same layout. Probabilities are dropped out with
-/// probability `dropout` using mask `key`. On the CPU, the four products take operands in
-/// `products`' precision.
-#[allow(clippy::too_many_arguments)]
+/// Attention over `qkv` of shape `(tokens, 3 * heads * head_dim)`: each token's query, key and
+/// value projections side by side (in that order), where `segments` lists each row's
+/// `(start, len)` in the packed token order. Returns the context, `(tokens, heads * head_dim)`.
+/// Probabilities are dropped out with probability `dropout` using mask `key`. On the CPU, the
+/// products take operands in `products`' precision.
 pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
     heads: usize,
     dropout: f64,
     key: u64,
     products: Products,
 ) -> Result<Tensor> {
-    let (tokens, hidden) = q.dims2()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?} and v {:?} must have one shape",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
+    let (tokens, width) = qkv.dims2()?;
+    if !width.is_multiple_of(3) {
+        candle_core::bail!("attention: qkv's width {width} is not three projections side by side");
     }
+    let hidden = width / 3;
     check_layout("attention", &segments, tokens, hidden, heads)?;
     // Each task's first element in the dropout mask's counter space.
     let mut mask_offsets = Vec::with_capacity(segments.len());
@@ -66,30 +62,29 @@ pub fn attention(
         mask: DropMask::new(dropout, key),
         products,
     };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    qkv.contiguous()?.apply_op1(op)
 }
 
 /// [`attention`] for each segment's first token only (BERT's `[CLS]`, all a classifier reads
-/// from the last layer), for inference: `q` has one row per segment, `k` and `v` every token.
-/// Each row equals the first token's row of [`attention`] without dropout, bit for bit: a row of
-/// scores, its softmax and its context depend on that row's query alone. CPU only, no backward.
+/// from the last layer), for inference: `q` has one row per segment, `kv` every token's key and
+/// value side by side. Each row equals the first token's row of [`attention`] without dropout, bit
+/// for bit: a row of scores, its softmax and its context depend on that row's query alone. CPU
+/// only, no backward.
 pub fn first_token_attention(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    kv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
     heads: usize,
     products: Products,
 ) -> Result<Tensor> {
     let (rows, hidden) = q.dims2()?;
-    let (tokens, k_hidden) = k.dims2()?;
-    if rows != segments.len() || k_hidden != hidden || v.dims() != k.dims() {
+    let (tokens, kv_width) = kv.dims2()?;
+    if rows != segments.len() || kv_width != 2 * hidden {
         candle_core::bail!(
-            "first-token attention: q {:?} (one row per segment of {}), k {:?} and v {:?} do not fit",
+            "first-token attention: q {:?} (one row per segment of {}) and kv {:?} (keys and values side by side) do not fit",
             q.dims(),
             segments.len(),
-            k.dims(),
-            v.dims()
+            kv.dims()
         );
     }
     check_layout("first-token attention", &segments, tokens, hidden, heads)?;
@@ -101,7 +96,7 @@ pub fn first_token_attention(
         mask: None,
         products,
     };
-    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &FirstTokenAttention(op))
+    q.contiguous()?.apply_op2_no_bwd(&kv.contiguous()?, &FirstTokenAttention(op))
 }
 
 /// Segments in order, non-empty, not overlapping, inside the tokens (each task then owns its block
@@ -164,9 +159,10 @@ impl Attention {
         (segment, head, start, len)
     }
 
-    /// Offset of a task's first element in a `(tokens, hidden)` buffer.
-    fn base(&self, start: usize, head: usize) -> usize {
-        start * self.hidden() + head * self.head_dim
+    /// Offset of a task's first element in a buffer of `(tokens, hidden)` blocks side by side,
+    /// `stride` elements per token, in block `part`.
+    fn base(&self, stride: usize, part: usize, start: usize, head: usize) -> usize {
+        start * stride + part * self.hidden() + head * self.head_dim
     }
 
     /// Largest segment length (sizes the scratch buffers).
@@ -174,30 +170,32 @@ impl Attention {
         self.segments.iter().map(|&(_, len)| len).max().unwrap_or(0)
     }
 
-    /// The `(len, head_dim)` block of a `(tokens, hidden)` buffer that holds one task's rows.
-    fn view<'a, T>(&self, m: &'a [T], base: usize, len: usize) -> MatRef<'a, T> {
-        MatRef::new(m, base, len, self.head_dim, self.hidden(), 1)
+    /// The `(len, head_dim)` block at `base` of a buffer with `stride` elements per token: one
+    /// task's rows of one projection.
+    fn view<'a, T>(&self, m: &'a [T], stride: usize, base: usize, len: usize) -> MatRef<'a, T> {
+        MatRef::new(m, base, len, self.head_dim, stride, 1)
     }
 
-    /// The task's writable block of `buffer` (`size` elements, of which the task's block starts at
-    /// `base`).
+    /// The task's writable block of `buffer` (`size` elements, `stride` per token, of which the
+    /// task's block starts at `base`).
     ///
     /// # Safety
     ///
     /// `buffer` points to `size` elements of which no other live reference or view covers this
-    /// block; `base` and `len` come from [`Self::task`] for a validated segment list, so the block
-    /// lies inside the buffer, and distinct tasks' blocks are disjoint (segments do not overlap and
-    /// heads take distinct columns).
+    /// block; `base` and `len` come from [`Self::task`] and [`Self::base`] for a validated segment
+    /// list, so the block lies inside the buffer, and distinct tasks' blocks are disjoint (segments
+    /// do not overlap, heads and projections take distinct columns).
     unsafe fn block<'a, T>(
         &self,
         buffer: SharedMut<T>,
         size: usize,
+        stride: usize,
         base: usize,
         len: usize,
     ) -> MatMut<'a, T> {
-        debug_assert!(base + (len - 1) * self.hidden() + self.head_dim <= size);
-        // SAFETY: see the function's contract; rows are `hidden >= head_dim` apart.
-        unsafe { MatMut::from_raw(buffer.0.add(base), len, self.head_dim, self.hidden()) }
+        debug_assert!(base + (len - 1) * stride + self.head_dim <= size);
+        // SAFETY: see the function's contract; rows are `stride >= head_dim` apart.
+        unsafe { MatMut::from_raw(buffer.0.add(base), len, self.head_dim, stride) }
     }
 
     /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`rows x len`, row-major), for
@@ -231,8 +229,10 @@ impl Attention {
         self.mask_offsets[segment] + (head * len * len) as u64
     }
 
-    fn forward<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let size = q.len();
+    /// The context `(tokens, hidden)` of `qkv` `(tokens, 3 hidden)`.
+    fn forward<T: Element>(&self, qkv: &[T]) -> Vec<T> {
+        let (hidden, stride) = (self.hidden(), 3 * self.hidden());
+        let size = qkv.len() / 3;
         let mut out = vec![T::zero(); size];
         let dst = SharedMut(out.as_mut_ptr());
         let scratch = self.max_len() * self.max_len();
@@ -240,19 +240,20 @@ impl Attention {
             || vec![T::zero(); scratch],
             |p, task| {
                 let (segment, head, start, len) = self.task(task);
-                let base = self.base(start, head);
+                let input = |part| self.view(qkv, stride, self.base(stride, part, start, head), len);
                 let p = &mut p[..len * len];
-                self.probabilities(self.view(q, base, len), self.view(k, base, len), p);
+                self.probabilities(input(0), input(1), p);
                 if let Some(mask) = &self.mask {
                     mask.apply_in_place(self.mask_start(segment, head, len), p);
                 }
                 // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
-                let context = unsafe { self.block(dst, size, base, len) };
+                let context =
+                    unsafe { self.block(dst, size, hidden, self.base(hidden, 0, start, head), len) };
                 product(
                     context,
                     false,
                     MatRef::row_major(p, len, len),
-                    self.view(v, base, len),
+                    input(2),
                     Threads::Caller,
                     self.products,
                 );
@@ -261,24 +262,23 @@ impl Attention {
         out
     }
 
-    /// Gradients of q, k and v, packed as `[dq; dk; dv]`.
-    fn backward<T: Element>(&self, q: &[T], k: &[T], v: &[T], g: &[T]) -> Vec<T> {
-        let size = q.len();
-        let mut out = vec![T::zero(); 3 * size];
-        let (dq_all, dk_all, dv_all) = {
-            let ptr = out.as_mut_ptr();
-            // SAFETY: the three thirds of `out`.
-            unsafe { (SharedMut(ptr), SharedMut(ptr.add(size)), SharedMut(ptr.add(2 * size))) }
-        };
+    /// The gradient of `qkv` `(tokens, 3 hidden)` for the context's gradient `g` `(tokens, hidden)`.
+    fn backward<T: Element>(&self, qkv: &[T], g: &[T]) -> Vec<T> {
+        let (hidden, stride) = (self.hidden(), 3 * self.hidden());
+        let size = qkv.len();
+        let mut out = vec![T::zero(); size];
+        let dst = SharedMut(out.as_mut_ptr());
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let scratch = self.max_len() * self.max_len();
         (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
             || [(); 4].map(|_| vec![T::zero(); scratch]),
             |[p, dropped, dp, factors], task| {
                 let (segment, head, start, len) = self.task(task);
-                let base = self.base(start, head);
+                let base = |part| self.base(stride, part, start, head);
+                let input = |part| self.view(qkv, stride, base(part), len);
+                let (q, k, v) = (input(0), input(1), input(2));
                 let (p, dropped, dp) = (&mut p[..len * len], &mut dropped[..len * len], &mut dp[..len * len]);
-                self.probabilities(self.view(q, base, len), self.view(k, base, len), p);
+                self.probabilities(q, k, p);
                 // The mask's factors once, for the probabilities and their gradient.
                 let factors = self.mask.map(|mask| {
                     let factors = &mut factors[..len * len];
@@ -291,13 +291,13 @@ impl Attention {
                     }),
                     None => dropped.copy_from_slice(p),
                 }
-                let g_block = self.view(g, base, len);
+                let g_block = self.view(g, hidden, self.base(hidden, 0, start, head), len);
                 // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
                 let (dq, dk, dv) = unsafe {
                     (
-                        self.block(dq_all, size, base, len),
-                        self.block(dk_all, size, base, len),
-                        self.block(dv_all, size, base, len),
+                        self.block(dst, size, stride, base(0), len),
+                        self.block(dst, size, stride, base(1), len),
+                        self.block(dst, size, stride, base(2), len),
                     )
                 };
                 // dv = dropped^T g
@@ -314,7 +314,7 @@ impl Attention {
                     MatMut::row_major(dp, len, len),
                     false,
                     g_block,
-                    self.view(v, base, len).t(),
+                    v.t(),
                     Threads::Caller,
                     self.products,
                 );
@@ -333,8 +333,8 @@ impl Attention {
                 });
                 // dq = ds k ; dk = ds^T q
                 let ds = MatRef::row_major(&*dp, len, len);
-                product(dq, false, ds, self.view(k, base, len), Threads::Caller, self.products);
-                product(dk, false, ds.t(), self.view(q, base, len), Threads::Caller, self.products);
+                product(dq, false, ds, k, Threads::Caller, self.products);
+                product(dk, false, ds.t(), q, Threads::Caller, self.products);
             },
         );
         out
@@ -345,9 +345,9 @@ impl Attention {
 struct FirstTokenAttention(Attention);
 
 impl FirstTokenAttention {
-    fn forward<T: Element>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    fn forward<T: Element>(&self, q: &[T], kv: &[T]) -> Vec<T> {
         let op = &self.0;
-        let hidden = op.hidden();
+        let (hidden, stride) = (op.hidden(), 2 * op.hidden());
         let mut out = vec![T::zero(); q.len()];
         let dst = SharedMut(out.as_mut_ptr());
         (0..op.segments.len() * op.heads).into_par_iter().for_each_init(
@@ -355,8 +355,9 @@ impl FirstTokenAttention {
             |p, task| {
                 let (segment, head, start, len) = op.task(task);
                 let p = &mut p[..len];
-                let query = MatRef::new(q, segment * hidden + head * op.head_dim, 1, op.head_dim, hidden, 1);
-                op.probabilities(query, op.view(k, op.base(start, head), len), p);
+                let query = op.view(q, hidden, op.base(hidden, 0, segment, head), 1);
+                let input = |part| op.view(kv, stride, op.base(stride, part, start, head), len);
+                op.probabilities(query, input(0), p);
                 // SAFETY: `out` outlives the loop; each task writes its own (row, head) block, one
                 // row of `head_dim` elements inside the `(segments, hidden)` buffer.
                 let context = unsafe {
@@ -368,21 +369,14 @@ impl FirstTokenAttention {
                     )
                 };
                 let weights = MatRef::row_major(&*p, 1, len);
-                product(
-                    context,
-                    false,
-                    weights,
-                    op.view(v, op.base(start, head), len),
-                    Threads::Caller,
-                    op.products,
-                );
+                product(context, false, weights, input(1), Threads::Caller, op.products);
             },
         );
         out
     }
 }
 
-impl CustomOp3 for FirstTokenAttention {
+impl CustomOp2 for FirstTokenAttention {
     fn name(&self) -> &'static str {
         "first-token-attention"
     }
@@ -391,15 +385,13 @@ impl CustomOp3 for FirstTokenAttention {
         &self,
         qs: &CpuStorage,
         ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
+        kvs: &CpuStorage,
+        kvl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         with_real!("first-token attention", qs, T => {
             let q = slice::<T>("first-token attention", qs, ql)?;
-            let (k, v) = (slice::<T>("first-token attention", ks, kl)?, slice::<T>("first-token attention", vs, vl)?);
-            Ok((T::to_cpu_storage_owned(self.forward(q, k, v)), ql.shape().clone()))
+            let kv = slice::<T>("first-token attention", kvs, kvl)?;
+            Ok((T::to_cpu_storage_owned(self.forward(q, kv)), ql.shape().clone()))
         })
     }
 }
@@ -464,34 +456,55 @@ impl Attention {
         self.segments.len() * self.heads * lay.len * self.head_dim
     }
 
+    /// The padded layout of a `(tokens, hidden)` block of `src`, whose tokens are `stride` elements
+    /// apart (`src` starts at the block's first element).
     fn pad<T: cuda::Float>(
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,
         lay: &DeviceLayout,
         src: &cuda::CudaView<'_, T>,
+        stride: usize,
     ) -> Result<CudaSlice<T>> {
         let total = self.padded_size(lay);
         let mut dst = cuda::alloc::<T>(dev, total)?;
         let kernel = cuda::Kernel::typed::<T>(dev, "attn_pad")?;
         let mut args = kernel.args();
         let (h, l, d) = (self.heads as i32, lay.len as i32, self.head_dim as i32);
-        args.arg(src).arg(&mut dst).arg(&lay.starts).arg(&lay.lens).arg(&h).arg(&l).arg(&d).arg(&total);
+        args.arg(src)
+            .arg(&mut dst)
+            .arg(&lay.starts)
+            .arg(&lay.lens)
+            .arg(&h)
+            .arg(&l)
+            .arg(&d)
+            .arg(&stride)
+            .arg(&total);
         cuda::launch(args, cuda::elementwise(total))?;
         Ok(dst)
     }
 
+    /// [`Self::pad`] backwards: writes the real rows of `src` into `dst`'s block.
     fn unpad<T: cuda::Float>(
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,
         lay: &DeviceLayout,
         src: &CudaSlice<T>,
         dst: &mut cuda::CudaViewMut<'_, T>,
+        stride: usize,
     ) -> Result<()> {
         let total = self.padded_size(lay);
         let kernel = cuda::Kernel::typed::<T>(dev, "attn_unpad")?;
         let mut args = kernel.args();
         let (h, l, d) = (self.heads as i32, lay.len as i32, self.head_dim as i32);
-        args.arg(src).arg(dst).arg(&lay.starts).arg(&lay.lens).arg(&h).arg(&l).arg(&d).arg(&total);
+        args.arg(src)
+            .arg(dst)
+            .arg(&lay.starts)
+            .arg(&lay.lens)
+            .arg(&h)
+            .arg(&l)
+            .arg(&d)
+            .arg(&stride)
+            .arg(&total);
         cuda::launch(args, cuda::elementwise(total))
     }
 
@@ -534,35 +547,43 @@ impl Attention {
         Ok((p, pd))
     }
 
+    /// q, k and v of `qkv` `(tokens, 3 hidden)` in the padded layout.
+    fn pad_qkv<T: cuda::Float>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        lay: &DeviceLayout,
+        qkv: &cuda::CudaView<'_, T>,
+    ) -> Result<[CudaSlice<T>; 3]> {
+        let hidden = self.hidden();
+        let part = |i: usize| self.pad(dev, lay, &qkv.slice(i * hidden..), 3 * hidden);
+        Ok([part(0)?, part(1)?, part(2)?])
+    }
+
     fn forward_cuda<T: cuda::Float>(
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,
-        q: &cuda::CudaView<'_, T>,
-        k: &cuda::CudaView<'_, T>,
-        v: &cuda::CudaView<'_, T>,
+        qkv: &cuda::CudaView<'_, T>,
     ) -> Result<CudaSlice<T>>
     where
         candle_core::cuda_backend::cudarc::cublas::CudaBlas:
             candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
     {
         let lay = self.device_layout(dev)?;
-        let (qp, kp, vp) = (self.pad(dev, &lay, q)?, self.pad(dev, &lay, k)?, self.pad(dev, &lay, v)?);
+        let [qp, kp, vp] = self.pad_qkv(dev, &lay, qkv)?;
         let (_, pd) = self.probabilities_cuda(dev, &lay, &qp, &kp)?;
         let (l, d) = (lay.len, self.head_dim);
         let product = cuda::Product { batch: self.pairs(), ..cuda::Product::new(l, d, l) };
         let context = product.output(dev, &pd.as_view(), &vp.as_view())?;
-        let mut out = dev.alloc_zeros::<T>(q.len())?;
-        self.unpad(dev, &lay, &context, &mut out.as_view_mut())?;
+        let mut out = dev.alloc_zeros::<T>(qkv.len() / 3)?;
+        self.unpad(dev, &lay, &context, &mut out.as_view_mut(), self.hidden())?;
         Ok(out)
     }
 
-    /// `[dq; dk; dv]`, as the CPU's backward.
+    /// The gradient of `qkv`, as the CPU's backward.
     fn backward_cuda<T: cuda::Float>(
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,
-        q: &cuda::CudaView<'_, T>,
-        k: &cuda::CudaView<'_, T>,
-        v: &cuda::CudaView<'_, T>,
+        qkv: &cuda::CudaView<'_, T>,
         g: &cuda::CudaView<'_, T>,
     ) -> Result<CudaSlice<T>>
     where
@@ -570,8 +591,8 @@ impl Attention {
             candle_core::cuda_backend::cudarc::cublas::Gemm<T>,
     {
         let lay = self.device_layout(dev)?;
-        let (qp, kp, vp) = (self.pad(dev, &lay, q)?, self.pad(dev, &lay, k)?, self.pad(dev, &lay, v)?);
-        let gp = self.pad(dev, &lay, g)?;
+        let [qp, kp, vp] = self.pad_qkv(dev, &lay, qkv)?;
+        let gp = self.pad(dev, &lay, g, self.hidden())?;
         let (p, pd) = self.probabilities_cuda(dev, &lay, &qp, &kp)?;
         let (l, d, pairs) = (lay.len, self.head_dim, self.pairs());
         let product = |m, n, k| cuda::Product { batch: pairs, ..cuda::Product::new(m, n, k) };
@@ -592,123 +613,77 @@ impl Attention {
         // dq = ds k ; dk = ds^T q
         let dqp = product(l, d, l).output(dev, &ds.as_view(), &kp.as_view())?;
         let dkp = cuda::Product { ta: true, ..product(l, d, l) }.output(dev, &ds.as_view(), &qp.as_view())?;
-        let n = q.len();
-        let mut out = dev.alloc_zeros::<T>(3 * n)?;
-        self.unpad(dev, &lay, &dqp, &mut out.slice_mut(..n))?;
-        self.unpad(dev, &lay, &dkp, &mut out.slice_mut(n..2 * n))?;
-        self.unpad(dev, &lay, &dvp, &mut out.slice_mut(2 * n..))?;
+        let hidden = self.hidden();
+        let mut out = dev.alloc_zeros::<T>(qkv.len())?;
+        for (i, part) in [dqp, dkp, dvp].iter().enumerate() {
+            self.unpad(dev, &lay, part, &mut out.slice_mut(i * hidden..), 3 * hidden)?;
+        }
         Ok(out)
     }
 }
 
-impl CustomOp3 for Attention {
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        with_real!("attention", qs, T => {
-            let (q, k, v) = (slice::<T>("attention", qs, ql)?, slice::<T>("attention", ks, kl)?, slice::<T>("attention", vs, vl)?);
-            Ok((T::to_cpu_storage_owned(self.forward(q, k, v)), ql.shape().clone()))
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (tokens, width) = l.shape().dims2()?;
+        with_real!("attention", s, T => {
+            let qkv = slice::<T>("attention", s, l)?;
+            Ok((T::to_cpu_storage_owned(self.forward(qkv)), Shape::from((tokens, width / 3))))
         })
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = cuda::device(qs);
-        cuda::with_float!("attention", qs, T => {
-            let q = cuda::input::<T>("attention", qs, ql)?;
-            let k = cuda::input::<T>("attention", ks, kl)?;
-            let v = cuda::input::<T>("attention", vs, vl)?;
-            Ok((cuda::storage(dev, self.forward_cuda(dev, &q, &k, &v)?), ql.shape().clone()))
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (tokens, width) = l.shape().dims2()?;
+        let dev = cuda::device(s);
+        cuda::with_float!("attention", s, T => {
+            let qkv = cuda::input::<T>("attention", s, l)?;
+            Ok((cuda::storage(dev, self.forward_cuda(dev, &qkv)?), Shape::from((tokens, width / 3))))
         })
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed =
-            q.apply_op3_no_bwd(k, v, &AttentionBackward { op: self.clone(), grad: grad.contiguous()? })?;
-        let n = q.dim(0)?;
-        Ok((Some(packed.narrow(0, 0, n)?), Some(packed.narrow(0, n, n)?), Some(packed.narrow(0, 2 * n, n)?)))
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &AttentionBackward(self.clone()))?))
     }
 }
 
-/// The backward pass as a no-backward op over (q, k, v), carrying the incoming gradient.
-struct AttentionBackward {
-    op: Attention,
-    grad: Tensor,
-}
+/// The backward pass as a no-backward op over `qkv` and the context's gradient.
+struct AttentionBackward(Attention);
 
-impl CustomOp3 for AttentionBackward {
+impl CustomOp2 for AttentionBackward {
     fn name(&self) -> &'static str {
         "attention-backward"
     }
 
     fn cpu_fwd(
         &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
+        s: &CpuStorage,
+        l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
-        let candle_core::Storage::Cpu(gs) = &*grad_storage else {
-            candle_core::bail!("attention-backward: the gradient must be on the CPU");
-        };
-        let (n, hidden) = ql.shape().dims2()?;
-        with_real!("attention-backward", qs, T => {
-            let (q, k, v) = (slice::<T>("attention", qs, ql)?, slice::<T>("attention", ks, kl)?, slice::<T>("attention", vs, vl)?);
-            let g = slice::<T>("attention-backward", gs, grad_layout)?;
-            Ok((T::to_cpu_storage_owned(self.op.backward(q, k, v, g)), Shape::from((3 * n, hidden))))
+        with_real!("attention-backward", s, T => {
+            let (qkv, g) = (slice::<T>("attention-backward", s, l)?, slice::<T>("attention-backward", gs, gl)?);
+            Ok((T::to_cpu_storage_owned(self.0.backward(qkv, g)), l.shape().clone()))
         })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
+        s: &CudaStorage,
+        l: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
-        let candle_core::Storage::Cuda(gs) = &*grad_storage else {
-            candle_core::bail!("attention-backward: the gradient must be on the GPU");
-        };
-        let (n, hidden) = ql.shape().dims2()?;
-        let dev = cuda::device(qs);
-        cuda::with_float!("attention-backward", qs, T => {
-            let q = cuda::input::<T>("attention-backward", qs, ql)?;
-            let k = cuda::input::<T>("attention-backward", ks, kl)?;
-            let v = cuda::input::<T>("attention-backward", vs, vl)?;
-            let g = cuda::input::<T>("attention-backward", gs, grad_layout)?;
-            Ok((cuda::storage(dev, self.op.backward_cuda(dev, &q, &k, &v, &g)?), Shape::from((3 * n, hidden))))
+        let dev = cuda::device(s);
+        cuda::with_float!("attention-backward", s, T => {
+            let qkv = cuda::input::<T>("attention-backward", s, l)?;
+            let g = cuda::input::<T>("attention-backward", gs, gl)?;
+            Ok((cuda::storage(dev, self.0.backward_cuda(dev, &qkv, &g)?), l.shape().clone()))
         })
     }
 }
@@ -749,30 +724,49 @@ mod tests {
         (input(&[5, WIDTH], 1), input(&[5, WIDTH], 2), input(&[5, WIDTH], 3))
     }
 
+    /// The op's input: q, k and v side by side.
+    fn side_by_side(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        Tensor::cat(&[q, k, v], 1).unwrap()
+    }
+
     #[test]
     fn overlapping_out_of_range_or_mismatched_inputs_are_refused() {
         // Each task owns its rows' block of the output: overlapping segments would alias it.
         let (q, k, v) = qkv();
+        let qkv = side_by_side(&q, &k, &v);
         for segments in [vec![(0, 3), (2, 2)], vec![(3, 3)], vec![(0, 0)], vec![(3, 2), (0, 3)]] {
             assert!(
-                attention(&q, &k, &v, Arc::new(segments.clone()), HEADS, 0.0, 0, Products::Full).is_err(),
+                attention(&qkv, Arc::new(segments.clone()), HEADS, 0.0, 0, Products::Full).is_err(),
                 "{segments:?}"
             );
         }
-        let short = input(&[4, WIDTH], 9);
+        let ragged = input(&[5, 3 * WIDTH - 1], 9);
         assert!(
-            attention(&q, &short, &v, segments(), HEADS, 0.0, 0, Products::Full).is_err(),
-            "k of another shape"
+            attention(&ragged, segments(), HEADS, 0.0, 0, Products::Full).is_err(),
+            "not three projections"
         );
-        assert!(attention(&q, &k, &v, segments(), 4, 0.0, 0, Products::Full).is_err(), "width 6 in 4 heads");
+        assert!(attention(&qkv, segments(), 4, 0.0, 0, Products::Full).is_err(), "width 6 in 4 heads");
+        let kv = Tensor::cat(&[&k, &v], 1).unwrap();
+        assert!(
+            first_token_attention(&q, &kv, segments(), HEADS, Products::Full).is_err(),
+            "q for every token"
+        );
     }
 
     #[test]
     fn matches_the_textbook_composition() -> Result<()> {
         let (q, k, v) = qkv();
-        let got = attention(&q, &k, &v, segments(), HEADS, 0.0, 0, Products::Full)?;
-        let diff = (got - reference(&q, &k, &v))?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let want = reference(&q, &k, &v);
+        let got = attention(&side_by_side(&q, &k, &v), segments(), HEADS, 0.0, 0, Products::Full)?;
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "{diff}");
+        // The first token of each row alone, from its query and every key and value.
+        let first = Tensor::cat(&[q.get(0)?, q.get(3)?], 0)?.reshape((2, WIDTH))?;
+        let kv = Tensor::cat(&[&k, &v], 1)?;
+        let got = first_token_attention(&first, &kv, segments(), HEADS, Products::Full)?;
+        let want = Tensor::cat(&[want.get(0)?, want.get(3)?], 0)?.reshape((2, WIDTH))?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "first tokens: {diff}");
         Ok(())
     }
 
@@ -780,9 +774,9 @@ mod tests {
     fn gradients_match_finite_differences_with_and_without_dropout() {
         let (q, k, v) = qkv();
         for p in [0.0, 0.3] {
-            check_grad(&q, |q| attention(q, &k, &v, segments(), HEADS, p, 5, Products::Full).unwrap());
-            check_grad(&k, |k| attention(&q, k, &v, segments(), HEADS, p, 5, Products::Full).unwrap());
-            check_grad(&v, |v| attention(&q, &k, v, segments(), HEADS, p, 5, Products::Full).unwrap());
+            check_grad(&side_by_side(&q, &k, &v), |qkv| {
+                attention(qkv, segments(), HEADS, p, 5, Products::Full).unwrap()
+            });
         }
     }
 }

@@ -65,7 +65,9 @@ impl StageKind {
             // 3: the model computes only real tokens (packed rows), which changes rounding.
             // 4: machine-independent numerics: pipe's own GEMM (one FMA chain per element), its
             //    own exp/tanh/ln, the loss as one op, head initialisation by the polar method.
-            Self::Train => 4,
+            // 5: query, key and value as one product: the input's gradient is one FMA chain over
+            //    the three instead of three chains added in the gradient store.
+            Self::Train => 5,
             // 2: packed rows in the forward pass (rounding), shared scoring with training.
             // 3: machine-independent numerics (pipe's GEMM, exp and tanh; softmax in pipe).
             Self::Evaluate => 3,

@@ -223,29 +223,30 @@ __device__ void layer_norm_bwd_partials(const T* x, const T* g, const float* sta
 // The packed (tokens, heads*dim) projections are laid out as (segments, heads, L, dim), zero
 // beyond each segment's length, so that cuBLAS's strided batched GEMMs can run every
 // (segment, head) pair at once; L is the longest segment of the batch rounded up to a multiple of 8
-// (aligned leading dimensions for the tensor cores).
+// (aligned leading dimensions for the tensor cores). A token's row of one projection is `stride`
+// elements after the previous one (q, k and v side by side in one (tokens, 3 heads*dim) buffer).
 
 template <typename T>
 __device__ void attn_pad(const T* src, T* dst, const int* starts, const int* lens, int heads, int L,
-                         int dim, size_t total) {
+                         int dim, size_t stride, size_t total) {
   FOR_EACH(i, total) {
     const int e = i % dim;
     const int t = (i / dim) % L;
     const int h = (i / ((size_t)dim * L)) % heads;
     const int s = i / ((size_t)dim * L * heads);
-    dst[i] = t < lens[s] ? src[((size_t)starts[s] + t) * heads * dim + (size_t)h * dim + e] : st<T>(0.0f);
+    dst[i] = t < lens[s] ? src[((size_t)starts[s] + t) * stride + (size_t)h * dim + e] : st<T>(0.0f);
   }
 }
 
 template <typename T>
 __device__ void attn_unpad(const T* src, T* dst, const int* starts, const int* lens, int heads,
-                           int L, int dim, size_t total) {
+                           int L, int dim, size_t stride, size_t total) {
   FOR_EACH(i, total) {
     const int e = i % dim;
     const int t = (i / dim) % L;
     const int h = (i / ((size_t)dim * L)) % heads;
     const int s = i / ((size_t)dim * L * heads);
-    if (t < lens[s]) dst[((size_t)starts[s] + t) * heads * dim + (size_t)h * dim + e] = src[i];
+    if (t < lens[s]) dst[((size_t)starts[s] + t) * stride + (size_t)h * dim + e] = src[i];
   }
 }
 
@@ -403,13 +404,13 @@ __device__ void scatter_finish(const float* partials, const uint32_t* row_chunks
   }                                                                                                \
   extern "C" __global__ void attn_pad_##S(const T* src, T* dst, const int* starts,                \
                                           const int* lens, int heads, int L, int dim,              \
-                                          size_t total) {                                          \
-    attn_pad<T>(src, dst, starts, lens, heads, L, dim, total);                                     \
+                                          size_t stride, size_t total) {                           \
+    attn_pad<T>(src, dst, starts, lens, heads, L, dim, stride, total);                             \
   }                                                                                                \
   extern "C" __global__ void attn_unpad_##S(const T* src, T* dst, const int* starts,              \
                                             const int* lens, int heads, int L, int dim,            \
-                                            size_t total) {                                        \
-    attn_unpad<T>(src, dst, starts, lens, heads, L, dim, total);                                   \
+                                            size_t stride, size_t total) {                         \
+    attn_unpad<T>(src, dst, starts, lens, heads, L, dim, stride, total);                           \
   }                                                                                                \
   extern "C" __global__ void attn_softmax_##S(T* s, T* pd, const int* lens,                       \
                                               const uint64_t* offsets, int heads, int L,           \
