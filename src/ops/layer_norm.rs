@@ -37,8 +37,15 @@ pub fn residual_layer_norm(
     dropout: f64,
     key: u64,
 ) -> Result<Tensor> {
-    if h.dims() != x.dims() {
-        candle_core::bail!("residual layer norm: h {:?} and x {:?} must have one shape", h.dims(), x.dims());
+    let d = h.dims().last().copied().unwrap_or(0);
+    if h.dims() != x.dims() || weight.dims() != [d] || bias.dims() != [d] {
+        candle_core::bail!(
+            "residual layer norm: h {:?} and x {:?} must have one shape, weight {:?} and bias {:?} its last dimension",
+            h.dims(),
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
     }
     if !h.device().is_cpu() {
         return layer_norm(&(super::dropout(h, dropout, key)? + x)?, weight, bias, eps);
