@@ -132,6 +132,12 @@ impl Linear {
         ops::linear(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, products)
     }
 
+    /// `forward(activation(z))`, keeping only `z` for the backward.
+    fn activated(&self, z: &Tensor, activation: Activation, products: ops::Products) -> Result<Tensor> {
+        let (weight, bias) = (cast(&self.weight, z.dtype())?, cast(&self.bias, z.dtype())?);
+        ops::activated_linear(z, activation, &weight, &bias, products)
+    }
+
     /// Several layers on one input as one product, their outputs side by side (each element is
     /// computed as by its own layer; the input's gradient comes from one product, and reaches
     /// the graph as one edge).
@@ -341,8 +347,8 @@ impl BertClassifier {
         let (eps, p) = (c.layer_norm_eps, self.dropout.hidden);
         let attended = layer.attention_out.forward(&context, products)?;
         let x = layer.attention_norm.residual(&attended, x, eps, p, mode)?;
-        let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
-        let out = layer.output.forward(&inner, products)?;
+        let inner = layer.intermediate.forward(&x, products)?;
+        let out = layer.output.activated(&inner, self.activation, products)?;
         layer.output_norm.residual(&out, &x, eps, p, mode)
     }
 
@@ -365,8 +371,8 @@ impl BertClassifier {
         let (eps, mode) = (c.layer_norm_eps, &mut Mode::Infer);
         let attended = layer.attention_out.forward(&context, products)?;
         let x = layer.attention_norm.residual(&attended, &first, eps, 0.0, mode)?;
-        let inner = ops::activation(&layer.intermediate.forward(&x, products)?, self.activation)?;
-        let out = layer.output.forward(&inner, products)?;
+        let inner = layer.intermediate.forward(&x, products)?;
+        let out = layer.output.activated(&inner, self.activation, products)?;
         layer.output_norm.residual(&out, &x, eps, 0.0, mode)
     }
 }

@@ -122,15 +122,7 @@ impl CustomOp1 for ActivationOp {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         with_real!("activation", xs, T => {
             let x = slice::<T>("activation", xs, xl)?;
-            let mut out = vec![T::zero(); x.len()];
-            out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-                each_variant!(self.0, A => vectorized!({
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = A.value_and_slope(x).0;
-                    }
-                }))
-            });
-            Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
+            Ok((T::to_cpu_storage_owned(self.0.apply(x)), xl.shape().clone()))
         })
     }
 
@@ -151,7 +143,27 @@ impl CustomOp1 for ActivationOp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBackward(self.0))?))
+        Ok(Some(self.0.backward(x, grad)?))
+    }
+}
+
+impl Activation {
+    /// The activation of every element of `x` (the CPU's forward).
+    pub(super) fn apply<T: Real>(self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+            each_variant!(self, A => vectorized!({
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = A.value_and_slope(x).0;
+                }
+            }))
+        });
+        out
+    }
+
+    /// The gradient at `x` for the output's gradient `grad`, outside the graph.
+    pub(super) fn backward(self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBackward(self))
     }
 }
 

@@ -16,12 +16,90 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
 use super::gemm::{MatMut, MatRef, Products, Threads, product};
-use super::{ROW_BLOCK, slice, with_real};
+use super::{Activation, ROW_BLOCK, slice, with_real};
 
 /// `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)` (torch's layout), `bias` `(out)`; on
 /// the CPU, this product and the two of the backward take operands in `products`' precision.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, products: Products) -> Result<Tensor> {
     x.contiguous()?.apply_op3(weight, bias, Linear(products))
+}
+
+/// `linear(activation(z))` (the feed-forward block's second layer) without keeping the activation:
+/// on the CPU the op keeps only `z` and recomputes the activation for the weight's gradient, so a
+/// training step holds one `(rows, in)` tensor per layer instead of two. The same bits as the two
+/// ops. On a GPU it runs as those two ops.
+pub fn activated_linear(
+    z: &Tensor,
+    activation: Activation,
+    weight: &Tensor,
+    bias: &Tensor,
+    products: Products,
+) -> Result<Tensor> {
+    if !z.device().is_cpu() {
+        return linear(&super::activation(z, activation)?, weight, bias, products);
+    }
+    z.contiguous()?.apply_op3(weight, bias, ActivatedLinear { activation, products })
+}
+
+/// The op behind [`activated_linear`].
+struct ActivatedLinear {
+    activation: Activation,
+    products: Products,
+}
+
+impl CustomOp3 for ActivatedLinear {
+    fn name(&self) -> &'static str {
+        "activated-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        zs: &CpuStorage,
+        zl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_real!("activated-linear", zs, T => {
+            let a = self.activation.apply(slice::<T>("activated-linear", zs, zl)?);
+            let storage = T::to_cpu_storage_owned(a);
+            Linear(self.products).cpu_fwd(&storage, &Layout::contiguous(zl.shape()), ws, wl, bs, bl)
+        })
+    }
+
+    fn bwd(
+        &self,
+        z: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let a = z.apply_op1_no_bwd(&Recompute(self.activation))?;
+        let da = grad.apply_op2_no_bwd(weight, &GradInput(self.products))?;
+        let dz = self.activation.backward(z, &da)?;
+        let dw = grad.apply_op2_no_bwd(&a, &GradWeight(self.products))?;
+        let db = grad.apply_op1_no_bwd(&GradBias)?;
+        Ok((Some(dz), Some(dw), Some(db)))
+    }
+}
+
+/// The activation again, outside the graph (CPU: [`ActivatedLinear`] is CPU-only).
+struct Recompute(Activation);
+
+impl CustomOp1 for Recompute {
+    fn name(&self) -> &'static str {
+        "activated-linear-recompute"
+    }
+
+    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout) -> Result<(CpuStorage, Shape)> {
+        with_real!("activated-linear-recompute", zs, T => {
+            let z = slice::<T>("activated-linear-recompute", zs, zl)?;
+            Ok((T::to_cpu_storage_owned(self.0.apply(z)), zl.shape().clone()))
+        })
+    }
 }
 
 struct Linear(Products);
@@ -283,5 +361,33 @@ mod tests {
         check_grad(&x, |x| linear(x, &w, &b, Products::Full).unwrap());
         check_grad(&w, |w| linear(&x, w, &b, Products::Full).unwrap());
         check_grad(&b, |b| linear(&x, &w, b, Products::Full).unwrap());
+    }
+
+    /// The fused op equals the activation followed by the linear layer, bit for bit (f32), forward
+    /// and every gradient; and its gradients match finite differences (f64).
+    #[test]
+    fn activated_linear_is_activation_then_linear() -> Result<()> {
+        use candle_core::{DType, Var};
+        let f32 = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+        let (z, w, b) = (f32(input(&[70, 5], 1)), f32(input(&[3, 5], 2)), f32(input(&[3], 3)));
+        let probe = input(&[70, 3], 4).to_dtype(DType::F32)?;
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            let fused = activated_linear(&z, act, &w, &b, Products::Full)?;
+            let composed = linear(&crate::ops::activation(&z, act)?, &w, &b, Products::Full)?;
+            assert_eq!(bits(&fused), bits(&composed), "{act:?} forward");
+            let (gf, gc) =
+                ((fused * &probe)?.sum_all()?.backward()?, (composed * &probe)?.sum_all()?.backward()?);
+            for (name, v) in [("z", &z), ("weight", &w), ("bias", &b)] {
+                assert_eq!(bits(gf.get(v).unwrap()), bits(gc.get(v).unwrap()), "{act:?}: {name}'s gradient");
+            }
+        }
+        let (z, w, b) = (input(&[70, 5], 1), input(&[3, 5], 2), input(&[3], 3));
+        check_grad(&z, |z| activated_linear(z, Activation::Gelu, &w, &b, Products::Full).unwrap());
+        check_grad(&w, |w| activated_linear(&z, Activation::Gelu, w, &b, Products::Full).unwrap());
+        check_grad(&b, |b| activated_linear(&z, Activation::Gelu, &w, b, Products::Full).unwrap());
+        Ok(())
     }
 }
