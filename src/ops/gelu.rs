@@ -161,6 +161,11 @@ impl Activation {
         out
     }
 
+    /// The activation of `x`, outside the graph.
+    pub(super) fn forward(self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&ActivationOp(self))
+    }
+
     /// The gradient at `x` for the output's gradient `grad`, outside the graph.
     pub(super) fn backward(self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBackward(self))

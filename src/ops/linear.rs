@@ -76,29 +76,8 @@ impl CustomOp3 for ActivatedLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let a = z.apply_op1_no_bwd(&Recompute(self.activation))?;
-        let da = grad.apply_op2_no_bwd(weight, &GradInput(self.products))?;
-        let dz = self.activation.backward(z, &da)?;
-        let dw = grad.apply_op2_no_bwd(&a, &GradWeight(self.products))?;
-        let db = grad.apply_op1_no_bwd(&GradBias)?;
-        Ok((Some(dz), Some(dw), Some(db)))
-    }
-}
-
-/// The activation again, outside the graph (CPU: [`ActivatedLinear`] is CPU-only).
-struct Recompute(Activation);
-
-impl CustomOp1 for Recompute {
-    fn name(&self) -> &'static str {
-        "activated-linear-recompute"
-    }
-
-    fn cpu_fwd(&self, zs: &CpuStorage, zl: &Layout) -> Result<(CpuStorage, Shape)> {
-        with_real!("activated-linear-recompute", zs, T => {
-            let z = slice::<T>("activated-linear-recompute", zs, zl)?;
-            Ok((T::to_cpu_storage_owned(self.0.apply(z)), zl.shape().clone()))
-        })
+        let (da, dw, db) = gradients(&self.activation.forward(z)?, weight, grad, self.products)?;
+        Ok((Some(self.activation.backward(z, &da)?), Some(dw), Some(db)))
     }
 }
 
@@ -189,12 +168,23 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(weight, &GradInput(self.0))?;
-        let dw = grad.apply_op2_no_bwd(x, &GradWeight(self.0))?;
-        let db = grad.apply_op1_no_bwd(&GradBias)?;
+        let (dx, dw, db) = gradients(x, weight, grad, self.0)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The gradients of `x W^T + b` for the output's gradient `grad`: `(dx, dW, db)`.
+fn gradients(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    products: Products,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let grad = grad.contiguous()?;
+    let dx = grad.apply_op2_no_bwd(weight, &GradInput(products))?;
+    let dw = grad.apply_op2_no_bwd(x, &GradWeight(products))?;
+    let db = grad.apply_op1_no_bwd(&GradBias)?;
+    Ok((dx, dw, db))
 }
 
 /// `dx = g W`: `(rows, out) x (out, in)`.
