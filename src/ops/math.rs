@@ -18,7 +18,7 @@
 /// `2^e` for `-126 <= e <= 127`, built from its bits.
 #[inline(always)]
 fn pow2(e: i32) -> f32 {
-    f32::from_bits(((e + 127) as u32) << 23)
+    f32::from_bits((e.wrapping_add(127) as u32) << 23)
 }
 
 /// `e^x` for f32: Cody-Waite reduction `x = n ln2 + r` (|r| <= ln2 / 2), Cephes' degree-5 polynomial
@@ -34,7 +34,8 @@ pub fn exp(x: f32) -> f32 {
     const C1: f32 = 0.693_359_375; // ln 2, high part: few bits, so n * C1 is exact
     const C2: f32 = -2.121_944_4e-4; // ln 2 - C1
     let xc = x.clamp(LO, HI);
-    let n = (xc * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let shifted = xc * std::f32::consts::LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = (xc - n * C1) - n * C2;
     let z = r * r;
     let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -44,7 +45,10 @@ pub fn exp(x: f32) -> f32 {
         * z
         + r
         + 1.0;
-    let n = n as i32;
+    // `n` as an integer, read off the shifted sum's bits (the low mantissa bits, two's complement
+    // about 1.5 * 2^23): a float-to-int cast saturates and maps NaN to 0, which compilers do
+    // one lane at a time. A NaN `x` gives a meaningless integer here and NaN below all the same.
+    let n = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()) as i32;
     let half = n / 2;
     let y = p * pow2(half) * pow2(n - half);
     if x > HI {
