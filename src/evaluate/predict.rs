@@ -22,10 +22,18 @@ pub struct Scored {
 /// predict`'s accuracy, so that all three give the same numbers for the same weights and rows.
 pub fn score(model: &BertClassifier, rows: &[Vec<u32>], labels: &[u32], batch_size: usize) -> Result<Scored> {
     let probabilities = predict_probabilities(model, rows, batch_size)?;
-    let predicted = argmax(&probabilities);
-    let loss = mean_log_loss(&probabilities, labels);
-    let report = ClassificationReport::from_predictions(labels, &predicted, model.labels(), Some(loss));
-    Ok(Scored { probabilities, predicted, report })
+    Ok(Scored::new(probabilities, labels, model.labels()))
+}
+
+impl Scored {
+    /// Scores `probabilities` (one row per label, from [`predict_probabilities`]) against
+    /// `labels`, with `classes` the class names.
+    pub fn new(probabilities: Vec<Vec<f32>>, labels: &[u32], classes: &[String]) -> Self {
+        let predicted = argmax(&probabilities);
+        let loss = mean_log_loss(&probabilities, labels);
+        let report = ClassificationReport::from_predictions(labels, &predicted, classes, Some(loss));
+        Scored { probabilities, predicted, report }
+    }
 }
 
 /// Class probabilities (softmax of the logits) for every row, in row order.

@@ -67,7 +67,9 @@ impl StageKind {
             //    own exp/tanh/ln, the loss as one op, head initialisation by the polar method.
             // 5: query, key and value as one product: the input's gradient is one FMA chain over
             //    the three instead of three chains added in the gradient store.
-            Self::Train => 5,
+            // 6: the last evaluation's validation probabilities among the outputs (when they are
+            //    the saved weights' on the CPU in f32), which the evaluate stage then reads.
+            Self::Train => 6,
             // 2: packed rows in the forward pass (rounding), shared scoring with training.
             // 3: machine-independent numerics (pipe's GEMM, exp and tanh; softmax in pipe).
             Self::Evaluate => 3,

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::tokenize::TOKENS_FILE;
-use super::train::MODEL_DIR;
+use super::train::{MODEL_DIR, VALIDATION_PROBABILITIES, read_probabilities};
 use super::{Observer, Stage, StageError, Upstream, io_error, upstream_digest};
 use crate::config::EvaluateConfig;
 use crate::data;
@@ -57,10 +57,18 @@ impl Stage for EvaluateStage {
         let validation = splits
             .get("validation")
             .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
-        let model_dir = upstream[&StageKind::Train].file(MODEL_DIR);
-        let model = BertClassifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
-        let Scored { probabilities, predicted, report } =
-            score(&model, &validation.ids, &validation.labels, self.evaluate.batch_size)?;
+        let trained = &upstream[&StageKind::Train];
+        let model =
+            BertClassifier::from_pretrained(&trained.file(MODEL_DIR), None, DType::F32, &Device::Cpu, 0)?;
+        // The train stage's last evaluation already predicted these rows with these weights, as
+        // `score` does here (it writes them only then): the same bits, without predicting again.
+        let reused = trained.file(VALIDATION_PROBABILITIES);
+        let Scored { probabilities, predicted, report } = if reused.exists() {
+            let probabilities = read_probabilities(&reused, validation.labels.len(), model.labels().len())?;
+            Scored::new(probabilities, &validation.labels, model.labels())
+        } else {
+            score(&model, &validation.ids, &validation.labels, self.evaluate.batch_size)?
+        };
         let path = work.out().join(METRICS_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&report).expect("JSON") + "\n")
             .map_err(io_error(&path))?;
@@ -83,7 +91,11 @@ impl Stage for EvaluateStage {
             csv.write_record(&record).map_err(write_err)?;
         }
         csv.flush().map_err(io_error(&path))?;
-        let mut facts = json!({ "seconds": start.elapsed().as_secs_f64(), "rows": validation.labels.len() });
+        let mut facts = json!({
+            "seconds": start.elapsed().as_secs_f64(),
+            "rows": validation.labels.len(),
+            "validation_predicted_by": if reused.exists() { "train" } else { "evaluate" },
+        });
         if let Some(test) = splits.get("test") {
             let scored = score(&model, &test.ids, &test.labels, self.evaluate.batch_size)?;
             let path = work.out().join(TEST_METRICS_FILE);

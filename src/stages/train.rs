@@ -30,6 +30,11 @@ pub const METRICS_LOG: &str = "metrics.jsonl";
 pub const CURVES_PNG: &str = "curves.png";
 /// The evaluations drawn as a vector graphic.
 pub const CURVES_SVG: &str = "curves.svg";
+/// The class probabilities of the validation rows under the saved model, `(rows, classes)` f32,
+/// written when the last evaluation during training scored exactly that model as the evaluate
+/// stage would (on the CPU, in f32): the evaluate stage then reads them instead of predicting the
+/// same rows again.
+pub const VALIDATION_PROBABILITIES: &str = "validation_probabilities.safetensors";
 
 /// Fine-tunes the pretrained model.
 pub struct TrainStage {
@@ -63,13 +68,14 @@ impl TrainStage {
         }
     }
 
-    /// Scores the model as it is after the last step of `history` on `validation`.
+    /// Scores the model as it is after the last step of `history` on `validation`: the evaluation
+    /// and the probabilities it came from.
     fn evaluate(
         &self,
         trainer: &Trainer,
         validation: &TokenizedSplit,
         history: &History,
-    ) -> Result<Evaluation, StageError> {
+    ) -> Result<(Evaluation, Vec<Vec<f32>>), StageError> {
         let scored = crate::evaluate::score(
             trainer.model(),
             &validation.ids,
@@ -79,13 +85,20 @@ impl TrainStage {
         let since = history.evaluations.last().map_or(0, |e| e.step as usize);
         let losses = &history.steps[since.min(history.steps.len())..];
         let train_loss = losses.iter().map(|r| r.loss).sum::<f64>() / losses.len().max(1) as f64;
-        Ok(Evaluation::new(
+        let evaluation = Evaluation::new(
             trainer.steps_done(),
             trainer.epochs_done(),
             train_loss,
             &scored.report,
             &self.evaluate.metrics,
-        ))
+        );
+        Ok((evaluation, scored.probabilities))
+    }
+
+    /// Whether evaluations during training compute what the evaluate stage computes for the same
+    /// weights, to the bit: that stage predicts on the CPU in f32.
+    fn evaluates_as_the_evaluate_stage(&self) -> bool {
+        self.target.device.is_cpu() && self.precision == Precision::F32
     }
 
     /// Writes `metrics.jsonl` (marking early stopping's best evaluation, when it watches) and
@@ -251,8 +264,12 @@ impl Stage for TrainStage {
         let mut evaluating = Duration::ZERO;
         let mut last_checkpoint = Instant::now();
         let (mut rows, mut tokens) = (0usize, 0usize);
+        // The latest evaluation's index and probabilities while the weights are still the ones it
+        // scored (cleared by the next step).
+        let mut latest: Option<(usize, Vec<Vec<f32>>)> = None;
         while !trainer.finished() && !stop_early(&stopping) {
             let report = trainer.step(data)?;
+            latest = None;
             rows += report.rows;
             tokens += report.real_tokens;
             observe(Event::Step(&report));
@@ -260,7 +277,8 @@ impl Stage for TrainStage {
             history.steps.push(report);
             if trainer.evaluation_due() {
                 let evaluation_start = Instant::now();
-                let evaluation = self.evaluate(&trainer, &validation, &history)?;
+                let (evaluation, probabilities) = self.evaluate(&trainer, &validation, &history)?;
+                latest = Some((history.evaluations.len(), probabilities));
                 evaluating += evaluation_start.elapsed();
                 observe(Event::Evaluated(&evaluation));
                 if let Some(stopping) = &mut stopping
@@ -307,6 +325,19 @@ impl Stage for TrainStage {
         }
         let model_dir = out.join(MODEL_DIR);
         model.save_pretrained(&model_dir)?;
+        // Which evaluation scored the saved weights: early stopping's best when it kept those,
+        // else the last (`latest` is set only while no step came after it).
+        let saved = match (&history.best_params, best) {
+            (Some(_), Some((index, _))) => Some(index),
+            (Some(_), None) => None,
+            (None, _) => history.evaluations.len().checked_sub(1),
+        };
+        if let Some((index, probabilities)) = latest
+            && Some(index) == saved
+            && self.evaluates_as_the_evaluate_stage()
+        {
+            write_probabilities(&out.join(VALIDATION_PROBABILITIES), probabilities, model.labels().len())?;
+        }
         let tokenizer_copy = model_dir.join("tokenizer.json");
         std::fs::copy(&self.tokenizer.path, &tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
         // The key names the tokenizer's bytes as they were hashed before training; an edit since
@@ -353,6 +384,35 @@ impl Stage for TrainStage {
 /// A copy of every parameter that later optimizer steps (which update in place) leave alone.
 fn copy_params(model: &BertClassifier) -> Result<Vec<Tensor>, StageError> {
     Ok(model.params().iter().map(|(_, var)| var.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
+}
+
+/// Writes [`VALIDATION_PROBABILITIES`].
+fn write_probabilities(path: &Path, probabilities: Vec<Vec<f32>>, classes: usize) -> Result<(), StageError> {
+    let rows = probabilities.len();
+    let flat: Vec<f32> = probabilities.into_iter().flatten().collect();
+    let tensor = Tensor::from_vec(flat, (rows, classes), &candle_core::Device::Cpu)?;
+    candle_core::safetensors::save(&std::collections::HashMap::from([("probabilities", tensor)]), path)?;
+    Ok(())
+}
+
+/// Reads [`VALIDATION_PROBABILITIES`]: one row of `classes` probabilities for each of `rows` rows.
+pub(crate) fn read_probabilities(
+    path: &Path,
+    rows: usize,
+    classes: usize,
+) -> Result<Vec<Vec<f32>>, StageError> {
+    let invalid = |what: String| StageError::Invalid(format!("{}: {what}", path.display()));
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| invalid(format!("not a readable safetensors file ({e})")))?;
+    let tensor = tensors.get("probabilities").ok_or_else(|| invalid("no `probabilities` tensor".into()))?;
+    if tensor.dims() != [rows, classes] || tensor.dtype() != DType::F32 {
+        return Err(invalid(format!(
+            "expected f32 probabilities of shape [{rows}, {classes}] (the validation rows and classes), found {:?} {:?}",
+            tensor.dtype(),
+            tensor.dims()
+        )));
+    }
+    Ok(tensor.to_vec2::<f32>()?)
 }
 
 /// Checkpoints are written at the end of every epoch and at least this often.
