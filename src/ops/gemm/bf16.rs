@@ -22,7 +22,10 @@
 //! tests check the two against each other, thread counts and blockings.
 //!
 //! The packed layouts put a pair in one 32-bit word (low half the even step), as the instruction
-//! reads it: `A`'s row panels as `[q][i]` words, `B`'s column panels as `[q][j]`.
+//! reads it: `B`'s column panels as `[q][j]` words; `A`'s row panels as `[i][q]` when `A`'s rows
+//! are contiguous (a row's pairs are then its steps converted in place, no transposition) and as
+//! `[q][i]` otherwise (a transposed `A`'s pairs of columns fill one step across the rows). The
+//! kernels read `A` through an [`APanel`]'s two strides, so both layouts feed the same chain.
 
 use rayon::prelude::*;
 
@@ -59,9 +62,26 @@ fn pair(even: f32, odd: f32) -> u32 {
     u32::from(to_bf16(even)) | (u32::from(to_bf16(odd)) << 16)
 }
 
-/// A bf16 micro-kernel over a full `MR x NR` tile: `kq` pairs from the packed panels `a`
-/// (`[q][MR]`) and `b` (`[q][NR]`), `c` with row stride `rs_c`; `zero` starts from +0.0.
-type TileFn = unsafe fn(kq: usize, a: *const u32, b: *const u32, c: *mut f32, rs_c: usize, zero: bool);
+/// Where a packed row panel of `A` lies: the word of row `i` and pair `q` at `ptr + q * step + i *
+/// row` (`[q][i]`: `step = MR, row = 1`; `[i][q]`: `step = 1`, `row` the panel's pairs).
+#[derive(Clone, Copy)]
+struct APanel {
+    ptr: *const u32,
+    step: usize,
+    row: usize,
+}
+
+impl APanel {
+    /// The panel from pair `q0` on.
+    fn at_pair(self, q0: usize) -> Self {
+        // `wrapping_add`: nothing is read here; callers keep `q0` within the panel.
+        APanel { ptr: self.ptr.wrapping_add(q0 * self.step), ..self }
+    }
+}
+
+/// A bf16 micro-kernel over a full `MR x NR` tile: `kq` pairs from the packed panels `a` and `b`
+/// (`[q][NR]`), `c` with row stride `rs_c`; `zero` starts from +0.0.
+type TileFn = unsafe fn(kq: usize, a: APanel, b: *const u32, c: *mut f32, rs_c: usize, zero: bool);
 
 #[derive(Clone, Copy)]
 struct Kernel {
@@ -97,7 +117,7 @@ impl Kernel {
     unsafe fn run_tile(
         &self,
         kq: usize,
-        a: *const u32,
+        a: APanel,
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
@@ -182,7 +202,9 @@ fn gemm_bf16_on(
 
     let mut packed_a = vec![0u32; row_panels * kq * mr];
     let mut packed_b = vec![0u32; col_panels * kq * nr];
-    let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(&a, pi * mr, mr, dst);
+    let rows_contiguous = a.cs == 1;
+    let (a_step, a_row) = if rows_contiguous { (1, kq) } else { (mr, 1) };
+    let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(&a, pi * mr, mr, rows_contiguous, dst);
     let pack_b = |(pj, dst): (usize, &mut [u32])| pack_cols(&b, pj * nr, nr, dst);
     if kq > 0 {
         if parallel {
@@ -205,7 +227,8 @@ fn gemm_bf16_on(
         loop {
             let steps = kc.min(kq - q0);
             for pi in ti * mc_tiles..((ti + 1) * mc_tiles).min(row_panels) {
-                let ap = packed_a[(pi * kq + q0) * mr..].as_ptr();
+                let ap =
+                    APanel { ptr: packed_a[pi * kq * mr..].as_ptr(), step: a_step, row: a_row }.at_pair(q0);
                 for pj in tj * nc_tiles..((tj + 1) * nc_tiles).min(col_panels) {
                     let bp = packed_b[(pj * kq + q0) * nr..].as_ptr();
                     let (r0, c0) = (pi * mr, pj * nr);
@@ -238,18 +261,15 @@ fn gemm_bf16_on(
     }
 }
 
-/// Rows `r0..` (at most `mr`) of `a` as `[q][mr]` pairs, zero-padded (`dst` comes zeroed).
-fn pack_rows(a: &MatRef<'_, f32>, r0: usize, mr: usize, dst: &mut [u32]) {
+/// Rows `r0..` (at most `mr`) of `a`, zero-padded (`dst` comes zeroed): as `[i][q]` pairs when
+/// `rows_contiguous` (`a`'s rows are: each row's pairs in place), else as `[q][mr]`.
+fn pack_rows(a: &MatRef<'_, f32>, r0: usize, mr: usize, rows_contiguous: bool, dst: &mut [u32]) {
     let (rows, k) = (mr.min(a.rows - r0), a.cols);
-    if a.cs == 1 {
-        // Rows contiguous: convert a row's pairs in one pass, then spread them over the panel.
-        let mut row_pairs = vec![0u32; k.div_ceil(2)];
+    if rows_contiguous {
+        let kq = k.div_ceil(2);
         for i in 0..rows {
             let start = a.offset + (r0 + i) * a.rs;
-            pairs_of(&a.data[start..start + k], &mut row_pairs);
-            for (q, &w) in row_pairs.iter().enumerate() {
-                dst[q * mr + i] = w;
-            }
+            pairs_of(&a.data[start..start + k], &mut dst[i * kq..(i + 1) * kq]);
         }
     } else if a.rs == 1 {
         // Columns contiguous (a transposed operand): each pair of columns fills one step.
@@ -340,7 +360,7 @@ fn pairs_of(src: &[f32], dst: &mut [u32]) {
 #[inline(always)]
 unsafe fn emulated<const MR: usize, const NR: usize>(
     kq: usize,
-    a: *const u32,
+    a: APanel,
     b: *const u32,
     c: *mut f32,
     rs_c: usize,
@@ -357,7 +377,7 @@ unsafe fn emulated<const MR: usize, const NR: usize>(
             }
         }
         for q in 0..kq {
-            let (ap, bp) = (a.add(q * MR), b.add(q * NR));
+            let (ap, bp) = (a.ptr.add(q * a.step), b.add(q * NR));
             let mut b_even = [0f32; NR];
             let mut b_odd = [0f32; NR];
             for j in 0..NR {
@@ -366,7 +386,7 @@ unsafe fn emulated<const MR: usize, const NR: usize>(
                 b_odd[j] = f32::from_bits(w & 0xffff_0000);
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let w = *ap.add(i);
+                let w = *ap.add(i * a.row);
                 let (a_even, a_odd) = (f32::from_bits(w << 16), f32::from_bits(w & 0xffff_0000));
                 for (j, v) in row.iter_mut().enumerate() {
                     let odd = flush(a_odd.mul_add(b_odd[j], *v));
@@ -394,7 +414,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
     pub(super) unsafe fn emulated_avx512(
         kq: usize,
-        a: *const u32,
+        a: super::APanel,
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
@@ -412,7 +432,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn emulated_avx2(
         kq: usize,
-        a: *const u32,
+        a: super::APanel,
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
@@ -431,7 +451,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn native(
         kq: usize,
-        a: *const u32,
+        a: super::APanel,
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
@@ -448,16 +468,16 @@ mod x86 {
                     row[1] = _mm512_loadu_ps(c.add(i * rs_c + 16));
                 }
             }
-            let (mut a, mut b) = (a, b);
+            let (mut ap, mut b) = (a.ptr, b);
             for _ in 0..kq {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i) as i32));
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i * a.row) as i32));
                     row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
                 }
-                a = a.add(MR);
+                ap = ap.add(a.step);
                 b = b.add(32);
             }
             for (i, row) in acc.iter().enumerate() {
