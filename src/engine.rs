@@ -124,7 +124,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             tokenizer,
             max_length: pipeline.tokenizer.max_length,
         }),
-        Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone() }),
+        Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone(), precision: pipeline.dtype }),
     ];
     Ok((stages, target))
 }

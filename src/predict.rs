@@ -96,7 +96,9 @@ impl Predictor {
             Lookup::Corrupt(why) => return Err(missing(format!("stages/train/{key} {why}"))),
         };
         let model_dir = output.file(MODEL_DIR);
-        let model = BertClassifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
+        let mut model = BertClassifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
+        // As the run's evaluations predicted: with bf16 products for a bf16 run.
+        model.set_precision(pipeline.dtype);
         let encoder =
             TextEncoder::from_file(&model_dir.join("tokenizer.json"), pipeline.tokenizer.max_length)?;
         Ok(Self {

@@ -208,14 +208,14 @@ fn bf16_on_the_cpu_gives_the_same_bits_on_every_kernel_path_and_thread_count() {
 /// means other bits.
 const GOLDEN: [(&str, u32, &str); 3] = [
     ("tokenize", 2, "56af9fed8f68ef4bec6e0acc5eaae4173d1ef9a0b692bca04eed276478264b06"),
-    ("train", 6, "6901f2a53a6dd68ebd0ebb75b66662f0122502477debd4b35fdc3d249434eacd"),
-    ("evaluate", 3, "5f7f932e03c0aae7ea4552ebc56908324529152328326810ee80e93848c10fe6"),
+    ("train", 7, "6901f2a53a6dd68ebd0ebb75b66662f0122502477debd4b35fdc3d249434eacd"),
+    ("evaluate", 4, "5f7f932e03c0aae7ea4552ebc56908324529152328326810ee80e93848c10fe6"),
 ];
 
 /// The same pipeline in bf16 mixed precision on the CPU (the tokenize stage is shared).
 const GOLDEN_BF16: [(&str, u32, &str); 2] = [
-    ("train", 6, "cd246339ea80149ae7e91a6c8a6b79f3256b72077dfefeb834b98eab1f2a80c2"),
-    ("evaluate", 3, "fa4cb68dd16675c34648719b89424183302c97831ca3ff4c88300fc6fd52da99"),
+    ("train", 7, "42845b8342d4d83da44925e61c68354292c348a82d487e23f45f4e69e526ba4c"),
+    ("evaluate", 4, "e810a33d24aabd86b1579e9bdc731d132f6cd71cafe8a892a7779688033c646d"),
 ];
 
 #[test]
@@ -256,22 +256,22 @@ fn validation_predicted_by(store: &Path, run: &str) -> String {
 }
 
 #[test]
-fn the_evaluate_stage_reuses_the_last_evaluation_only_with_the_bits_it_would_compute() {
+fn the_evaluate_stage_reuses_the_last_evaluation_with_the_bits_it_would_compute() {
     let dir = project();
     let store = dir.path().join("runs");
     // Evaluating after the last epoch leaves the weights alone: both runs save the same model, one
     // with the probabilities its last evaluation computed, the other without evaluations.
-    let reused = run_json(dir.path(), &[]);
-    let computed = run_json(dir.path(), &["--set", "train.eval_every_epoch=false"]);
-    assert_eq!(validation_predicted_by(&store, &reused.run), "train");
-    assert_eq!(validation_predicted_by(&store, &computed.run), "evaluate");
-    assert_eq!(
-        recorded_digest(&store, &reused.run, "evaluate"),
-        recorded_digest(&store, &computed.run, "evaluate")
-    );
-    // bf16 evaluations during training use bf16 products; the evaluate stage predicts in f32.
-    let bf16 = run_json(dir.path(), &["--set", "dtype=bf16"]);
-    assert_eq!(validation_predicted_by(&store, &bf16.run), "evaluate");
+    for dtype in ["dtype=f32", "dtype=bf16"] {
+        let reused = run_json(dir.path(), &["--set", dtype]);
+        let computed = run_json(dir.path(), &["--set", dtype, "--set", "train.eval_every_epoch=false"]);
+        assert_eq!(validation_predicted_by(&store, &reused.run), "train", "{dtype}");
+        assert_eq!(validation_predicted_by(&store, &computed.run), "evaluate", "{dtype}");
+        assert_eq!(
+            recorded_digest(&store, &reused.run, "evaluate"),
+            recorded_digest(&store, &computed.run, "evaluate"),
+            "{dtype}"
+        );
+    }
 }
 
 #[test]

@@ -257,6 +257,8 @@ fn early_stopping_saves_the_best_epoch_which_the_evaluate_stage_scores() {
     assert_eq!(early["best_epoch"].as_float(), best["epoch"].as_f64(), "{early:?}");
     let shown = pipe_ok(dir.path(), &["show", &run.id]);
     assert!(shown.contains("stopped early; saved epoch"), "`pipe show`:\n{shown}");
+    // The saved weights are not the last evaluation's: the evaluate stage predicted them itself.
+    assert_eq!(run.stage("evaluate")["facts"]["validation_predicted_by"].as_str(), Some("evaluate"));
 }
 
 #[test]

@@ -69,10 +69,12 @@ impl StageKind {
             //    the three instead of three chains added in the gradient store.
             // 6: the last evaluation's validation probabilities among the outputs (when they are
             //    the saved weights' on the CPU in f32), which the evaluate stage then reads.
-            Self::Train => 6,
+            // 7: the same for bf16 runs on the CPU (the evaluate stage predicts in the run's dtype).
+            Self::Train => 7,
             // 2: packed rows in the forward pass (rounding), shared scoring with training.
             // 3: machine-independent numerics (pipe's GEMM, exp and tanh; softmax in pipe).
-            Self::Evaluate => 3,
+            // 4: a bf16 pipeline predicts with bf16 products, as its evaluations during training.
+            Self::Evaluate => 4,
         }
     }
 }

@@ -11,6 +11,7 @@ use super::train::{MODEL_DIR, VALIDATION_PROBABILITIES, read_probabilities};
 use super::{Observer, Stage, StageError, Upstream, io_error, upstream_digest};
 use crate::config::EvaluateConfig;
 use crate::data;
+use crate::device::Precision;
 use crate::evaluate::{Scored, score};
 use crate::model::BertClassifier;
 use crate::plan::{KeyFields, StageKind};
@@ -26,6 +27,9 @@ pub const TEST_METRICS_FILE: &str = "test_metrics.json";
 /// Scores the trained model on the validation split.
 pub struct EvaluateStage {
     pub(crate) evaluate: EvaluateConfig,
+    /// The pipeline's `dtype`: a bf16 run predicts with bf16 products, as it evaluated while it
+    /// trained (and as `pipe predict` does for it).
+    pub(crate) precision: Precision,
 }
 
 impl Stage for EvaluateStage {
@@ -38,12 +42,11 @@ impl Stage for EvaluateStage {
             ("tokenize".to_string(), upstream_digest(upstream, StageKind::Tokenize)),
             ("train".to_string(), upstream_digest(upstream, StageKind::Train)),
         ]);
-        KeyFields {
-            kind: StageKind::Evaluate,
-            version: StageKind::Evaluate.version(),
-            params: json!({ "evaluate": { "batch_size": self.evaluate.batch_size } }),
-            inputs,
+        let mut params = json!({ "evaluate": { "batch_size": self.evaluate.batch_size } });
+        if self.precision != Precision::F32 {
+            params["dtype"] = json!(self.precision.name());
         }
+        KeyFields { kind: StageKind::Evaluate, version: StageKind::Evaluate.version(), params, inputs }
     }
 
     fn run(
@@ -58,8 +61,9 @@ impl Stage for EvaluateStage {
             .get("validation")
             .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
         let trained = &upstream[&StageKind::Train];
-        let model =
+        let mut model =
             BertClassifier::from_pretrained(&trained.file(MODEL_DIR), None, DType::F32, &Device::Cpu, 0)?;
+        model.set_precision(self.precision);
         // The train stage's last evaluation already predicted these rows with these weights, as
         // `score` does here (it writes them only then): the same bits, without predicting again.
         let reused = trained.file(VALIDATION_PROBABILITIES);

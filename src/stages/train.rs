@@ -32,8 +32,8 @@ pub const CURVES_PNG: &str = "curves.png";
 pub const CURVES_SVG: &str = "curves.svg";
 /// The class probabilities of the validation rows under the saved model, `(rows, classes)` f32,
 /// written when the last evaluation during training scored exactly that model as the evaluate
-/// stage would (on the CPU, in f32): the evaluate stage then reads them instead of predicting the
-/// same rows again.
+/// stage would (on the CPU): the evaluate stage then reads them instead of predicting the same
+/// rows again.
 pub const VALIDATION_PROBABILITIES: &str = "validation_probabilities.safetensors";
 
 /// Fine-tunes the pretrained model.
@@ -96,9 +96,10 @@ impl TrainStage {
     }
 
     /// Whether evaluations during training compute what the evaluate stage computes for the same
-    /// weights, to the bit: that stage predicts on the CPU in f32.
+    /// weights, to the bit: that stage predicts on the CPU in the pipeline's dtype, which is this
+    /// stage's `precision`.
     fn evaluates_as_the_evaluate_stage(&self) -> bool {
-        self.target.device.is_cpu() && self.precision == Precision::F32
+        self.target.device.is_cpu()
     }
 
     /// Writes `metrics.jsonl` (marking early stopping's best evaluation, when it watches) and
