@@ -67,7 +67,8 @@ impl Stage for EvaluateStage {
         // The train stage's last evaluation already predicted these rows with these weights, as
         // `score` does here (it writes them only then): the same bits, without predicting again.
         let reused = trained.file(VALIDATION_PROBABILITIES);
-        let Scored { probabilities, predicted, report } = if reused.exists() {
+        let reuse = reused.exists();
+        let Scored { probabilities, predicted, report } = if reuse {
             let probabilities = read_probabilities(&reused, validation.labels.len(), model.labels().len())?;
             Scored::new(probabilities, &validation.labels, model.labels())
         } else {
@@ -98,7 +99,7 @@ impl Stage for EvaluateStage {
         let mut facts = json!({
             "seconds": start.elapsed().as_secs_f64(),
             "rows": validation.labels.len(),
-            "validation_predicted_by": if reused.exists() { "train" } else { "evaluate" },
+            "validation_predicted_by": if reuse { "train" } else { "evaluate" },
         });
         if let Some(test) = splits.get("test") {
             let scored = score(&model, &test.ids, &test.labels, self.evaluate.batch_size)?;
