@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
-use super::gemm::{MatMut, MatRef, Products, Threads, product};
+use super::gemm::{MatMut, MatRef, Products, Threads, product, product_new};
 use super::{Activation, ROW_BLOCK, slice, with_real};
 
 /// `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)` (torch's layout), `bias` `(out)`; on
@@ -207,9 +207,8 @@ impl CustomOp2 for GradInput {
         with_real!("linear-grad-input", gs, T => {
             let g = slice::<T>("linear-grad-input", gs, gl)?;
             let w = slice::<T>("linear-grad-input", ws, wl)?;
-            let mut dx = vec![T::zero(); rows * inp];
             let (g, w) = (MatRef::row_major(g, rows, out), MatRef::row_major(w, out, inp));
-            product(MatMut::row_major(&mut dx, rows, inp), false, g, w, Threads::Pool, self.0);
+            let dx = product_new(g, w, Threads::Pool, self.0);
             Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, inp))))
         })
     }
@@ -254,9 +253,8 @@ impl CustomOp2 for GradWeight {
         with_real!("linear-grad-weight", gs, T => {
             let g = slice::<T>("linear-grad-weight", gs, gl)?;
             let x = slice::<T>("linear-grad-weight", xs, xl)?;
-            let mut dw = vec![T::zero(); out * inp];
             let (g, x) = (MatRef::row_major(g, rows, out).t(), MatRef::row_major(x, rows, inp));
-            product(MatMut::row_major(&mut dw, out, inp), false, g, x, Threads::Pool, self.0);
+            let dw = product_new(g, x, Threads::Pool, self.0);
             Ok((T::to_cpu_storage_owned(dw), Shape::from((out, inp))))
         })
     }

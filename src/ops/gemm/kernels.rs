@@ -58,10 +58,13 @@ impl<T: Real> Kernel<T> {
         }
         let mut tile = [T::zero(); MAX_TILE];
         let tile = &mut tile[..self.mr * self.nr];
-        for r in 0..rows {
-            for j in 0..cols {
-                // SAFETY: (r, j) is inside the valid rows x cols block.
-                tile[r * self.nr + j] = unsafe { *c.add(r * rs_c + j) };
+        // Starting from zero, `C` is only written (it may be uninitialised: see `product_new`).
+        if !zero {
+            for r in 0..rows {
+                for j in 0..cols {
+                    // SAFETY: (r, j) is inside the valid rows x cols block.
+                    tile[r * self.nr + j] = unsafe { *c.add(r * rs_c + j) };
+                }
             }
         }
         // SAFETY: `tile` is a full mr x nr tile with row stride nr.

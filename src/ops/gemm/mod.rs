@@ -9,7 +9,8 @@
 //! for p in 0..k:  c = fma(A[i][p], B[p][j], c)      // one rounding per step
 //! ```
 //!
-//! Nothing else touches the sum: no partial sums per K-block, no split of `k` across threads, no
+//! Starting from +0.0, the product writes every element of `C` and reads none, so `C` may be fresh
+//! uninitialised memory ([`product_new`]). Nothing else touches the sum: no partial sums per K-block, no split of `k` across threads, no
 //! horizontal reductions. So the result is a function of the operands alone, whatever the blocking,
 //! the micro-kernel shape, the SIMD width (each vector lane runs one element's chain) or the thread
 //! count. FMA is correctly rounded wherever it runs (in hardware, or `fmaf` in software on the
@@ -141,7 +142,8 @@ impl<'a, T> MatMut<'a, T> {
     /// # Safety
     ///
     /// For the view's lifetime, the `rows x cols` elements at `ptr + r * rs + c` must be valid for
-    /// writes and reads, `cols <= rs` (rows do not overlap), and no other reference may access them.
+    /// writes (and initialised, for a product that accumulates into them), `cols <= rs` (rows do
+    /// not overlap), and no other reference may access them.
     pub unsafe fn from_raw(ptr: *mut T, rows: usize, cols: usize, rs: usize) -> Self {
         Self { ptr, rows, cols, rs, _borrow: PhantomData }
     }
@@ -192,6 +194,25 @@ pub(crate) fn product<T: Element>(
         Products::Full => gemm(c, accumulate, a, b, threads),
         Products::Bf16 => T::bf16_product(c, accumulate, a, b, threads),
     }
+}
+
+/// `a b` as a new row-major vector, written once by the product: no zero fill first (a product
+/// that starts from zero writes every element of `C` and reads none, on every path).
+pub(crate) fn product_new<T: Element>(
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+    products: Products,
+) -> Vec<T> {
+    let (m, n) = (a.rows, b.cols);
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the view covers the vector's `m * n` elements of spare capacity, which nothing else
+    // references, rows `n` apart.
+    let view = unsafe { MatMut::from_raw(c.as_mut_ptr(), m, n, n) };
+    product(view, false, a, b, threads, products);
+    // SAFETY: the product wrote all `m * n` elements (see above).
+    unsafe { c.set_len(m * n) };
+    c
 }
 
 /// The block sizes; fixed in production, varied by the tests to show they do not matter.
@@ -532,6 +553,21 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A product into fresh memory (ragged tiles on every path, both precisions) gives the bits of
+    /// the same product into zeros.
+    #[test]
+    fn a_product_into_fresh_memory_equals_one_into_zeros() {
+        let (m, k, n) = (37, 45, 70);
+        let (av, bv) = (values(m * k, 4), values(k * n, 5));
+        let (a, b) = (MatRef::row_major(&av, m, k), MatRef::row_major(&bv, k, n));
+        for products in [Products::Full, Products::Bf16] {
+            let mut zeros = vec![0f32; m * n];
+            product(MatMut::row_major(&mut zeros, m, n), false, a, b, Threads::Pool, products);
+            let fresh = product_new(a, b, Threads::Pool, products);
+            assert_eq!(bits(&fresh), bits(&zeros), "{products:?}");
         }
     }
 
