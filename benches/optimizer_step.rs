@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use pipe::model::BertClassifier;
+use pipe::model::Classifier;
 use pipe::optim::{AdamW, OptimizerConfig, global_grad_norm};
 
 fn main() -> anyhow::Result<()> {
@@ -16,13 +16,8 @@ fn main() -> anyhow::Result<()> {
         println!("SKIPPED: no model at {} (run scripts/fetch-model.sh)", dir.display());
         return Ok(());
     }
-    let model = BertClassifier::from_pretrained(
-        &dir,
-        Some(vec!["0".into(), "1".into()]),
-        DType::F32,
-        &Device::Cpu,
-        0,
-    )?;
+    let model =
+        Classifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &Device::Cpu, 0)?;
     let grads: Vec<Option<Tensor>> = model
         .params()
         .iter()

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use pipe::data::{TextEncoder, read_csv};
-use pipe::model::{Batch, BertClassifier, Mode};
+use pipe::model::{Batch, Classifier, Mode};
 use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig};
 
@@ -82,7 +82,7 @@ fn padded(rows: &[Vec<u32>], len: usize) -> candle_core::Result<Batch> {
 
 /// Median forward, backward and optimizer milliseconds and real tokens per step over `batches`.
 /// Each phase ends with a device synchronisation, so GPU times are the work's, not the launches'.
-fn time_steps(model: &BertClassifier, batches: &[Batch]) -> anyhow::Result<(f64, f64, f64, f64)> {
+fn time_steps(model: &Classifier, batches: &[Batch]) -> anyhow::Result<(f64, f64, f64, f64)> {
     let sync = || model.device().synchronize();
     let labels: Vec<u32> = (0..batches[0].input_ids.dim(0)? as u32).map(|i| i % 2).collect();
     let mut opt = AdamW::new(OptimizerConfig::default(), model.params().to_vec())?;
@@ -129,7 +129,7 @@ fn time_op(device: &Device, f: &dyn Fn() -> candle_core::Result<()>) -> anyhow::
 /// `--ops`: each training-path op alone on the dense shape (`rows` tokens), forward and forward
 /// plus backward, to see where a step's time goes.
 fn op_breakdown(
-    model: &BertClassifier,
+    model: &Classifier,
     rows: usize,
     len: usize,
     precision: pipe::device::Precision,
@@ -211,13 +211,8 @@ fn main() -> anyhow::Result<()> {
     };
     let device_name = flag("--device").unwrap_or_else(|| "cpu".into());
     let target = pipe::device::resolve(&device_name)?;
-    let mut model = BertClassifier::from_pretrained(
-        &dir,
-        Some(vec!["0".into(), "1".into()]),
-        DType::F32,
-        &target.device,
-        0,
-    )?;
+    let mut model =
+        Classifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &target.device, 0)?;
     model.set_precision(precision);
     let c = model.config().clone();
     let (rows, hidden, inner) = (batch * len, c.hidden_size, c.intermediate_size);

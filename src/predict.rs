@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 
 use crate::data::{DataError, LabelMap, TextEncoder, TextsToPredict, TokenizeError};
 use crate::evaluate::{ClassificationReport, argmax, predict_probabilities, score};
-use crate::model::{BertClassifier, ModelError};
+use crate::model::{Classifier, ModelError};
 use crate::records::{Record, RecordError};
 use crate::stages::MODEL_DIR;
 use crate::store::{Lookup, Store, StoreError};
@@ -55,7 +55,7 @@ impl PredictError {
 
 /// A run's trained model, ready to classify texts.
 pub struct Predictor {
-    model: BertClassifier,
+    model: Classifier,
     encoder: TextEncoder,
     batch_size: usize,
     text_column: String,
@@ -96,7 +96,7 @@ impl Predictor {
             Lookup::Corrupt(why) => return Err(missing(format!("stages/train/{key} {why}"))),
         };
         let model_dir = output.file(MODEL_DIR);
-        let mut model = BertClassifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
+        let mut model = Classifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
         // As the run's evaluations predicted: with bf16 products for a bf16 run.
         model.set_precision(pipeline.dtype);
         let encoder =

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, fixture_batch, load, rel_err, scalar};
 use pipe::device::Precision;
-use pipe::model::{BertClassifier, Mode};
+use pipe::model::{Classifier, Mode};
 use pipe::ops::{Products, cross_entropy};
 use pipe::optim::{AdamW, OptimizerConfig, ScheduleConfig, ScheduleKind, global_grad_norm};
 
@@ -29,9 +29,9 @@ fn gpu() -> Option<Device> {
     }
 }
 
-fn tiny(device: &Device, compute: DType) -> BertClassifier {
+fn tiny(device: &Device, compute: DType) -> Classifier {
     let mut model =
-        BertClassifier::from_pretrained(&fixture("parity/bert-tiny"), None, DType::F32, device, 0).unwrap();
+        Classifier::from_pretrained(&fixture("parity/bert-tiny"), None, DType::F32, device, 0).unwrap();
     model.set_precision(if compute == DType::BF16 { Precision::Bf16 } else { Precision::F32 });
     model
 }
@@ -39,11 +39,7 @@ fn tiny(device: &Device, compute: DType) -> BertClassifier {
 type Case = std::collections::HashMap<String, Tensor>;
 
 /// Logits, loss and gradients (parameter order) of the fixture batch, with `mode`'s dropout.
-fn loss_and_grads(
-    model: &BertClassifier,
-    case: &Case,
-    mode: Mode<'_>,
-) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
+fn loss_and_grads(model: &Classifier, case: &Case, mode: Mode<'_>) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
     let (batch, labels) = fixture_batch(case, DType::F32);
     let logits = model.forward(&batch, mode).unwrap();
     let loss = cross_entropy(&logits, &labels, None).unwrap();
@@ -53,7 +49,7 @@ fn loss_and_grads(
 }
 
 /// Worst floor-normalised gradient error against the fixture, and where.
-fn worst_gradient(model: &BertClassifier, case: &Case, grads: &[Option<Tensor>]) -> (f64, String) {
+fn worst_gradient(model: &Classifier, case: &Case, grads: &[Option<Tensor>]) -> (f64, String) {
     let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
     let mut worst = (0f64, String::new());
     for ((name, _), grad) in model.params().iter().zip(grads) {
@@ -207,8 +203,7 @@ fn minilm_fixture_matches_pytorch() {
     let Some(dir) = common::minilm_dir() else { return };
     let case = load("parity/minilm-sst2-case.safetensors");
     let model =
-        BertClassifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &gpu, 0)
-            .unwrap();
+        Classifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &gpu, 0).unwrap();
     for (name, var) in model.params() {
         if let Some(t) = case.get(name) {
             var.set(&t.to_device(&gpu).unwrap()).unwrap();

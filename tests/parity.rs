@@ -5,17 +5,17 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, fixture_batch, load, rel_err, scalar};
-use pipe::model::{BertClassifier, Mode};
+use pipe::model::{Classifier, Mode};
 use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig, ScheduleConfig, ScheduleKind, global_grad_norm};
 
-fn tiny(dtype: DType) -> BertClassifier {
-    BertClassifier::from_pretrained(&fixture("parity/bert-tiny"), None, dtype, &Device::Cpu, 0).unwrap()
+fn tiny(dtype: DType) -> Classifier {
+    Classifier::from_pretrained(&fixture("parity/bert-tiny"), None, dtype, &Device::Cpu, 0).unwrap()
 }
 
 /// Loss and per-parameter gradients (in parameter order) of the fixture batch.
 fn loss_and_grads(
-    model: &BertClassifier,
+    model: &Classifier,
     case: &std::collections::HashMap<String, Tensor>,
 ) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
     let (batch, labels) = fixture_batch(case, model.dtype());
@@ -222,14 +222,9 @@ fn minilm_tokens_logits_loss_and_gradients_match_pytorch() {
         assert_eq!(ids, &want, "token ids of row {row}");
     }
 
-    let model = BertClassifier::from_pretrained(
-        &dir,
-        Some(vec!["0".into(), "1".into()]),
-        DType::F32,
-        &Device::Cpu,
-        0,
-    )
-    .unwrap();
+    let model =
+        Classifier::from_pretrained(&dir, Some(vec!["0".into(), "1".into()]), DType::F32, &Device::Cpu, 0)
+            .unwrap();
     for (name, var) in model.params() {
         if let Some(t) = case.get(name) {
             var.set(t).unwrap();

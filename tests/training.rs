@@ -1,11 +1,11 @@
-//! Training end to end on a tiny model: it learns, it is deterministic (also across thread counts),
-//! and what it saves loads back to the same bits.
+//! Training end to end on tiny models of every family: they learn, they are deterministic (also
+//! across thread counts), and what they save loads back to the same bits.
 
 mod common;
 
 use candle_core::{DType, Device};
 use common::fixture;
-use pipe::model::{Batch, BertClassifier, Dropout, Mode};
+use pipe::model::{Batch, Classifier, Dropout, Mode};
 use pipe::optim::{OptimizerConfig, ScheduleConfig, ScheduleKind};
 use pipe::train::{Examples, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
@@ -30,23 +30,36 @@ fn synthetic() -> (Vec<Vec<u32>>, Vec<u32>) {
         .unzip()
 }
 
-fn tiny_model() -> BertClassifier {
+/// The tiny BERT, and the tiny models of the other families (`scripts/make-fixtures.py`).
+const MODELS: [&str; 5] = [
+    "parity/bert-tiny",
+    "families/distilbert",
+    "families/electra",
+    "families/roberta",
+    "families/xlm-roberta",
+];
+
+fn tiny_model() -> Classifier {
+    tiny(MODELS[0])
+}
+
+/// The fixture model at `source` with the synthetic task's labels and dropout on.
+fn tiny(source: &str) -> Classifier {
     let labels = LABELS.iter().map(|s| s.to_string()).collect();
-    let mut model = BertClassifier::from_pretrained(
-        &fixture("parity/bert-tiny"),
-        Some(labels),
-        DType::F32,
-        &Device::Cpu,
-        3,
-    )
-    .unwrap();
+    let mut model =
+        Classifier::from_pretrained(&fixture(source), Some(labels), DType::F32, &Device::Cpu, 3).unwrap();
     // The fixture has dropout 0; train with it on so that the seeded masks are exercised.
     model.set_dropout(Dropout { hidden: 0.1, attention: 0.1, classifier: 0.1 });
     model
 }
 
-/// Trains for a fixed budget and returns the model.
-fn train(seed: u64) -> BertClassifier {
+/// Trains the tiny BERT for a fixed budget and returns the model.
+fn train(seed: u64) -> Classifier {
+    train_model(tiny_model(), seed)
+}
+
+/// Trains `model` for a fixed budget.
+fn train_model(model: Classifier, seed: u64) -> Classifier {
     let (ids, labels) = synthetic();
     let data = Examples { ids: &ids, labels: &labels };
     let optimizer = OptimizerConfig { lr: 5e-3, ..Default::default() };
@@ -57,15 +70,14 @@ fn train(seed: u64) -> BertClassifier {
         length_bucketing: true,
         ..Default::default()
     };
-    let mut trainer =
-        Trainer::new(tiny_model(), optimizer, ScheduleConfig::default(), config, seed, data).unwrap();
+    let mut trainer = Trainer::new(model, optimizer, ScheduleConfig::default(), config, seed, data).unwrap();
     while !trainer.finished() {
         trainer.step(data).unwrap();
     }
     trainer.into_model()
 }
 
-fn weights_digest(model: &BertClassifier) -> String {
+fn weights_digest(model: &Classifier) -> String {
     let mut h = Sha256::new();
     for (name, var) in model.params() {
         h.update(name.as_bytes());
@@ -76,7 +88,7 @@ fn weights_digest(model: &BertClassifier) -> String {
     format!("{:x}", h.finalize())
 }
 
-fn accuracy(model: &BertClassifier, ids: &[Vec<u32>], labels: &[u32]) -> f64 {
+fn accuracy(model: &Classifier, ids: &[Vec<u32>], labels: &[u32]) -> f64 {
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let batch = Batch::pad(&rows, model.pad_id(), model.dtype(), model.device()).unwrap();
     let logits = model.forward(&batch, Mode::Eval).unwrap();
@@ -94,16 +106,29 @@ fn tiny_model_learns_the_synthetic_task_completely() {
 }
 
 #[test]
+fn every_family_learns_the_synthetic_task_completely() {
+    let (ids, labels) = synthetic();
+    for source in &MODELS[1..] {
+        let model = train_model(tiny(source), 42);
+        let after = accuracy(&model, &ids, &labels);
+        assert_eq!(after, 1.0, "{source}: training accuracy {after}");
+    }
+}
+
+#[test]
 fn same_seed_same_bits_and_another_seed_other_bits() {
     assert_eq!(weights_digest(&train(42)), weights_digest(&train(42)));
     assert_ne!(weights_digest(&train(42)), weights_digest(&train(43)));
 }
 
-/// Run by `same_bits_with_one_and_two_threads` in a child process with RAYON_NUM_THREADS set.
+/// Run by `same_bits_with_one_and_two_threads` in a child process with RAYON_NUM_THREADS set:
+/// the digest of each model's training run.
 #[test]
 #[ignore = "helper: run by same_bits_with_one_and_two_threads"]
 fn print_digest_of_a_training_run() {
-    println!("DIGEST {}", weights_digest(&train(42)));
+    for source in MODELS {
+        println!("DIGEST {source} {}", weights_digest(&train_model(tiny(source), 42)));
+    }
 }
 
 #[test]
@@ -116,14 +141,15 @@ fn same_bits_with_one_and_two_threads() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "child failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("DIGEST ").map(str::to_string))
-            .expect("child printed a digest")
+        let digests: Vec<String> =
+            stdout.lines().filter_map(|l| l.strip_prefix("DIGEST ").map(str::to_string)).collect();
+        assert_eq!(digests.len(), MODELS.len(), "child printed a digest per model: {stdout}");
+        digests
     };
     let one = digest("1");
     assert_eq!(one, digest("2"), "weights differ between 1 and 2 threads");
-    assert_eq!(one, weights_digest(&train(42)), "child and in-process runs differ");
+    let bert = format!("{} {}", MODELS[0], weights_digest(&train(42)));
+    assert_eq!(one[0], bert, "child and in-process runs differ");
 }
 
 #[test]
@@ -131,9 +157,9 @@ fn saved_model_loads_back_bit_exactly_in_hugging_face_layout() {
     let model = train(42);
     let dir = tempfile::tempdir().unwrap();
     model.save_pretrained(dir.path()).unwrap();
-    let loaded = BertClassifier::from_pretrained(dir.path(), None, DType::F32, &Device::Cpu, 999).unwrap();
+    let loaded = Classifier::from_pretrained(dir.path(), None, DType::F32, &Device::Cpu, 999).unwrap();
     assert_eq!(loaded.labels(), model.labels());
-    let names = |m: &BertClassifier| m.params().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let names = |m: &Classifier| m.params().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     assert_eq!(names(&loaded), names(&model));
     assert_eq!(weights_digest(&loaded), weights_digest(&model));
 

@@ -3,7 +3,7 @@
 use candle_core::Result;
 
 use super::ClassificationReport;
-use crate::model::{Batch, BertClassifier, Mode};
+use crate::model::{Batch, Classifier, Mode};
 
 /// A model's predictions on labelled rows, scored.
 #[derive(Debug, Clone)]
@@ -20,7 +20,7 @@ pub struct Scored {
 ///
 /// The one computation behind the evaluate stage, the train stage's evaluations and `pipe
 /// predict`'s accuracy, so that all three give the same numbers for the same weights and rows.
-pub fn score(model: &BertClassifier, rows: &[Vec<u32>], labels: &[u32], batch_size: usize) -> Result<Scored> {
+pub fn score(model: &Classifier, rows: &[Vec<u32>], labels: &[u32], batch_size: usize) -> Result<Scored> {
     let probabilities = predict_probabilities(model, rows, batch_size)?;
     Ok(Scored::new(probabilities, labels, model.labels()))
 }
@@ -41,7 +41,7 @@ impl Scored {
 /// Rows are batched in order of length so that batches pad little; each row's result does not
 /// depend on the order given, only on `batch_size`, so evaluation and `pipe predict` agree.
 pub fn predict_probabilities(
-    model: &BertClassifier,
+    model: &Classifier,
     rows: &[Vec<u32>],
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {

@@ -1,18 +1,19 @@
 //! Hugging Face checkpoint directories: `config.json` + `model.safetensors` in, the same out.
 //!
-//! Tensor names follow `transformers`: `bert.embeddings...`, `bert.encoder.layer.N...`,
-//! `bert.pooler...`, `classifier...`. Checkpoints of a bare `BertModel` (all-MiniLM-L6-v2) have no
-//! `bert.` prefix, and old ones name LayerNorm parameters `gamma`/`beta`; both load. A head that
-//! the checkpoint lacks (or that has another number of classes) is initialised as transformers
-//! does: normal with std `initializer_range`, zero bias, drawn from the seeded RNG.
+//! Tensor names follow `transformers`' `...ForSequenceClassification` of the config's family (see
+//! `family`), such as `bert.embeddings...`, `bert.encoder.layer.N...`, `bert.pooler...`,
+//! `classifier...`. Checkpoints of a bare base model (all-MiniLM-L6-v2 is a `BertModel`) lack the
+//! base prefix, and old ones name LayerNorm parameters `gamma`/`beta`; both load. A head that the
+//! checkpoint lacks (or that has another number of classes) is initialised as transformers does:
+//! normal with std `initializer_range`, zero bias, drawn from the seeded RNG.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::bert::{Embeddings, Layer, Linear, Norm};
-use super::{BertClassifier, BertConfig, Dropout, ModelError};
+use super::encoder::{Embeddings, HeadLayers, Layer, Linear, Norm};
+use super::{Classifier, Dropout, EncoderConfig, ModelError};
 use crate::rng;
 
 /// Weights file name inside a model directory.
@@ -20,7 +21,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Architecture file name inside a model directory.
 pub const CONFIG_FILE: &str = "config.json";
 
-impl BertClassifier {
+impl Classifier {
     /// Loads a checkpoint directory for classification into `labels` (class names by index).
     ///
     /// With `labels` = `None` the checkpoint's own `id2label` is used (a fine-tuned model).
@@ -33,7 +34,7 @@ impl BertClassifier {
         seed: u64,
     ) -> Result<Self, ModelError> {
         let config_path = dir.join(CONFIG_FILE);
-        let config = BertConfig::from_file(&config_path)?;
+        let config = EncoderConfig::from_file(&config_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.is_file() {
             return Err(ModelError::Io {
@@ -41,9 +42,10 @@ impl BertClassifier {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors"),
             });
         }
+        let names = config.family.names();
         let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?
             .into_iter()
-            .map(|(name, t)| (canonical_name(&name), t))
+            .map(|(name, t)| (names.canonical(&name), t))
             .collect();
         let labels = match labels {
             Some(l) => l,
@@ -57,31 +59,39 @@ impl BertClassifier {
         };
         let mut loader = Loader { path: &weights_path, tensors, dtype, device, params: Vec::new() };
         let mut init = Init { rng: rng::stream(seed, "init", 0), std: config.initializer_range };
-        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let (h, i, e) = (config.hidden_size, config.intermediate_size, config.embedding_width());
+        let at = |name: &str, n: usize| names.encoder(name, n);
         let embeddings = Embeddings {
-            word: loader.take("bert.embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            word: loader.take(&(at(names.word, 0) + ".weight"), &[config.vocab_size, e])?,
             position: loader
-                .take("bert.embeddings.position_embeddings.weight", &[config.max_position_embeddings, h])?,
-            token_type: loader
-                .take("bert.embeddings.token_type_embeddings.weight", &[config.type_vocab_size, h])?,
-            norm: loader.norm("bert.embeddings.LayerNorm", h)?,
+                .take(&(at(names.position, 0) + ".weight"), &[config.max_position_embeddings, e])?,
+            token_type: match config.type_vocab_size {
+                0 => None,
+                types => Some(loader.take(&(at(names.token_type, 0) + ".weight"), &[types, e])?),
+            },
+            norm: loader.norm(&at(names.embeddings_norm, 0), e)?,
+            projection: match e == h {
+                true => None,
+                false => Some(loader.linear(&at(names.projection, 0), h, e)?),
+            },
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for n in 0..config.num_hidden_layers {
-            let p = format!("bert.encoder.layer.{n}");
             layers.push(Layer {
-                query: loader.linear(&format!("{p}.attention.self.query"), h, h)?,
-                key: loader.linear(&format!("{p}.attention.self.key"), h, h)?,
-                value: loader.linear(&format!("{p}.attention.self.value"), h, h)?,
-                attention_out: loader.linear(&format!("{p}.attention.output.dense"), h, h)?,
-                attention_norm: loader.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
-                intermediate: loader.linear(&format!("{p}.intermediate.dense"), i, h)?,
-                output: loader.linear(&format!("{p}.output.dense"), h, i)?,
-                output_norm: loader.norm(&format!("{p}.output.LayerNorm"), h)?,
+                query: loader.linear(&at(names.query, n), h, h)?,
+                key: loader.linear(&at(names.key, n), h, h)?,
+                value: loader.linear(&at(names.value, n), h, h)?,
+                attention_out: loader.linear(&at(names.attention_out, n), h, h)?,
+                attention_norm: loader.norm(&at(names.attention_norm, n), h)?,
+                intermediate: loader.linear(&at(names.intermediate, n), i, h)?,
+                output: loader.linear(&at(names.output, n), h, i)?,
+                output_norm: loader.norm(&at(names.output_norm, n), h)?,
             });
         }
-        let pooler = loader.linear_or_init("bert.pooler.dense", h, h, &mut init)?;
-        let classifier = loader.linear_or_init("classifier", labels.len(), h, &mut init)?;
+        let head = HeadLayers {
+            dense: loader.linear_or_init(names.head_dense, h, h, &mut init)?,
+            out: loader.linear_or_init(names.head_out, labels.len(), h, &mut init)?,
+        };
         Ok(Self {
             activation: config.activation().expect("checked when the config was read"),
             dropout: Dropout::from_config(&config),
@@ -90,8 +100,7 @@ impl BertClassifier {
             params: loader.params,
             embeddings,
             layers,
-            pooler,
-            classifier,
+            head,
             compute: dtype,
             products: crate::ops::Products::Full,
         })
@@ -107,8 +116,9 @@ impl BertClassifier {
             self.labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect();
         let label2id: serde_json::Map<_, _> =
             self.labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
-        config.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
-        config.insert("model_type".into(), "bert".into());
+        let family = self.config.family;
+        config.insert("architectures".into(), serde_json::json!([family.architecture()]));
+        config.insert("model_type".into(), family.model_type().into());
         config.insert("num_labels".into(), self.labels.len().into());
         config.insert("id2label".into(), id2label.into());
         config.insert("label2id".into(), label2id.into());
@@ -131,12 +141,6 @@ impl BertClassifier {
         safetensors::serialize_to_file(tensors, Some(metadata), &weights_path)
             .map_err(|source| ModelError::Safetensors { path: weights_path, source })
     }
-}
-
-/// Maps a checkpoint's tensor name to the `BertForSequenceClassification` name.
-fn canonical_name(name: &str) -> String {
-    let name = name.replace(".gamma", ".weight").replace(".beta", ".bias");
-    if name.starts_with("bert.") || name.starts_with("classifier.") { name } else { format!("bert.{name}") }
 }
 
 /// Takes tensors out of a checkpoint into `Var`s, recording each parameter's name in order.
@@ -162,6 +166,12 @@ impl Loader<'_> {
     }
 
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let tensor = self.remove(name, shape)?;
+        self.register(name, tensor)
+    }
+
+    /// The checkpoint's tensor `name`, checked against `shape`.
+    fn remove(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let tensor = self
             .tensors
             .remove(name)
@@ -174,7 +184,7 @@ impl Loader<'_> {
                 want: shape.to_vec(),
             });
         }
-        self.register(name, tensor)
+        Ok(tensor)
     }
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
@@ -216,17 +226,5 @@ impl Loader<'_> {
         let weight = self.register(&w, Tensor::from_vec(weights, (out, inp), &Device::Cpu)?)?;
         let bias = self.register(&b, Tensor::zeros(out, DType::F32, &Device::Cpu)?)?;
         Ok(Linear { weight, bias })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::canonical_name;
-
-    #[test]
-    fn names_are_canonical() {
-        assert_eq!(canonical_name("embeddings.LayerNorm.gamma"), "bert.embeddings.LayerNorm.weight");
-        assert_eq!(canonical_name("bert.pooler.dense.bias"), "bert.pooler.dense.bias");
-        assert_eq!(canonical_name("classifier.weight"), "classifier.weight");
     }
 }

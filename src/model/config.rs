@@ -1,32 +1,45 @@
-//! The parts of a Hugging Face BERT `config.json` that the model needs.
+//! The parts of a Hugging Face encoder's `config.json` that the model needs, for every family.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
 use super::ModelError;
+use super::family::Family;
 use crate::ops::Activation;
 
-/// Architecture hyper-parameters from `config.json`. The whole JSON object is kept too, so that a
-/// saved model carries every field it was loaded with.
+/// Architecture hyper-parameters from `config.json`, under BERT's names (DistilBERT's own names,
+/// such as `dim` and `n_layers`, are read as their aliases). The whole JSON object is kept too, so
+/// that a saved model carries every field it was loaded with.
 #[derive(Debug, Clone, Deserialize)]
-pub struct BertConfig {
+pub struct EncoderConfig {
+    /// The architecture, from `model_type` (a config without one is BERT's, as old ones are).
+    #[serde(skip, default = "default_family")]
+    pub family: Family,
     pub vocab_size: usize,
+    #[serde(alias = "dim")]
     pub hidden_size: usize,
+    #[serde(alias = "n_layers")]
     pub num_hidden_layers: usize,
+    #[serde(alias = "n_heads")]
     pub num_attention_heads: usize,
+    #[serde(alias = "hidden_dim")]
     pub intermediate_size: usize,
-    #[serde(default = "default_act")]
+    #[serde(default = "default_act", alias = "activation")]
     pub hidden_act: String,
-    #[serde(default = "default_dropout")]
+    #[serde(default = "default_dropout", alias = "dropout")]
     pub hidden_dropout_prob: f64,
-    #[serde(default = "default_dropout")]
+    #[serde(default = "default_dropout", alias = "attention_dropout")]
     pub attention_probs_dropout_prob: f64,
-    #[serde(default)]
+    #[serde(default, alias = "seq_classif_dropout")]
     pub classifier_dropout: Option<f64>,
     pub max_position_embeddings: usize,
+    /// Token types (segments); 0 for a family without them (DistilBERT).
     #[serde(default = "default_type_vocab")]
     pub type_vocab_size: usize,
+    /// The width of the embeddings, when it differs from `hidden_size` (ELECTRA projects them).
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     #[serde(default = "default_init_range")]
@@ -41,6 +54,9 @@ pub struct BertConfig {
     pub raw: serde_json::Map<String, serde_json::Value>,
 }
 
+fn default_family() -> Family {
+    Family::Bert
+}
 fn default_act() -> String {
     "gelu".into()
 }
@@ -57,21 +73,31 @@ fn default_init_range() -> f64 {
     0.02
 }
 
-impl BertConfig {
+impl EncoderConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
         let raw: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&text).map_err(|source| ModelError::Config { path: path.into(), source })?;
+        let unsupported = |message: String| ModelError::Unsupported { path: path.into(), message };
+        let family = match raw.get("model_type") {
+            None => Family::Bert,
+            Some(serde_json::Value::String(name)) => Family::from_model_type(name).ok_or_else(|| {
+                unsupported(format!(
+                    "model_type `{name}` is not supported (supported: {})",
+                    Family::supported_list()
+                ))
+            })?,
+            Some(other) => return Err(unsupported(format!("model_type {other} is not a string"))),
+        };
         let mut config: Self = serde_json::from_value(serde_json::Value::Object(raw.clone()))
             .map_err(|source| ModelError::Config { path: path.into(), source })?;
-        let unsupported = |message: String| ModelError::Unsupported { path: path.into(), message };
-        match raw.get("model_type").and_then(|v| v.as_str()) {
-            None | Some("bert") => {}
-            Some(other) => {
-                return Err(unsupported(format!("model_type `{other}` is not supported (only `bert`)")));
-            }
+        config.family = family;
+        if family == Family::DistilBert {
+            // DistilBERT has no token types, and a fixed LayerNorm epsilon.
+            config.type_vocab_size = 0;
+            config.layer_norm_eps = 1e-12;
         }
         if config.activation().is_none() {
             return Err(unsupported(format!("hidden_act `{}` is not supported", config.hidden_act)));
@@ -102,5 +128,15 @@ impl BertConfig {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Width of the embeddings (the hidden size, unless the family projects them).
+    pub fn embedding_width(&self) -> usize {
+        self.embedding_size.unwrap_or(self.hidden_size)
+    }
+
+    /// The token id used for padding (`pad_token_id`, else 0).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.unwrap_or(0)
     }
 }

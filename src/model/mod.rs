@@ -1,16 +1,18 @@
 //! Training-grade transformer models on candle, loaded from and saved as Hugging Face checkpoints.
 //!
-//! candle-transformers' BERT is built for inference (its LayerNorm cuts the gradient, its dropout
-//! is a no-op), so pipe has its own: the same architecture and tensor names as `transformers`'
-//! `BertForSequenceClassification`, every op differentiable (see [`crate::ops`]), dropout drawn
-//! from the seeded [`crate::rng`].
+//! candle-transformers' encoders are built for inference (their LayerNorm cuts the gradient, their
+//! dropout is a no-op), so pipe has its own: the architectures and tensor names of `transformers`'
+//! `...ForSequenceClassification` for each supported family (see [`Family`]), one shared encoder,
+//! every op differentiable (see [`crate::ops`]), dropout drawn from the seeded [`crate::rng`].
 
-mod bert;
 mod checkpoint;
 mod config;
+mod encoder;
+mod family;
 
-pub use bert::{Batch, BertClassifier, Dropout, Mode};
-pub use config::BertConfig;
+pub use config::EncoderConfig;
+pub use encoder::{Batch, Classifier, Dropout, Mode};
+pub use family::Family;
 
 use std::path::PathBuf;
 

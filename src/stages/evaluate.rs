@@ -13,7 +13,7 @@ use crate::config::EvaluateConfig;
 use crate::data;
 use crate::device::Precision;
 use crate::evaluate::{Scored, score};
-use crate::model::BertClassifier;
+use crate::model::Classifier;
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
 
@@ -62,7 +62,7 @@ impl Stage for EvaluateStage {
             .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
         let trained = &upstream[&StageKind::Train];
         let mut model =
-            BertClassifier::from_pretrained(&trained.file(MODEL_DIR), None, DType::F32, &Device::Cpu, 0)?;
+            Classifier::from_pretrained(&trained.file(MODEL_DIR), None, DType::F32, &Device::Cpu, 0)?;
         model.set_precision(self.precision);
         // The train stage's last evaluation already predicted these rows with these weights, as
         // `score` does here (it writes them only then): the same bits, without predicting again.

@@ -13,7 +13,7 @@ use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error, upstr
 use crate::config::{EvaluateConfig, Metric, ModelConfig};
 use crate::data::{self, TokenizedSplit};
 use crate::device::{Precision, Target};
-use crate::model::{BertClassifier, Dropout};
+use crate::model::{Classifier, Dropout};
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
@@ -59,7 +59,7 @@ pub struct TrainStage {
 }
 
 impl TrainStage {
-    fn dropout_for(&self, model: &BertClassifier) -> Dropout {
+    fn dropout_for(&self, model: &Classifier) -> Dropout {
         let base = model.dropout();
         Dropout {
             hidden: self.model.dropout.unwrap_or(base.hidden),
@@ -180,7 +180,7 @@ impl Stage for TrainStage {
     }
 
     fn preflight(&mut self) -> Result<(), StageError> {
-        let config = crate::model::BertConfig::from_file(&self.model_config.path)?;
+        let config = crate::model::EncoderConfig::from_file(&self.model_config.path)?;
         crate::model::check_safetensors(&self.model_weights.path)?;
         if self.max_length > config.max_position_embeddings {
             return Err(StageError::Invalid(format!(
@@ -213,7 +213,7 @@ impl Stage for TrainStage {
                 .resolve(&train.labels, labels.len())
                 .map_err(|message| StageError::Invalid(format!("{message} ({})", labels.join(", "))))?;
         }
-        let mut model = BertClassifier::from_pretrained(
+        let mut model = Classifier::from_pretrained(
             &self.model_dir,
             Some(labels),
             DType::F32,
@@ -383,7 +383,7 @@ impl Stage for TrainStage {
 }
 
 /// A copy of every parameter that later optimizer steps (which update in place) leave alone.
-fn copy_params(model: &BertClassifier) -> Result<Vec<Tensor>, StageError> {
+fn copy_params(model: &Classifier) -> Result<Vec<Tensor>, StageError> {
     Ok(model.params().iter().map(|(_, var)| var.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
 }
 

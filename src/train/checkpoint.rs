@@ -29,7 +29,7 @@ pub struct History {
     pub steps: Vec<StepReport>,
     /// Every evaluation so far.
     pub evaluations: Vec<Evaluation>,
-    /// The parameters at the best evaluation so far, in [`crate::model::BertClassifier::params`]
+    /// The parameters at the best evaluation so far, in [`crate::model::Classifier::params`]
     /// order (kept with early stopping, to be saved instead of the last ones).
     pub best_params: Option<Vec<Tensor>>,
 }

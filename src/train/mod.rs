@@ -20,7 +20,7 @@ pub use evaluation::{EarlyStopping, Evaluation};
 
 use candle_core::{Result, Tensor};
 
-use crate::model::{Batch, BertClassifier, Mode};
+use crate::model::{Batch, Classifier, Mode};
 use crate::ops;
 use crate::optim::{AdamW, OptimizerConfig, ScheduleConfig, global_grad_norm};
 use crate::rng;
@@ -57,7 +57,7 @@ pub struct StepReport {
 
 /// A model with its optimizer, schedule and position in the run.
 pub struct Trainer {
-    model: BertClassifier,
+    model: Classifier,
     optimizer: AdamW,
     schedule: ScheduleConfig,
     config: TrainConfig,
@@ -73,7 +73,7 @@ pub struct Trainer {
 impl Trainer {
     /// Prepares to train `model` on `data`.
     pub fn new(
-        model: BertClassifier,
+        model: Classifier,
         optimizer: OptimizerConfig,
         schedule: ScheduleConfig,
         config: TrainConfig,
@@ -119,7 +119,7 @@ impl Trainer {
     }
 
     /// The model being trained.
-    pub fn model(&self) -> &BertClassifier {
+    pub fn model(&self) -> &Classifier {
         &self.model
     }
 
@@ -134,7 +134,7 @@ impl Trainer {
     }
 
     /// Ends training, handing back the model.
-    pub fn into_model(self) -> BertClassifier {
+    pub fn into_model(self) -> Classifier {
         self.model
     }
 
@@ -198,7 +198,7 @@ impl Trainer {
         for (i, indices) in micro.iter().enumerate() {
             let row_ids: Vec<&[u32]> = indices.iter().map(|&r| data.ids[r].as_slice()).collect();
             let labels: Vec<u32> = indices.iter().map(|&r| data.labels[r]).collect();
-            // On the CPU: the model reads it back to pack the real tokens (see `BertClassifier::forward`).
+            // On the CPU: the model reads it back to pack the real tokens (see `Classifier::forward`).
             let batch =
                 Batch::pad(&row_ids, self.model.pad_id(), self.model.dtype(), &candle_core::Device::Cpu)?;
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);

@@ -1,11 +1,13 @@
-//! BERT encoder + pooler + classification head (`BertForSequenceClassification`).
+//! The encoder and its classification head, shared by every family (see `family` for what
+//! differs): embeddings, post-norm transformer layers, a head on the first token.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng as _;
 
-use super::BertConfig;
+use super::EncoderConfig;
+use super::family::Family;
 use crate::device::Precision;
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
@@ -23,7 +25,7 @@ pub struct Dropout {
 
 impl Dropout {
     /// The probabilities a config declares.
-    pub fn from_config(c: &BertConfig) -> Self {
+    pub fn from_config(c: &EncoderConfig) -> Self {
         Self {
             hidden: c.hidden_dropout_prob,
             attention: c.attention_probs_dropout_prob,
@@ -79,7 +81,7 @@ impl Batch {
 struct Packed {
     ids: Vec<u32>,
     types: Vec<u32>,
-    /// Each token's column in its row (its position id, as in the padded layout).
+    /// Each token's position id (as the family computes it from the padded layout).
     positions: Vec<u32>,
     /// Each row's `(start, len)` in the packed order.
     segments: Vec<(usize, usize)>,
@@ -88,7 +90,8 @@ struct Packed {
 }
 
 impl Packed {
-    fn new(batch: &Batch) -> Result<Self> {
+    /// The real tokens of `batch`, with `family`'s position ids (`pad` the padding id).
+    fn new(batch: &Batch, family: Family, pad: u32) -> Result<Self> {
         let ids = batch.input_ids.to_vec2::<u32>()?;
         let types = batch.token_type_ids.to_vec2::<u32>()?;
         let mask = batch.attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -101,16 +104,17 @@ impl Packed {
         };
         for (row, keep) in mask.iter().enumerate() {
             if keep.first().is_none_or(|&m| m == 0.0) {
-                // BERT pools column 0: it must be a real token (right padding).
+                // The head reads column 0: it must be a real token (right padding).
                 candle_core::bail!("row {row}: the first token is padding; batches must be right-padded");
             }
+            let positions = family.positions(&ids[row], pad);
             let start = packed.ids.len();
             packed.cls.push(start as u32);
             for (col, &m) in keep.iter().enumerate() {
                 if m != 0.0 {
                     packed.ids.push(ids[row][col]);
                     packed.types.push(types[row][col]);
-                    packed.positions.push(col as u32);
+                    packed.positions.push(positions[col]);
                 }
             }
             packed.segments.push((start, packed.ids.len() - start));
@@ -184,8 +188,18 @@ pub(super) struct Norm {
 pub(super) struct Embeddings {
     pub word: Tensor,
     pub position: Tensor,
-    pub token_type: Tensor,
+    /// None in a family without token types.
+    pub token_type: Option<Tensor>,
     pub norm: Norm,
+    /// From the embedding width to the hidden size, where they differ (ELECTRA).
+    pub projection: Option<Linear>,
+}
+
+/// The classification head's layers (see [`super::family::Head`] for its shape).
+#[derive(Clone)]
+pub(super) struct HeadLayers {
+    pub dense: Linear,
+    pub out: Linear,
 }
 
 #[derive(Clone)]
@@ -200,16 +214,15 @@ pub(super) struct Layer {
     pub output_norm: Norm,
 }
 
-/// `BertForSequenceClassification`: parameters (as candle `Var`s, named as in transformers) and
-/// the forward pass.
-pub struct BertClassifier {
-    pub(super) config: BertConfig,
+/// A family's `...ForSequenceClassification`: parameters (as candle `Var`s, named as in
+/// transformers) and the forward pass.
+pub struct Classifier {
+    pub(super) config: EncoderConfig,
     pub(super) labels: Vec<String>,
     pub(super) params: Vec<(String, Var)>,
     pub(super) embeddings: Embeddings,
     pub(super) layers: Vec<Layer>,
-    pub(super) pooler: Linear,
-    pub(super) classifier: Linear,
+    pub(super) head: HeadLayers,
     pub(super) activation: Activation,
     pub(super) dropout: Dropout,
     /// The dtype of activations and matrix products: the parameters' own, or bf16 for mixed
@@ -220,14 +233,14 @@ pub struct BertClassifier {
     pub(super) products: ops::Products,
 }
 
-impl BertClassifier {
+impl Classifier {
     /// Every trainable parameter with its Hugging Face name, in a fixed order.
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
     }
 
     /// The architecture config.
-    pub fn config(&self) -> &BertConfig {
+    pub fn config(&self) -> &EncoderConfig {
         &self.config
     }
 
@@ -263,7 +276,7 @@ impl BertClassifier {
 
     /// The token id used for padding.
     pub fn pad_id(&self) -> u32 {
-        self.config.pad_token_id.unwrap_or(0)
+        self.config.pad_id()
     }
 
     /// Training dropout probabilities.
@@ -299,16 +312,23 @@ impl BertClassifier {
         }
         // Batches may live anywhere: they are read back to pack them, and the packed indices are
         // host data that the gathers take to the parameters' device.
-        let Packed { ids, types, positions, segments, cls } = Packed::new(batch)?;
+        let family = c.family;
+        let Packed { ids, types, positions, segments, cls } = Packed::new(batch, family, c.pad_id())?;
         let e = &self.embeddings;
-        let x = (ops::embedding(&e.word, Arc::new(ids))? + ops::embedding(&e.token_type, Arc::new(types))?)?
-            .add(&ops::embedding(&e.position, Arc::new(positions))?)?;
+        let mut x = ops::embedding(&e.word, Arc::new(ids))?;
+        if let Some(token_type) = &e.token_type {
+            x = (x + ops::embedding(token_type, Arc::new(types))?)?;
+        }
+        let x = x.add(&ops::embedding(&e.position, Arc::new(positions))?)?;
         let x = e.norm.forward(&cast(&x, self.compute)?, c.layer_norm_eps)?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
+        if let Some(projection) = &e.projection {
+            x = projection.forward(&x, self.products)?;
+        }
         let segments = Arc::new(segments);
         let cls = Arc::new(cls);
         // In inference on the CPU, the last layer computes only what the head reads: each row's
-        // [CLS] (the same bits as computing every token; see `ops::first_token_attention`).
+        // first token (the same bits as computing every token; see `ops::first_token_attention`).
         let first_tokens_only = matches!(mode, Mode::Infer) && self.device().is_cpu();
         let (last, rest) = match self.layers.split_last() {
             Some((last, rest)) if first_tokens_only => (Some(last), rest),
@@ -317,15 +337,18 @@ impl BertClassifier {
         for layer in rest {
             x = self.layer_forward(layer, &x, &segments, &mut mode)?;
         }
-        let cls = match last {
+        let first = match last {
             Some(layer) => self.last_layer_first_tokens(layer, &x, &segments, &cls)?,
             None => ops::embedding(&x, cls)?,
         };
-        let pooled = ops::activation(&self.pooler.forward(&cls, self.products)?, Activation::Tanh)?;
-        let pooled = dropout(&pooled, self.dropout.classifier, &mut mode)?;
-        debug_assert_eq!(pooled.dim(0)?, rows);
+        let shape = family.head();
+        let p = self.dropout.classifier;
+        let first = if shape.dropout_first { dropout(&first, p, &mut mode)? } else { first };
+        let hidden = ops::activation(&self.head.dense.forward(&first, self.products)?, shape.activation)?;
+        let hidden = dropout(&hidden, p, &mut mode)?;
+        debug_assert_eq!(hidden.dim(0)?, rows);
         // The loss and predictions read logits in the parameters' dtype (f32 under bf16).
-        cast(&self.classifier.forward(&pooled, self.products)?, self.dtype())
+        cast(&self.head.out.forward(&hidden, self.products)?, self.dtype())
     }
 
     fn layer_forward(
@@ -345,8 +368,9 @@ impl BertClassifier {
         };
         let context = ops::attention(&qkv, Arc::clone(segments), c.num_attention_heads, p, key, products)?;
         let (eps, p) = (c.layer_norm_eps, self.dropout.hidden);
+        let p_attended = if c.family.attention_output_dropout() { p } else { 0.0 };
         let attended = layer.attention_out.forward(&context, products)?;
-        let x = layer.attention_norm.residual(&attended, x, eps, p, mode)?;
+        let x = layer.attention_norm.residual(&attended, x, eps, p_attended, mode)?;
         let inner = layer.intermediate.forward(&x, products)?;
         let out = layer.output.activated(&inner, self.activation, products)?;
         layer.output_norm.residual(&out, &x, eps, p, mode)

@@ -1,0 +1,231 @@
+//! The encoder families pipe fine-tunes, and what sets each apart: its weight names, its position
+//! ids, where its embeddings and dropout differ, and its classification head. The encoder layer
+//! and its ops are shared (see `encoder`): BERT, DistilBERT, RoBERTa, XLM-RoBERTa and ELECTRA are
+//! the same post-norm transformer under different names.
+
+use crate::ops::Activation;
+
+/// An architecture, as `config.json`'s `model_type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    DistilBert,
+    Roberta,
+    XlmRoberta,
+    Electra,
+}
+
+impl Family {
+    /// Every supported family.
+    pub const ALL: [Self; 5] = [Self::Bert, Self::DistilBert, Self::Electra, Self::Roberta, Self::XlmRoberta];
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Bert => "bert",
+            Self::DistilBert => "distilbert",
+            Self::Roberta => "roberta",
+            Self::XlmRoberta => "xlm-roberta",
+            Self::Electra => "electra",
+        }
+    }
+
+    /// The family of a `model_type`, if supported.
+    pub fn from_model_type(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.model_type() == name)
+    }
+
+    /// The supported `model_type`s, for error messages.
+    pub fn supported_list() -> String {
+        Self::ALL.map(Self::model_type).join(", ")
+    }
+
+    /// The transformers class that a saved directory declares (`architectures`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Self::Bert => "BertForSequenceClassification",
+            Self::DistilBert => "DistilBertForSequenceClassification",
+            Self::Roberta => "RobertaForSequenceClassification",
+            Self::XlmRoberta => "XLMRobertaForSequenceClassification",
+            Self::Electra => "ElectraForSequenceClassification",
+        }
+    }
+
+    /// The tensor names of the family's `...ForSequenceClassification`.
+    pub(super) fn names(self) -> &'static Names {
+        match self {
+            Self::Bert => &BERT,
+            Self::DistilBert => &DISTILBERT,
+            Self::Roberta | Self::XlmRoberta => &ROBERTA,
+            Self::Electra => &ELECTRA,
+        }
+    }
+
+    /// The classification head's shape.
+    pub(super) fn head(self) -> Head {
+        match self {
+            // pooler (dense + tanh on [CLS]), dropout, classifier
+            Self::Bert => Head { dropout_first: false, activation: Activation::Tanh },
+            // pre_classifier, ReLU, dropout, classifier
+            Self::DistilBert => Head { dropout_first: false, activation: Activation::Relu },
+            // dropout, dense, tanh, dropout, out_proj
+            Self::Roberta | Self::XlmRoberta => Head { dropout_first: true, activation: Activation::Tanh },
+            // dropout, dense, GELU, dropout, out_proj
+            Self::Electra => Head { dropout_first: true, activation: Activation::Gelu },
+        }
+    }
+
+    /// Whether the attention block's output is dropped out before its residual connection
+    /// (DistilBERT drops out only the feed-forward output).
+    pub(super) fn attention_output_dropout(self) -> bool {
+        self != Self::DistilBert
+    }
+
+    /// Each token's position id for one right-padded row of ids (`row`, its real tokens first).
+    /// RoBERTa's count from after the padding id, skipping tokens equal to it (transformers'
+    /// `create_position_ids_from_input_ids`); the others' are the column.
+    pub(super) fn positions(self, row: &[u32], pad: u32) -> Vec<u32> {
+        match self {
+            Self::Roberta | Self::XlmRoberta => {
+                let mut count = 0;
+                row.iter()
+                    .map(|&id| {
+                        if id == pad {
+                            pad
+                        } else {
+                            count += 1;
+                            pad + count
+                        }
+                    })
+                    .collect()
+            }
+            Self::Bert | Self::DistilBert | Self::Electra => (0..row.len() as u32).collect(),
+        }
+    }
+}
+
+/// The classification head over the first token: `[dropout], dense, activation, dropout, out`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Head {
+    /// Whether the first token is dropped out before the dense layer too.
+    pub dropout_first: bool,
+    /// The dense layer's activation.
+    pub activation: Activation,
+}
+
+/// Tensor names. Encoder names are under `base` in a `...ForSequenceClassification` checkpoint and
+/// without it in a bare base-model checkpoint; `{n}` stands for the layer index.
+pub(super) struct Names {
+    /// The base model's prefix (`bert`).
+    pub base: &'static str,
+    /// The head's first name components, which are never under `base`.
+    pub head_roots: &'static [&'static str],
+    pub word: &'static str,
+    pub position: &'static str,
+    /// Token type embeddings (none in DistilBERT).
+    pub token_type: &'static str,
+    pub embeddings_norm: &'static str,
+    /// ELECTRA's projection from the embedding width to the hidden size.
+    pub projection: &'static str,
+    pub query: &'static str,
+    pub key: &'static str,
+    pub value: &'static str,
+    pub attention_out: &'static str,
+    pub attention_norm: &'static str,
+    pub intermediate: &'static str,
+    pub output: &'static str,
+    pub output_norm: &'static str,
+    /// The head's dense layer (BERT's pooler; full names).
+    pub head_dense: &'static str,
+    /// The head's output layer (full names).
+    pub head_out: &'static str,
+}
+
+impl Names {
+    /// `name` of layer `n`, or of the embeddings, under the base prefix.
+    pub fn encoder(&self, name: &str, n: usize) -> String {
+        format!("{}.{}", self.base, name.replace("{n}", &n.to_string()))
+    }
+
+    /// A checkpoint's tensor name in the form above: legacy `gamma`/`beta` LayerNorm names as
+    /// `weight`/`bias`, and the base prefix added to encoder names that lack it.
+    pub fn canonical(&self, name: &str) -> String {
+        let name = name.replace(".gamma", ".weight").replace(".beta", ".bias");
+        let root = name.split('.').next().unwrap_or_default();
+        if root == self.base || self.head_roots.contains(&root) {
+            name
+        } else {
+            format!("{}.{name}", self.base)
+        }
+    }
+}
+
+/// BERT, and the layer names that RoBERTa and ELECTRA share with it.
+const BERT: Names = Names {
+    base: "bert",
+    head_roots: &["classifier"],
+    word: "embeddings.word_embeddings",
+    position: "embeddings.position_embeddings",
+    token_type: "embeddings.token_type_embeddings",
+    embeddings_norm: "embeddings.LayerNorm",
+    projection: "embeddings_project",
+    query: "encoder.layer.{n}.attention.self.query",
+    key: "encoder.layer.{n}.attention.self.key",
+    value: "encoder.layer.{n}.attention.self.value",
+    attention_out: "encoder.layer.{n}.attention.output.dense",
+    attention_norm: "encoder.layer.{n}.attention.output.LayerNorm",
+    intermediate: "encoder.layer.{n}.intermediate.dense",
+    output: "encoder.layer.{n}.output.dense",
+    output_norm: "encoder.layer.{n}.output.LayerNorm",
+    head_dense: "bert.pooler.dense",
+    head_out: "classifier",
+};
+
+const ROBERTA: Names =
+    Names { base: "roberta", head_dense: "classifier.dense", head_out: "classifier.out_proj", ..BERT };
+
+const ELECTRA: Names =
+    Names { base: "electra", head_dense: "classifier.dense", head_out: "classifier.out_proj", ..BERT };
+
+const DISTILBERT: Names = Names {
+    base: "distilbert",
+    head_roots: &["pre_classifier", "classifier"],
+    query: "transformer.layer.{n}.attention.q_lin",
+    key: "transformer.layer.{n}.attention.k_lin",
+    value: "transformer.layer.{n}.attention.v_lin",
+    attention_out: "transformer.layer.{n}.attention.out_lin",
+    attention_norm: "transformer.layer.{n}.sa_layer_norm",
+    intermediate: "transformer.layer.{n}.ffn.lin1",
+    output: "transformer.layer.{n}.ffn.lin2",
+    output_norm: "transformer.layer.{n}.output_layer_norm",
+    head_dense: "pre_classifier",
+    head_out: "classifier",
+    ..BERT
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_canonical() {
+        let bert = Family::Bert.names();
+        assert_eq!(bert.canonical("embeddings.LayerNorm.gamma"), "bert.embeddings.LayerNorm.weight");
+        assert_eq!(bert.canonical("bert.pooler.dense.bias"), "bert.pooler.dense.bias");
+        assert_eq!(bert.canonical("classifier.weight"), "classifier.weight");
+        let distil = Family::DistilBert.names();
+        assert_eq!(distil.canonical("pre_classifier.weight"), "pre_classifier.weight");
+        assert_eq!(
+            distil.canonical("transformer.layer.0.ffn.lin1.bias"),
+            "distilbert.transformer.layer.0.ffn.lin1.bias"
+        );
+        assert_eq!(Family::Roberta.names().canonical("classifier.out_proj.bias"), "classifier.out_proj.bias");
+        assert_eq!(distil.encoder(distil.query, 3), "distilbert.transformer.layer.3.attention.q_lin");
+    }
+
+    #[test]
+    fn roberta_positions_start_after_the_padding_id_and_skip_it() {
+        assert_eq!(Family::Roberta.positions(&[0, 5, 6, 1, 1], 1), vec![2, 3, 4, 1, 1]);
+        assert_eq!(Family::Bert.positions(&[101, 5, 0], 0), vec![0, 1, 2]);
+    }
+}
