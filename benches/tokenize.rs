@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let data = read_csv(&root.join("data/sst2/train.csv"), "text", "label")?;
     let read = start.elapsed().as_secs_f64();
-    let encoder = TextEncoder::from_file(&tokenizer, 128)?;
+    let encoder = TextEncoder::from_file(&tokenizer, 128, Default::default())?;
     let mut times = Vec::new();
     for _ in 0..5 {
         let start = Instant::now();

@@ -266,7 +266,7 @@ fn main() -> anyhow::Result<()> {
 
     // SST-2 rows padded to LEN, as the reference trains.
     let data = read_csv(&root.join("data/sst2/train.csv"), "text", "label")?;
-    let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), len)?;
+    let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), len, Default::default())?;
     let ids = encoder.encode_all(&data.texts[..(WARMUP + steps) * batch])?;
     let sst2: Vec<Batch> =
         ids.chunks(batch).map(|rows| padded(rows, len)).collect::<candle_core::Result<_>>()?;

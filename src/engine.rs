@@ -8,11 +8,12 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::config::{ConfigError, Pipeline, resolve_source};
+use crate::data::Flavor;
 use crate::device::Target;
 use crate::plan::{KeyFields, StageKind, run_id};
 use crate::stages::{
-    EvaluateStage, Event, Input, Observer, Stage, StageError, TEST_METRICS_FILE, TokenizeStage, TrainStage,
-    Upstream,
+    EvaluateStage, Event, Input, Observer, Stage, StageError, TEST_METRICS_FILE, TokenizeStage,
+    TokenizerFile, TrainStage, Upstream,
 };
 use crate::store::{Begin, Lookup, Store, StoreError, short};
 
@@ -96,6 +97,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
     let test_csv = d.test.clone().map(|p| input(p, "dataset.test")).transpose()?;
     let tokenizer_dir = resolve_source(&pipeline.tokenizer.source)?;
     let tokenizer = input(tokenizer_dir.join("tokenizer.json"), "tokenizer.source")?;
+    let flavor = Flavor::of_dir(&tokenizer_dir).map_err(|e| EngineError::Input(e.to_string()))?;
     let model_dir = resolve_source(&pipeline.model.source)?;
     let model_config = input(model_dir.join("config.json"), "model.source")?;
     let model_weights = input(model_dir.join("model.safetensors"), "model.source")?;
@@ -107,7 +109,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             train_csv,
             validation_csv,
             test_csv,
-            tokenizer.clone(),
+            TokenizerFile { file: tokenizer.clone(), flavor },
         )),
         Box::new(TrainStage {
             seed: pipeline.seed,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::data::{DataError, LabelMap, TextEncoder, TextsToPredict, TokenizeError};
+use crate::data::{DataError, Flavor, LabelMap, TextEncoder, TextsToPredict, TokenizeError};
 use crate::evaluate::{ClassificationReport, argmax, predict_probabilities, score};
 use crate::model::{Classifier, ModelError};
 use crate::records::{Record, RecordError};
@@ -99,8 +99,9 @@ impl Predictor {
         let mut model = Classifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
         // As the run's evaluations predicted: with bf16 products for a bf16 run.
         model.set_precision(pipeline.dtype);
-        let encoder =
-            TextEncoder::from_file(&model_dir.join("tokenizer.json"), pipeline.tokenizer.max_length)?;
+        let flavor = Flavor::of_dir(&model_dir)?;
+        let max_length = pipeline.tokenizer.max_length;
+        let encoder = TextEncoder::from_file(&model_dir.join("tokenizer.json"), max_length, flavor)?;
         Ok(Self {
             model,
             encoder,

@@ -9,5 +9,5 @@ pub use dataset::{
     DataError, LabelMap, LabeledTexts, TextsToPredict, leaked_validation_rows, read_csv, read_csv_to_predict,
     stratified_split,
 };
-pub use tokenize::{TextEncoder, TokenizeError};
+pub use tokenize::{Flavor, TextEncoder, TokenizeError};
 pub use tokens::{TokenizedSplit, TokensError, load_tokens, save_tokens};

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 pub use evaluate::{EvaluateStage, METRICS_FILE, PREDICTIONS_FILE, TEST_METRICS_FILE};
-pub use tokenize::{LABELS_FILE, TOKENS_FILE, TokenizeStage};
+pub use tokenize::{LABELS_FILE, TOKENS_FILE, TokenizeStage, TokenizerFile};
 pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage};
 
 use crate::data::{DataError, TokenizeError, TokensError};

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error};
 use crate::config::DatasetConfig;
-use crate::data::{self, LabelMap, TextEncoder, TokenizedSplit};
+use crate::data::{self, Flavor, LabelMap, TextEncoder, TokenizedSplit};
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
 
@@ -26,8 +26,15 @@ pub struct TokenizeStage {
     validation_csv: Option<Input>,
     /// The held-out test data (`dataset.test`): tokenized for the evaluate stage only.
     test_csv: Option<Input>,
-    tokenizer: Input,
+    tokenizer: TokenizerFile,
     prepared: Option<Prepared>,
+}
+
+/// A `tokenizer.json`, and how transformers builds a tokenizer from it (part of the key where that
+/// changes the ids).
+pub struct TokenizerFile {
+    pub file: Input,
+    pub flavor: Flavor,
 }
 
 /// A split's texts and their classes.
@@ -128,7 +135,7 @@ impl TokenizeStage {
         train_csv: Input,
         validation_csv: Option<Input>,
         test_csv: Option<Input>,
-        tokenizer: Input,
+        tokenizer: TokenizerFile,
     ) -> Self {
         Self { dataset, max_length, seed, train_csv, validation_csv, test_csv, tokenizer, prepared: None }
     }
@@ -149,6 +156,9 @@ impl Stage for TokenizeStage {
             },
             "tokenizer": { "max_length": self.max_length },
         });
+        if let Some(flavor) = self.tokenizer.flavor.key_name() {
+            params["tokenizer"]["flavor"] = json!(flavor);
+        }
         if let Some(split) = d.validation_split {
             // The seed matters only when it draws the split.
             params["dataset"]["validation_split"] = json!(split);
@@ -156,7 +166,7 @@ impl Stage for TokenizeStage {
         }
         let mut inputs = BTreeMap::from([
             ("dataset.train".to_string(), self.train_csv.sha256.clone()),
-            ("tokenizer".to_string(), self.tokenizer.sha256.clone()),
+            ("tokenizer".to_string(), self.tokenizer.file.sha256.clone()),
         ]);
         if let Some(v) = &self.validation_csv {
             inputs.insert("dataset.validation".into(), v.sha256.clone());
@@ -203,7 +213,8 @@ impl Stage for TokenizeStage {
         };
         let test_in_validation =
             test.as_ref().map_or(0, |(t, _)| data::leaked_validation_rows(&validation.0, &t.0).len());
-        let encoder = TextEncoder::from_file(&self.tokenizer.path, self.max_length)?;
+        let encoder =
+            TextEncoder::from_file(&self.tokenizer.file.path, self.max_length, self.tokenizer.flavor)?;
         self.prepared =
             Some(Prepared { encoder, labels, train, validation, leakage, test, test_in_validation });
         Ok(())
