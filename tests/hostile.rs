@@ -273,6 +273,18 @@ fn broken_model_files_are_refused() {
     refused_after(|d| write(d, "model/tokenizer.json", b"{}"), "tokenizer.json");
     refused_after(|d| write(d, "model/config.json", b"[1, 2"), "config.json");
     refused_after(|d| write(d, "model/config.json", b"{\"model_type\": \"bert\"}"), "config.json");
+    // An architecture pipe does not have: the error names it and the supported ones.
+    let unsupported = |d: &Path| {
+        let path = d.join("model/config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["model_type"] = "gpt2".into();
+        write(d, "model/config.json", config.to_string().as_bytes());
+    };
+    refused_after(
+        unsupported,
+        "model_type `gpt2` is not supported (supported: bert, distilbert, electra, roberta",
+    );
     // A safetensors header that claims more bytes than the file has, and one of several GB.
     let weights = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
     refused_after(

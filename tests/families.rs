@@ -1,0 +1,241 @@
+//! Every encoder family against PyTorch/transformers: the tiny random-init models and float64
+//! references of `tests/fixtures/families` (made by `scripts/make-fixtures.py`), saved models that
+//! transformers loads, and tokenizers that give transformers' ids.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture, fixture_batch, load, rel_err, scalar};
+use pipe::data::Flavor;
+use pipe::model::{Classifier, Mode};
+use pipe::ops::cross_entropy;
+use pipe::optim::{AdamW, OptimizerConfig};
+
+/// The fixture families (BERT's own are in `tests/parity.rs`).
+const FAMILIES: [&str; 4] = ["distilbert", "electra", "roberta", "xlm-roberta"];
+
+fn model(family: &str, dtype: DType) -> Classifier {
+    let dir = fixture(&format!("families/{family}"));
+    Classifier::from_pretrained(&dir, None, dtype, &Device::Cpu, 0)
+        .unwrap_or_else(|e| panic!("{family}: {e}"))
+}
+
+fn case(family: &str) -> HashMap<String, Tensor> {
+    load(&format!("families/{family}-case.safetensors"))
+}
+
+/// The attention key biases, whose true gradient is exactly zero: softmax ignores a constant added
+/// to every score of a row, and a key bias adds exactly such a constant (`q · b_k`).
+fn is_key_bias(name: &str) -> bool {
+    name.ends_with("attention.self.key.bias") || name.ends_with("attention.k_lin.bias")
+}
+
+/// Logits, loss and each parameter's gradient (in parameter order) on the fixture batch.
+fn loss_and_grads(
+    model: &Classifier,
+    case: &HashMap<String, Tensor>,
+) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
+    let (batch, labels) = fixture_batch(case, model.dtype());
+    let logits = model.forward(&batch, Mode::Eval).unwrap();
+    let loss = cross_entropy(&logits, &labels, None).unwrap();
+    let store = loss.backward().unwrap();
+    let grads = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
+    (logits, loss, grads)
+}
+
+#[test]
+fn every_family_matches_pytorch_logits_loss_and_every_gradient() {
+    for family in FAMILIES {
+        let case = case(family);
+        let model = model(family, DType::F32);
+        let (logits, loss, grads) = loss_and_grads(&model, &case);
+        let e = rel_err(&logits, &case["expected.logits"], 0.0);
+        assert!(e < 1e-5, "{family}: logits err {e:e}");
+        let e = rel_err(&loss.reshape(1).unwrap(), &case["expected.loss"], 0.0);
+        assert!(e < 1e-5, "{family}: loss err {e:e}");
+        let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
+        let mut worst = (0f64, String::new());
+        for ((name, _), grad) in model.params().iter().zip(&grads) {
+            let reference = case.get(&format!("grad.{name}")).unwrap_or_else(|| {
+                panic!("{family}: pipe trains `{name}`, which transformers does not have or train")
+            });
+            let grad = grad.as_ref().unwrap_or_else(|| panic!("{family}: {name} received no gradient"));
+            let e = rel_err(grad, reference, floor);
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+        println!("{family}: worst gradient error {:e} at {}", worst.0, worst.1);
+        assert!(worst.0 < 1e-5, "{family}: worst gradient error {:e} at {}", worst.0, worst.1);
+        let references = case.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(model.params().len(), references, "{family}: every parameter transformers trains");
+    }
+}
+
+/// In f64, every parameter but the attention key biases gets a gradient that is not zero.
+#[test]
+fn every_family_gives_every_parameter_a_gradient() {
+    for family in FAMILIES {
+        let case = case(family);
+        let model = model(family, DType::F64);
+        let (_, _, grads) = loss_and_grads(&model, &case);
+        for ((name, _), grad) in model.params().iter().zip(&grads) {
+            let grad = grad.as_ref().unwrap_or_else(|| panic!("{family}: {name}: no gradient"));
+            let norm = scalar(&grad.sqr().unwrap().sum_all().unwrap()).sqrt();
+            if !is_key_bias(name) {
+                assert!(norm > 0.0, "{family}: {name}: zero gradient (an op dropped the graph?)");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_family_follows_pytorchs_adamw_trajectory() {
+    for family in FAMILIES {
+        let case = case(family);
+        let model = model(family, DType::F32);
+        // Weight decay on every parameter, as the fixture's torch.optim.AdamW.
+        let config =
+            OptimizerConfig { lr: 1e-3, weight_decay: 0.01, decay_bias_and_norm: true, ..Default::default() };
+        let mut opt = AdamW::new(config, model.params().to_vec()).unwrap();
+        let want = case["adamw_const.losses"].to_vec1::<f64>().unwrap();
+        for (step, want) in want.iter().enumerate() {
+            let (_, loss, grads) = loss_and_grads(&model, &case);
+            let loss = f64::from(loss.to_scalar::<f32>().unwrap());
+            assert!((loss - want).abs() / want.abs() < 1e-4, "{family} loss {step}: {loss} vs {want}");
+            opt.step(&grads, 1e-3, 1.0).unwrap();
+        }
+        let mut worst = (0f64, String::new());
+        for (name, var) in model.params() {
+            let reference = &case[&format!("adamw_const.param.{name}")];
+            if is_key_bias(name) {
+                // Its true gradient is exactly zero: the float64 reference's is ~1e-21, which
+                // Adam's epsilon keeps from moving it, while float32 rounding noise (~1e-9) moves
+                // it by a fraction of the learning rate per step. Each step moves an element by
+                // at most about the learning rate, whatever the gradient.
+                let moved = (var.as_tensor().to_dtype(DType::F64).unwrap() - reference).unwrap();
+                let most = scalar(&moved.abs().unwrap().max_all().unwrap());
+                assert!(most <= 3.0 * 1e-3 * 1.01, "{family}: {name} moved by {most:e} in 3 steps");
+                continue;
+            }
+            let e = rel_err(var.as_tensor(), reference, 0.0);
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+        assert!(worst.0 < 1e-4, "{family}: worst parameter error {:e} at {}", worst.0, worst.1);
+    }
+}
+
+/// Logits of the fixture batch, as f64 values.
+fn logits(model: &Classifier, case: &HashMap<String, Tensor>) -> Vec<f64> {
+    let (batch, _) = fixture_batch(case, model.dtype());
+    let logits = model.forward(&batch, Mode::Eval).unwrap();
+    logits.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// A saved model reloads in pipe to the same bits, declares the family's transformers class, and
+/// (where PyTorch and transformers are importable) transformers loads it with
+/// `AutoModelForSequenceClassification` and computes pipe's logits.
+#[test]
+fn every_family_saves_a_directory_that_transformers_loads() {
+    let python = std::env::var("PIPE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_torch = std::process::Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for family in FAMILIES {
+        let case = case(family);
+        let model = model(family, DType::F32);
+        let dir = tempfile::tempdir().unwrap();
+        model.save_pretrained(dir.path()).unwrap();
+        let reloaded = Classifier::from_pretrained(dir.path(), None, DType::F32, &Device::Cpu, 0).unwrap();
+        let (ours, again) = (logits(&model, &case), logits(&reloaded, &case));
+        assert_eq!(ours, again, "{family}: the saved model reloads to other logits");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], family);
+        if !has_torch {
+            println!("SKIPPED: {family}: `{python}` cannot import torch and transformers (set PIPE_PYTHON)");
+            continue;
+        }
+        let theirs = transformers_logits(&python, dir.path(), &case);
+        let e = rel_err(
+            &Tensor::new(ours.as_slice(), &Device::Cpu).unwrap(),
+            &Tensor::new(theirs.as_slice(), &Device::Cpu).unwrap(),
+            0.0,
+        );
+        println!("{family}: transformers loads the saved model; logits differ by {e:e}");
+        assert!(e < 1e-5, "{family}: transformers' logits differ from pipe's by {e:e}");
+    }
+}
+
+/// The logits that transformers computes for the fixture batch with the model saved in `dir`.
+fn transformers_logits(python: &str, dir: &Path, case: &HashMap<String, Tensor>) -> Vec<f64> {
+    let rows = |name: &str| case[name].to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+    let inputs = serde_json::json!({
+        "input_ids": rows("input_ids"),
+        "attention_mask": rows("attention_mask"),
+        "token_type_ids": rows("token_type_ids"),
+    });
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[2]).items()}
+if model.config.model_type == "distilbert":
+    del inputs["token_type_ids"]
+with torch.no_grad():
+    print(json.dumps(model(**inputs).logits.double().flatten().tolist()))
+"#;
+    let out = std::process::Command::new(python)
+        .args(["-c", script, dir.to_str().unwrap(), &inputs.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "transformers failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn an_unsupported_model_type_is_refused_with_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("families/roberta");
+    std::fs::copy(source.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), config.replace("\"roberta\"", "\"gpt2\"")).unwrap();
+    let err = Classifier::from_pretrained(dir.path(), None, DType::F32, &Device::Cpu, 0).err().unwrap();
+    let message = err.to_string();
+    assert!(message.contains("`gpt2`"), "{message}");
+    assert!(message.contains("bert, distilbert, electra, roberta, xlm-roberta"), "{message}");
+}
+
+/// pipe's tokenizer (`tokenizers` reading `tokenizer.json`) gives transformers' ids for a
+/// RoBERTa-style byte-level BPE and an XLM-R-style Unigram, with special tokens and truncation.
+#[test]
+fn tokenizers_give_transformers_ids() {
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("families/tokenizers/cases.json")).unwrap())
+            .unwrap();
+    let strings: Vec<String> = serde_json::from_value(cases["strings"].clone()).unwrap();
+    assert!(strings.len() >= 100, "a few hundred varied strings");
+    let max_length = cases["max_length"].as_u64().unwrap() as usize;
+    for kind in ["bpe", "unigram"] {
+        let dir = fixture(&format!("families/tokenizers/{kind}"));
+        let flavor = pipe::data::Flavor::of_dir(&dir).unwrap();
+        let want_flavor = if kind == "unigram" { Flavor::XlmRoberta } else { Flavor::AsFile };
+        assert_eq!(flavor, want_flavor, "{kind}: resolved from config.json's model_type");
+        for (length, key) in [(1 << 20, "full"), (max_length, "truncated")] {
+            let encoder =
+                pipe::data::TextEncoder::from_file(&dir.join("tokenizer.json"), length, flavor).unwrap();
+            let ours = encoder.encode_all(&strings).unwrap();
+            let want: Vec<Vec<u32>> = serde_json::from_value(cases[kind][key].clone()).unwrap();
+            for ((s, ours), want) in strings.iter().zip(&ours).zip(&want) {
+                assert_eq!(ours, want, "{kind} {key}: ids of {s:?}");
+            }
+        }
+    }
+}
