@@ -188,10 +188,18 @@ fn dropout_masks_are_the_cpus() {
     let qkv = Tensor::cat(&[make(0.1), make(0.2), make(0.3)], 1).unwrap();
     let segments = Arc::new(vec![(0, 4), (4, 3)]);
     let on = |d: &Device| {
-        pipe::ops::attention(&qkv.to_device(d).unwrap(), Arc::clone(&segments), 2, 0.3, 99, Products::Full)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
+        pipe::ops::attention(
+            &qkv.to_device(d).unwrap(),
+            Arc::clone(&segments),
+            2,
+            None,
+            0.3,
+            99,
+            Products::Full,
+        )
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
     };
     let e = rel_err(&on(&gpu), &on(&Device::Cpu), 0.0);
     assert!(e < 1e-5, "attention with dropout, CUDA vs CPU: {e:e}");

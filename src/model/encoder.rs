@@ -366,7 +366,8 @@ impl Classifier {
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
             _ => 0,
         };
-        let context = ops::attention(&qkv, Arc::clone(segments), c.num_attention_heads, p, key, products)?;
+        let context =
+            ops::attention(&qkv, Arc::clone(segments), c.num_attention_heads, None, p, key, products)?;
         let (eps, p) = (c.layer_norm_eps, self.dropout.hidden);
         let p_attended = if c.family.attention_output_dropout() { p } else { 0.0 };
         let attended = layer.attention_out.forward(&context, products)?;
@@ -391,7 +392,7 @@ impl Classifier {
         let q = layer.query.forward(&first, products)?;
         let kv = Linear::side_by_side(&[&layer.key, &layer.value], x, products)?;
         let context =
-            ops::first_token_attention(&q, &kv, Arc::clone(segments), c.num_attention_heads, products)?;
+            ops::first_token_attention(&q, &kv, Arc::clone(segments), c.num_attention_heads, None, products)?;
         let (eps, mode) = (c.layer_norm_eps, &mut Mode::Infer);
         let attended = layer.attention_out.forward(&context, products)?;
         let x = layer.attention_norm.residual(&attended, &first, eps, 0.0, mode)?;

@@ -31,12 +31,14 @@ use super::{slice, vectorized, with_real};
 /// Attention over `qkv` of shape `(tokens, 3 * heads * head_dim)`: each token's query, key and
 /// value projections side by side (in that order), where `segments` lists each row's
 /// `(start, len)` in the packed token order. Returns the context, `(tokens, heads * head_dim)`.
-/// Probabilities are dropped out with probability `dropout` using mask `key`. On the CPU, the
-/// products take operands in `products`' precision.
+/// Probabilities are dropped out with probability `dropout` using mask `key`. With a `window` `w`,
+/// a query attends only to the keys at most `w` positions away in its row (ModernBERT's local
+/// layers; CPU only). On the CPU, the products take operands in `products`' precision.
 pub fn attention(
     qkv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
     heads: usize,
+    window: Option<usize>,
     dropout: f64,
     key: u64,
     products: Products,
@@ -59,6 +61,7 @@ pub fn attention(
         mask_offsets: Arc::new(mask_offsets),
         heads,
         head_dim: hidden / heads,
+        window,
         mask: DropMask::new(dropout, key),
         products,
     };
@@ -75,6 +78,7 @@ pub fn first_token_attention(
     kv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
     heads: usize,
+    window: Option<usize>,
     products: Products,
 ) -> Result<Tensor> {
     let (rows, hidden) = q.dims2()?;
@@ -93,6 +97,7 @@ pub fn first_token_attention(
         mask_offsets: Arc::new(Vec::new()),
         heads,
         head_dim: hidden / heads,
+        window,
         mask: None,
         products,
     };
@@ -129,6 +134,8 @@ struct Attention {
     mask_offsets: Arc<Vec<u64>>,
     heads: usize,
     head_dim: usize,
+    /// The most positions a key may be from its query (all, when `None`).
+    window: Option<usize>,
     mask: Option<DropMask>,
     products: Products,
 }
@@ -199,11 +206,19 @@ impl Attention {
     }
 
     /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`rows x len`, row-major), for
-    /// queries `qm` (`rows x head_dim`) and the segment's keys `km` (`len x head_dim`). A row's
-    /// result depends on its query alone, not on the other rows.
+    /// queries `qm` (`rows x head_dim`, the segment's tokens from the first on) and the segment's
+    /// keys `km` (`len x head_dim`). A row's result depends on its query alone, not on the other
+    /// rows. Keys outside the window get probability 0.
     fn probabilities<T: Element>(&self, qm: MatRef<'_, T>, km: MatRef<'_, T>, p: &mut [T]) {
         let (rows, len) = (qm.rows(), km.rows());
         product(MatMut::row_major(p, rows, len), false, qm, km.t(), Threads::Caller, self.products);
+        if let Some(w) = self.window {
+            for (i, row) in p.chunks_mut(len).enumerate() {
+                let (near, far) = (i.saturating_sub(w), (i + w + 1).min(len));
+                row[..near].fill(T::neg_infinity());
+                row[far..].fill(T::neg_infinity());
+            }
+        }
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let mut max = vec![T::zero(); rows];
         fold_rows(len, T::neg_infinity(), &mut max, |m, i| num_traits::Float::max(m, p[i] * scale));
@@ -637,6 +652,9 @@ impl CustomOp1 for Attention {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        if self.window.is_some() {
+            candle_core::bail!("attention: windowed (local) attention runs on the CPU only for now");
+        }
         let (tokens, width) = l.shape().dims2()?;
         let dev = cuda::device(s);
         cuda::with_float!("attention", s, T => {
@@ -701,9 +719,10 @@ mod tests {
         Arc::new(vec![(0, 3), (3, 2)])
     }
 
-    /// The textbook composition, row by row and head by head.
+    /// The textbook composition, row by row and head by head, with scores outside the window
+    /// masked to -inf.
     #[allow(clippy::disallowed_methods)] // candle as the reference
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Tensor {
         let hd = WIDTH / HEADS;
         let mut rows = Vec::new();
         for &(start, len) in segments().iter() {
@@ -711,6 +730,11 @@ mod tests {
             for h in 0..HEADS {
                 let part = |t: &Tensor| t.narrow(0, start, len).unwrap().narrow(1, h * hd, hd).unwrap();
                 let scores = (part(q).matmul(&part(k).t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+                let far = |i: usize, j: usize| window.is_some_and(|w| i.abs_diff(j) > w);
+                let mask: Vec<f64> = (0..len * len)
+                    .map(|n| if far(n / len, n % len) { f64::NEG_INFINITY } else { 0.0 })
+                    .collect();
+                let scores = (scores + Tensor::from_vec(mask, (len, len), q.device()).unwrap()).unwrap();
                 let e = scores.broadcast_sub(&scores.max_keepdim(1).unwrap()).unwrap().exp().unwrap();
                 let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
                 heads.push(p.matmul(&part(v)).unwrap());
@@ -736,46 +760,49 @@ mod tests {
         let qkv = side_by_side(&q, &k, &v);
         for segments in [vec![(0, 3), (2, 2)], vec![(3, 3)], vec![(0, 0)], vec![(3, 2), (0, 3)]] {
             assert!(
-                attention(&qkv, Arc::new(segments.clone()), HEADS, 0.0, 0, Products::Full).is_err(),
+                attention(&qkv, Arc::new(segments.clone()), HEADS, None, 0.0, 0, Products::Full).is_err(),
                 "{segments:?}"
             );
         }
         let ragged = input(&[5, 3 * WIDTH - 1], 9);
         assert!(
-            attention(&ragged, segments(), HEADS, 0.0, 0, Products::Full).is_err(),
+            attention(&ragged, segments(), HEADS, None, 0.0, 0, Products::Full).is_err(),
             "not three projections"
         );
-        assert!(attention(&qkv, segments(), 4, 0.0, 0, Products::Full).is_err(), "width 6 in 4 heads");
+        assert!(attention(&qkv, segments(), 4, None, 0.0, 0, Products::Full).is_err(), "width 6 in 4 heads");
         let kv = Tensor::cat(&[&k, &v], 1).unwrap();
         assert!(
-            first_token_attention(&q, &kv, segments(), HEADS, Products::Full).is_err(),
+            first_token_attention(&q, &kv, segments(), HEADS, None, Products::Full).is_err(),
             "q for every token"
         );
     }
 
     #[test]
-    fn matches_the_textbook_composition() -> Result<()> {
+    fn matches_the_textbook_composition_with_and_without_a_window() -> Result<()> {
         let (q, k, v) = qkv();
-        let want = reference(&q, &k, &v);
-        let got = attention(&side_by_side(&q, &k, &v), segments(), HEADS, 0.0, 0, Products::Full)?;
-        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "{diff}");
-        // The first token of each row alone, from its query and every key and value.
-        let first = Tensor::cat(&[q.get(0)?, q.get(3)?], 0)?.reshape((2, WIDTH))?;
-        let kv = Tensor::cat(&[&k, &v], 1)?;
-        let got = first_token_attention(&first, &kv, segments(), HEADS, Products::Full)?;
-        let want = Tensor::cat(&[want.get(0)?, want.get(3)?], 0)?.reshape((2, WIDTH))?;
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "first tokens: {diff}");
+        for window in [None, Some(0), Some(1), Some(2)] {
+            let want = reference(&q, &k, &v, window);
+            let got =
+                attention(&side_by_side(&q, &k, &v), segments(), HEADS, window, 0.0, 0, Products::Full)?;
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "window {window:?}: {diff}");
+            // The first token of each row alone, from its query and every key and value.
+            let first = Tensor::cat(&[q.get(0)?, q.get(3)?], 0)?.reshape((2, WIDTH))?;
+            let kv = Tensor::cat(&[&k, &v], 1)?;
+            let got = first_token_attention(&first, &kv, segments(), HEADS, window, Products::Full)?;
+            let want = Tensor::cat(&[want.get(0)?, want.get(3)?], 0)?.reshape((2, WIDTH))?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "window {window:?}, first tokens: {diff}");
+        }
         Ok(())
     }
 
     #[test]
-    fn gradients_match_finite_differences_with_and_without_dropout() {
+    fn gradients_match_finite_differences_with_and_without_dropout_and_a_window() {
         let (q, k, v) = qkv();
-        for p in [0.0, 0.3] {
+        for (p, window) in [(0.0, None), (0.3, None), (0.0, Some(1)), (0.3, Some(1))] {
             check_grad(&side_by_side(&q, &k, &v), |qkv| {
-                attention(qkv, segments(), HEADS, p, 5, Products::Full).unwrap()
+                attention(qkv, segments(), HEADS, window, p, 5, Products::Full).unwrap()
             });
         }
     }

@@ -1,5 +1,5 @@
 //! Differentiable kernels for the training path: embeddings, linear layers, attention, layer norm,
-//! activations, dropout and the loss, each on the CPU and (with the `cuda` feature) on NVIDIA GPUs.
+//! activations, dropout, rotary position embeddings and the loss, each on the CPU and (with the `cuda` feature) on NVIDIA GPUs.
 //!
 //! candle 0.11's fast `layer_norm` and `softmax_last_dim` are built without a backward pass, so a
 //! model that uses them trains only the layers after its last LayerNorm, silently. Every op here is
@@ -25,6 +25,7 @@ mod layer_norm;
 mod linear;
 mod loss;
 pub mod math;
+mod rope;
 
 pub use attention::{attention, first_token_attention};
 pub use dropout::dropout;
@@ -34,6 +35,7 @@ pub use gemm::Products;
 pub use layer_norm::{layer_norm, residual_layer_norm};
 pub use linear::{activated_linear, linear};
 pub use loss::cross_entropy;
+pub use rope::{rope, rotary_tables};
 
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 
