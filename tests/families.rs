@@ -15,7 +15,7 @@ use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig};
 
 /// The fixture families (BERT's own are in `tests/parity.rs`).
-const FAMILIES: [&str; 4] = ["distilbert", "electra", "roberta", "xlm-roberta"];
+const FAMILIES: [&str; 5] = ["distilbert", "electra", "modernbert", "roberta", "xlm-roberta"];
 
 fn model(family: &str, dtype: DType) -> Classifier {
     let dir = fixture(&format!("families/{family}"));
@@ -186,7 +186,7 @@ import json, sys, torch
 from transformers import AutoModelForSequenceClassification
 model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
 inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[2]).items()}
-if model.config.model_type == "distilbert":
+if model.config.model_type in ("distilbert", "modernbert"):
     del inputs["token_type_ids"]
 with torch.no_grad():
     print(json.dumps(model(**inputs).logits.double().flatten().tolist()))
@@ -210,7 +210,7 @@ fn an_unsupported_model_type_is_refused_with_the_supported_ones() {
     let err = Classifier::from_pretrained(dir.path(), None, DType::F32, &Device::Cpu, 0).err().unwrap();
     let message = err.to_string();
     assert!(message.contains("`gpt2`"), "{message}");
-    assert!(message.contains("bert, distilbert, electra, roberta, xlm-roberta"), "{message}");
+    assert!(message.contains("bert, distilbert, electra, modernbert, roberta, xlm-roberta"), "{message}");
 }
 
 /// pipe's tokenizer (`tokenizers` reading `tokenizer.json`) gives transformers' ids for a

@@ -283,7 +283,7 @@ fn broken_model_files_are_refused() {
     };
     refused_after(
         unsupported,
-        "model_type `gpt2` is not supported (supported: bert, distilbert, electra, roberta",
+        "model_type `gpt2` is not supported (supported: bert, distilbert, electra, modernbert, roberta",
     );
     // A safetensors header that claims more bytes than the file has, and one of several GB.
     let weights = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();

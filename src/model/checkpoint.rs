@@ -12,7 +12,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::encoder::{Embeddings, HeadLayers, Layer, Linear, Norm};
+use super::encoder::{Embeddings, Encoder, HeadLayers, Layer, Linear, Norm};
+use super::family::Family;
+use super::modernbert::{FINAL_NORM, HEAD_NORM, ModernLayer};
 use super::{Classifier, Dropout, EncoderConfig, ModelError};
 use crate::rng;
 
@@ -61,36 +63,69 @@ impl Classifier {
         let mut init = Init { rng: rng::stream(seed, "init", 0), std: config.initializer_range };
         let (h, i, e) = (config.hidden_size, config.intermediate_size, config.embedding_width());
         let at = |name: &str, n: usize| names.encoder(name, n);
+        let modern = config.family == Family::ModernBert;
+        let bias = |flag: Option<bool>| config.has_bias(flag);
         let embeddings = Embeddings {
             word: loader.take(&(at(names.word, 0) + ".weight"), &[config.vocab_size, e])?,
-            position: loader
-                .take(&(at(names.position, 0) + ".weight"), &[config.max_position_embeddings, e])?,
+            position: match modern {
+                true => None,
+                false => Some(
+                    loader
+                        .take(&(at(names.position, 0) + ".weight"), &[config.max_position_embeddings, e])?,
+                ),
+            },
             token_type: match config.type_vocab_size {
                 0 => None,
                 types => Some(loader.take(&(at(names.token_type, 0) + ".weight"), &[types, e])?),
             },
-            norm: loader.norm(&at(names.embeddings_norm, 0), e)?,
+            norm: loader.norm(&at(names.embeddings_norm, 0), e, bias(config.norm_bias))?,
             projection: match e == h {
                 true => None,
-                false => Some(loader.linear(&at(names.projection, 0), h, e)?),
+                false => Some(loader.linear(&at(names.projection, 0), h, e, true)?),
             },
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for n in 0..config.num_hidden_layers {
-            layers.push(Layer {
-                query: loader.linear(&at(names.query, n), h, h)?,
-                key: loader.linear(&at(names.key, n), h, h)?,
-                value: loader.linear(&at(names.value, n), h, h)?,
-                attention_out: loader.linear(&at(names.attention_out, n), h, h)?,
-                attention_norm: loader.norm(&at(names.attention_norm, n), h)?,
-                intermediate: loader.linear(&at(names.intermediate, n), i, h)?,
-                output: loader.linear(&at(names.output, n), h, i)?,
-                output_norm: loader.norm(&at(names.output_norm, n), h)?,
-            });
-        }
+        let encoder = if modern {
+            let (norms, mlp) = (bias(config.norm_bias), bias(config.mlp_bias));
+            let attention = bias(config.attention_bias);
+            let mut layers = Vec::with_capacity(config.num_hidden_layers);
+            for n in 0..config.num_hidden_layers {
+                layers.push(ModernLayer {
+                    attention_norm: match n {
+                        0 => None,
+                        _ => Some(loader.norm(&at(names.attention_norm, n), h, norms)?),
+                    },
+                    qkv: loader.linear(&at(names.query, n), 3 * h, h, attention)?,
+                    attention_out: loader.linear(&at(names.attention_out, n), h, h, attention)?,
+                    mlp_norm: loader.norm(&at(names.output_norm, n), h, norms)?,
+                    mlp_in: loader.linear(&at(names.intermediate, n), 2 * i, h, mlp)?,
+                    mlp_out: loader.linear(&at(names.output, n), h, i, mlp)?,
+                    window: config.window(n),
+                });
+            }
+            Encoder::PreNorm { layers, final_norm: loader.norm(FINAL_NORM, h, norms)? }
+        } else {
+            let mut layers = Vec::with_capacity(config.num_hidden_layers);
+            for n in 0..config.num_hidden_layers {
+                layers.push(Layer {
+                    query: loader.linear(&at(names.query, n), h, h, true)?,
+                    key: loader.linear(&at(names.key, n), h, h, true)?,
+                    value: loader.linear(&at(names.value, n), h, h, true)?,
+                    attention_out: loader.linear(&at(names.attention_out, n), h, h, true)?,
+                    attention_norm: loader.norm(&at(names.attention_norm, n), h, true)?,
+                    intermediate: loader.linear(&at(names.intermediate, n), i, h, true)?,
+                    output: loader.linear(&at(names.output, n), h, i, true)?,
+                    output_norm: loader.norm(&at(names.output_norm, n), h, true)?,
+                });
+            }
+            Encoder::PostNorm(layers)
+        };
         let head = HeadLayers {
-            dense: loader.linear_or_init(names.head_dense, h, h, &mut init)?,
-            out: loader.linear_or_init(names.head_out, labels.len(), h, &mut init)?,
+            dense: loader.linear_or_init(names.head_dense, h, h, bias(config.classifier_bias), &mut init)?,
+            norm: match modern {
+                true => Some(loader.norm_or_init(HEAD_NORM, h, bias(config.norm_bias))?),
+                false => None,
+            },
+            out: loader.linear_or_init(names.head_out, labels.len(), h, true, &mut init)?,
         };
         Ok(Self {
             activation: config.activation().expect("checked when the config was read"),
@@ -99,7 +134,7 @@ impl Classifier {
             labels,
             params: loader.params,
             embeddings,
-            layers,
+            encoder,
             head,
             compute: dtype,
             products: crate::ops::Products::Full,
@@ -187,18 +222,45 @@ impl Loader<'_> {
         Ok(tensor)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize) -> Result<Linear, ModelError> {
+    /// A zero bias that is not a parameter: for layers without one (it adds exactly nothing).
+    fn no_bias(&self, width: usize) -> Result<Tensor, ModelError> {
+        Ok(Tensor::zeros(width, self.dtype, self.device)?)
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
         Ok(Linear {
             weight: self.take(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: self.take(&format!("{prefix}.bias"), &[out])?,
+            bias: match bias {
+                true => self.take(&format!("{prefix}.bias"), &[out])?,
+                false => self.no_bias(out)?,
+            },
         })
     }
 
-    fn norm(&mut self, prefix: &str, width: usize) -> Result<Norm, ModelError> {
+    fn norm(&mut self, prefix: &str, width: usize, bias: bool) -> Result<Norm, ModelError> {
         Ok(Norm {
             weight: self.take(&format!("{prefix}.weight"), &[width])?,
-            bias: self.take(&format!("{prefix}.bias"), &[width])?,
+            bias: match bias {
+                true => self.take(&format!("{prefix}.bias"), &[width])?,
+                false => self.no_bias(width)?,
+            },
         })
+    }
+
+    /// A LayerNorm from the checkpoint, else a fresh one (weight 1, bias 0, as transformers).
+    fn norm_or_init(&mut self, prefix: &str, width: usize, bias: bool) -> Result<Norm, ModelError> {
+        if self.tensors.contains_key(&format!("{prefix}.weight")) {
+            return self.norm(prefix, width, bias);
+        }
+        let weight =
+            self.register(&format!("{prefix}.weight"), Tensor::ones(width, DType::F32, &Device::Cpu)?)?;
+        let bias = match bias {
+            true => {
+                self.register(&format!("{prefix}.bias"), Tensor::zeros(width, DType::F32, &Device::Cpu)?)?
+            }
+            false => self.no_bias(width)?,
+        };
+        Ok(Norm { weight, bias })
     }
 
     /// A linear layer from the checkpoint when it has one of the right shape, else a fresh one.
@@ -207,13 +269,14 @@ impl Loader<'_> {
         prefix: &str,
         out: usize,
         inp: usize,
+        bias: bool,
         init: &mut Init,
     ) -> Result<Linear, ModelError> {
         let (w, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
         let fits = self.tensors.get(&w).is_some_and(|t| t.dims() == [out, inp])
-            && self.tensors.get(&b).is_some_and(|t| t.dims() == [out]);
+            && (!bias || self.tensors.get(&b).is_some_and(|t| t.dims() == [out]));
         if fits {
-            return self.linear(prefix, out, inp);
+            return self.linear(prefix, out, inp, bias);
         }
         if !(init.std.is_finite() && init.std >= 0.0) {
             return Err(ModelError::Unsupported {
@@ -224,7 +287,10 @@ impl Loader<'_> {
         let weights: Vec<f32> =
             (0..out * inp).map(|_| (crate::rng::standard_normal(&mut init.rng) * init.std) as f32).collect();
         let weight = self.register(&w, Tensor::from_vec(weights, (out, inp), &Device::Cpu)?)?;
-        let bias = self.register(&b, Tensor::zeros(out, DType::F32, &Device::Cpu)?)?;
+        let bias = match bias {
+            true => self.register(&b, Tensor::zeros(out, DType::F32, &Device::Cpu)?)?,
+            false => self.no_bias(out)?,
+        };
         Ok(Linear { weight, bias })
     }
 }

@@ -8,9 +8,9 @@ use super::ModelError;
 use super::family::Family;
 use crate::ops::Activation;
 
-/// Architecture hyper-parameters from `config.json`, under BERT's names (DistilBERT's own names,
-/// such as `dim` and `n_layers`, are read as their aliases). The whole JSON object is kept too, so
-/// that a saved model carries every field it was loaded with.
+/// Architecture hyper-parameters from `config.json`, under BERT's names (DistilBERT's and
+/// ModernBERT's own names, such as `dim`, `n_layers` or `norm_eps`, are read as their aliases).
+/// The whole JSON object is kept too, so that a saved model carries every field it was loaded with.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EncoderConfig {
     /// The architecture, from `model_type` (a config without one is BERT's, as old ones are).
@@ -25,9 +25,11 @@ pub struct EncoderConfig {
     pub num_attention_heads: usize,
     #[serde(alias = "hidden_dim")]
     pub intermediate_size: usize,
-    #[serde(default = "default_act", alias = "activation")]
+    #[serde(default = "default_act", alias = "activation", alias = "hidden_activation")]
     pub hidden_act: String,
-    #[serde(default = "default_dropout", alias = "dropout")]
+    /// Dropout after the embeddings and on the feed-forward output (ModernBERT: in its MLP, and
+    /// after the embeddings too, which its `embedding_dropout` names apart).
+    #[serde(default = "default_dropout", alias = "dropout", alias = "mlp_dropout")]
     pub hidden_dropout_prob: f64,
     #[serde(default = "default_dropout", alias = "attention_dropout")]
     pub attention_probs_dropout_prob: f64,
@@ -40,12 +42,43 @@ pub struct EncoderConfig {
     /// The width of the embeddings, when it differs from `hidden_size` (ELECTRA projects them).
     #[serde(default)]
     pub embedding_size: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "default_eps", alias = "norm_eps")]
     pub layer_norm_eps: f64,
     #[serde(default = "default_init_range")]
     pub initializer_range: f64,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// ModernBERT: whether its LayerNorms, attention, MLP and head's dense layer have biases
+    /// (its defaults: none).
+    #[serde(default)]
+    pub norm_bias: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
+    pub classifier_bias: Option<bool>,
+    /// ModernBERT: the head's activation (default `gelu`) and pooling (`cls` or `mean`).
+    #[serde(default)]
+    pub classifier_activation: Option<String>,
+    #[serde(default)]
+    pub classifier_pooling: Option<String>,
+    /// ModernBERT: which layers attend locally (`layer_types`, or every layer but each
+    /// `global_attn_every_n_layers`-th), within `local_attention` positions in all.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub global_attn_every_n_layers: Option<usize>,
+    #[serde(default)]
+    pub local_attention: Option<usize>,
+    /// ModernBERT's rotary bases: transformers 5's `rope_parameters` per layer type, or the older
+    /// `global_rope_theta` / `local_rope_theta`.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub global_rope_theta: Option<f64>,
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
     /// The label names by class index (`id2label`), when the checkpoint has them.
     #[serde(default, skip)]
     pub id2label: Vec<String>,
@@ -94,10 +127,47 @@ impl EncoderConfig {
         let mut config: Self = serde_json::from_value(serde_json::Value::Object(raw.clone()))
             .map_err(|source| ModelError::Config { path: path.into(), source })?;
         config.family = family;
-        if family == Family::DistilBert {
+        match family {
             // DistilBERT has no token types, and a fixed LayerNorm epsilon.
-            config.type_vocab_size = 0;
-            config.layer_norm_eps = 1e-12;
+            Family::DistilBert => {
+                config.type_vocab_size = 0;
+                config.layer_norm_eps = 1e-12;
+            }
+            // ModernBERT has neither token types nor position embeddings (its positions rotate).
+            Family::ModernBert => {
+                config.type_vocab_size = 0;
+                if raw.get("norm_eps").is_none() {
+                    config.layer_norm_eps = 1e-5;
+                }
+                let pooling = config.pooling();
+                if pooling != "cls" && pooling != "mean" {
+                    return Err(unsupported(format!(
+                        "classifier_pooling `{pooling}`: expected `cls` or `mean`"
+                    )));
+                }
+                if Activation::from_hf(config.classifier_activation()).is_none() {
+                    return Err(unsupported(format!(
+                        "classifier_activation `{}` is not supported",
+                        config.classifier_activation()
+                    )));
+                }
+                if !config.head_dim().is_multiple_of(2) {
+                    return Err(unsupported(format!(
+                        "head width {} is odd: rotary embeddings need pairs",
+                        config.head_dim()
+                    )));
+                }
+                if let Some(types) = &config.layer_types
+                    && (types.len() != config.num_hidden_layers
+                        || types.iter().any(|t| t != "full_attention" && t != "sliding_attention"))
+                {
+                    return Err(unsupported(format!(
+                        "layer_types {types:?}: expected one of full_attention / sliding_attention per layer ({})",
+                        config.num_hidden_layers
+                    )));
+                }
+            }
+            _ => {}
         }
         if config.activation().is_none() {
             return Err(unsupported(format!("hidden_act `{}` is not supported", config.hidden_act)));
@@ -133,6 +203,56 @@ impl EncoderConfig {
     /// Width of the embeddings (the hidden size, unless the family projects them).
     pub fn embedding_width(&self) -> usize {
         self.embedding_size.unwrap_or(self.hidden_size)
+    }
+
+    /// Whether a ModernBERT part has biases (`norm_bias` and the like; none unless the config
+    /// says so). BERT-style families always have them.
+    pub fn has_bias(&self, flag: Option<bool>) -> bool {
+        self.family != Family::ModernBert || flag.unwrap_or(false)
+    }
+
+    /// The activation of the head's dense layer.
+    pub fn head_activation(&self) -> Activation {
+        match self.family {
+            Family::ModernBert => {
+                Activation::from_hf(self.classifier_activation()).expect("checked when read")
+            }
+            family => family.head().activation,
+        }
+    }
+
+    /// ModernBERT's head activation, as the config names it.
+    pub fn classifier_activation(&self) -> &str {
+        self.classifier_activation.as_deref().unwrap_or("gelu")
+    }
+
+    /// ModernBERT's pooling: `cls` (the first token) or `mean` (of each row's tokens).
+    pub fn pooling(&self) -> &str {
+        self.classifier_pooling.as_deref().unwrap_or("cls")
+    }
+
+    /// The attention window of layer `n`: ModernBERT's local layers see `local_attention / 2`
+    /// positions either side; every other layer sees its whole row.
+    pub fn window(&self, n: usize) -> Option<usize> {
+        if self.family != Family::ModernBert {
+            return None;
+        }
+        let local = match &self.layer_types {
+            Some(types) => types[n] == "sliding_attention",
+            None => !n.is_multiple_of(self.global_attn_every_n_layers.unwrap_or(3).max(1)),
+        };
+        local.then(|| self.local_attention.unwrap_or(128) / 2)
+    }
+
+    /// The rotary base of a global (`local == false`) or local layer: transformers 5's
+    /// `rope_parameters`, else `global_rope_theta` / `local_rope_theta`, else ModernBERT's
+    /// defaults (160,000 and 10,000).
+    pub fn rope_theta(&self, local: bool) -> f64 {
+        let kind = if local { "sliding_attention" } else { "full_attention" };
+        let from_parameters =
+            self.rope_parameters.as_ref().and_then(|p| p.get(kind)?.get("rope_theta")?.as_f64());
+        let older = if local { self.local_rope_theta } else { self.global_rope_theta };
+        from_parameters.or(older).unwrap_or(if local { 10_000.0 } else { 160_000.0 })
     }
 
     /// The token id used for padding (`pad_token_id`, else 0).

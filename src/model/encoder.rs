@@ -1,5 +1,6 @@
-//! The encoder and its classification head, shared by every family (see `family` for what
-//! differs): embeddings, post-norm transformer layers, a head on the first token.
+//! The classifier shared by every family (see `family` for what differs): embeddings, the encoder
+//! (BERT's post-norm layers here, ModernBERT's pre-norm ones in `modernbert`), and a head on the
+//! first token (or on each row's mean).
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use rand::Rng as _;
 
 use super::EncoderConfig;
 use super::family::Family;
+use super::modernbert::{self, ModernLayer, Rotary};
 use crate::device::Precision;
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
@@ -132,7 +134,7 @@ pub(super) struct Linear {
 
 impl Linear {
     /// `x W^T + b` in `x`'s dtype (the parameters are cast to it for mixed precision).
-    fn forward(&self, x: &Tensor, products: ops::Products) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, products: ops::Products) -> Result<Tensor> {
         ops::linear(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, products)
     }
 
@@ -155,7 +157,7 @@ impl Linear {
 }
 
 impl Norm {
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
         ops::layer_norm(x, &cast(&self.weight, x.dtype())?, &cast(&self.bias, x.dtype())?, eps)
     }
 
@@ -174,7 +176,7 @@ impl Norm {
 
 /// `t` in `dtype`: itself when it already is, else a differentiable cast (its gradient comes back
 /// in `t`'s dtype, so f32 master weights get f32 gradients).
-fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+pub(super) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if t.dtype() == dtype { Ok(t.clone()) } else { t.to_dtype(dtype) }
 }
 
@@ -187,7 +189,8 @@ pub(super) struct Norm {
 #[derive(Clone)]
 pub(super) struct Embeddings {
     pub word: Tensor,
-    pub position: Tensor,
+    /// None where positions rotate instead (ModernBERT).
+    pub position: Option<Tensor>,
     /// None in a family without token types.
     pub token_type: Option<Tensor>,
     pub norm: Norm,
@@ -199,7 +202,17 @@ pub(super) struct Embeddings {
 #[derive(Clone)]
 pub(super) struct HeadLayers {
     pub dense: Linear,
+    /// After the activation (ModernBERT).
+    pub norm: Option<Norm>,
     pub out: Linear,
+}
+
+/// The layers between the embeddings and the head.
+pub(super) enum Encoder {
+    /// BERT's post-norm layers (BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ELECTRA).
+    PostNorm(Vec<Layer>),
+    /// ModernBERT's pre-norm layers and final norm.
+    PreNorm { layers: Vec<ModernLayer>, final_norm: Norm },
 }
 
 #[derive(Clone)]
@@ -221,7 +234,7 @@ pub struct Classifier {
     pub(super) labels: Vec<String>,
     pub(super) params: Vec<(String, Var)>,
     pub(super) embeddings: Embeddings,
-    pub(super) layers: Vec<Layer>,
+    pub(super) encoder: Encoder,
     pub(super) head: HeadLayers,
     pub(super) activation: Activation,
     pub(super) dropout: Dropout,
@@ -319,7 +332,9 @@ impl Classifier {
         if let Some(token_type) = &e.token_type {
             x = (x + ops::embedding(token_type, Arc::new(types))?)?;
         }
-        let x = x.add(&ops::embedding(&e.position, Arc::new(positions))?)?;
+        if let Some(position) = &e.position {
+            x = x.add(&ops::embedding(position, Arc::new(positions.clone()))?)?;
+        }
         let x = e.norm.forward(&cast(&x, self.compute)?, c.layer_norm_eps)?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;
         if let Some(projection) = &e.projection {
@@ -327,24 +342,52 @@ impl Classifier {
         }
         let segments = Arc::new(segments);
         let cls = Arc::new(cls);
-        // In inference on the CPU, the last layer computes only what the head reads: each row's
-        // first token (the same bits as computing every token; see `ops::first_token_attention`).
-        let first_tokens_only = matches!(mode, Mode::Infer) && self.device().is_cpu();
-        let (last, rest) = match self.layers.split_last() {
-            Some((last, rest)) if first_tokens_only => (Some(last), rest),
-            _ => (None, &self.layers[..]),
+        let first = match &self.encoder {
+            Encoder::PostNorm(layers) => {
+                // In inference on the CPU, the last layer computes only what the head reads: each
+                // row's first token (the same bits as computing every token; see
+                // `ops::first_token_attention`).
+                let first_tokens_only = matches!(mode, Mode::Infer) && self.device().is_cpu();
+                let (last, rest) = match layers.split_last() {
+                    Some((last, rest)) if first_tokens_only => (Some(last), rest),
+                    _ => (None, &layers[..]),
+                };
+                for layer in rest {
+                    x = self.layer_forward(layer, &x, &segments, &mut mode)?;
+                }
+                match last {
+                    Some(layer) => self.last_layer_first_tokens(layer, &x, &segments, &cls)?,
+                    None => ops::embedding(&x, cls)?,
+                }
+            }
+            Encoder::PreNorm { layers, final_norm } => {
+                let rotary = Rotary::new(c, &positions, &x)?;
+                let (activation, rates) = (self.activation, self.dropout);
+                let x = modernbert::encode(
+                    c,
+                    layers,
+                    final_norm,
+                    x,
+                    &rotary,
+                    &segments,
+                    activation,
+                    rates,
+                    self.products,
+                    &mut mode,
+                )?;
+                match c.pooling() {
+                    "mean" => modernbert::mean_rows(&x, &segments)?,
+                    _ => ops::embedding(&x, cls)?,
+                }
+            }
         };
-        for layer in rest {
-            x = self.layer_forward(layer, &x, &segments, &mut mode)?;
-        }
-        let first = match last {
-            Some(layer) => self.last_layer_first_tokens(layer, &x, &segments, &cls)?,
-            None => ops::embedding(&x, cls)?,
-        };
-        let shape = family.head();
         let p = self.dropout.classifier;
-        let first = if shape.dropout_first { dropout(&first, p, &mut mode)? } else { first };
-        let hidden = ops::activation(&self.head.dense.forward(&first, self.products)?, shape.activation)?;
+        let first = if family.head().dropout_first { dropout(&first, p, &mut mode)? } else { first };
+        let mut hidden =
+            ops::activation(&self.head.dense.forward(&first, self.products)?, c.head_activation())?;
+        if let Some(norm) = &self.head.norm {
+            hidden = norm.forward(&hidden, c.layer_norm_eps)?;
+        }
         let hidden = dropout(&hidden, p, &mut mode)?;
         debug_assert_eq!(hidden.dim(0)?, rows);
         // The loss and predictions read logits in the parameters' dtype (f32 under bf16).
@@ -404,7 +447,7 @@ impl Classifier {
 
 /// Dropout in training, identity in evaluation. Each call draws the key of its mask from the
 /// training generator, so the same seed and step give the same masks.
-fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
+pub(super) fn dropout(x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
     match mode {
         Mode::Train(rng) if p > 0.0 => ops::dropout(x, p, rng.random::<u64>()),
         _ => Ok(x.clone()),

@@ -1,7 +1,8 @@
 //! The encoder families pipe fine-tunes, and what sets each apart: its weight names, its position
 //! ids, where its embeddings and dropout differ, and its classification head. The encoder layer
 //! and its ops are shared (see `encoder`): BERT, DistilBERT, RoBERTa, XLM-RoBERTa and ELECTRA are
-//! the same post-norm transformer under different names.
+//! the same post-norm transformer under different names; ModernBERT's pre-norm layer, over the same
+//! ops, is in `modernbert`.
 
 use crate::ops::Activation;
 
@@ -13,11 +14,13 @@ pub enum Family {
     Roberta,
     XlmRoberta,
     Electra,
+    ModernBert,
 }
 
 impl Family {
     /// Every supported family.
-    pub const ALL: [Self; 5] = [Self::Bert, Self::DistilBert, Self::Electra, Self::Roberta, Self::XlmRoberta];
+    pub const ALL: [Self; 6] =
+        [Self::Bert, Self::DistilBert, Self::Electra, Self::ModernBert, Self::Roberta, Self::XlmRoberta];
 
     /// The `model_type` of `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -27,6 +30,7 @@ impl Family {
             Self::Roberta => "roberta",
             Self::XlmRoberta => "xlm-roberta",
             Self::Electra => "electra",
+            Self::ModernBert => "modernbert",
         }
     }
 
@@ -48,6 +52,7 @@ impl Family {
             Self::Roberta => "RobertaForSequenceClassification",
             Self::XlmRoberta => "XLMRobertaForSequenceClassification",
             Self::Electra => "ElectraForSequenceClassification",
+            Self::ModernBert => "ModernBertForSequenceClassification",
         }
     }
 
@@ -58,11 +63,12 @@ impl Family {
             Self::DistilBert => &DISTILBERT,
             Self::Roberta | Self::XlmRoberta => &ROBERTA,
             Self::Electra => &ELECTRA,
+            Self::ModernBert => &MODERNBERT,
         }
     }
 
     /// The classification head's shape.
-    pub(super) fn head(self) -> Head {
+    pub(crate) fn head(self) -> Head {
         match self {
             // pooler (dense + tanh on [CLS]), dropout, classifier
             Self::Bert => Head { dropout_first: false, activation: Activation::Tanh },
@@ -72,6 +78,9 @@ impl Family {
             Self::Roberta | Self::XlmRoberta => Head { dropout_first: true, activation: Activation::Tanh },
             // dropout, dense, GELU, dropout, out_proj
             Self::Electra => Head { dropout_first: true, activation: Activation::Gelu },
+            // (pooling), dense, classifier_activation (GELU by default), LayerNorm, dropout,
+            // classifier: see `EncoderConfig::head_activation`.
+            Self::ModernBert => Head { dropout_first: false, activation: Activation::Gelu },
         }
     }
 
@@ -99,14 +108,16 @@ impl Family {
                     })
                     .collect()
             }
-            Self::Bert | Self::DistilBert | Self::Electra => (0..row.len() as u32).collect(),
+            Self::Bert | Self::DistilBert | Self::Electra | Self::ModernBert => {
+                (0..row.len() as u32).collect()
+            }
         }
     }
 }
 
 /// The classification head over the first token: `[dropout], dense, activation, dropout, out`.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Head {
+pub(crate) struct Head {
     /// Whether the first token is dropped out before the dense layer too.
     pub dropout_first: bool,
     /// The dense layer's activation.
@@ -114,7 +125,8 @@ pub(super) struct Head {
 }
 
 /// Tensor names. Encoder names are under `base` in a `...ForSequenceClassification` checkpoint and
-/// without it in a bare base-model checkpoint; `{n}` stands for the layer index.
+/// without it in a bare base-model checkpoint; `{n}` stands for the layer index. ModernBERT's
+/// pre-norm layer uses them for its own parts (see [`MODERNBERT`]).
 pub(super) struct Names {
     /// The base model's prefix (`bert`).
     pub base: &'static str,
@@ -201,6 +213,30 @@ const DISTILBERT: Names = Names {
     head_dense: "pre_classifier",
     head_out: "classifier",
     ..BERT
+};
+
+/// ModernBERT: `query` is the fused query/key/value layer (`Wqkv`), `intermediate` the GeGLU's
+/// input and gate (`Wi`), `output` its `Wo`; `attention_norm` (absent in layer 0) and
+/// `output_norm` come before their blocks (see `modernbert`, which also names the final norm and
+/// the head's norm). No position or token type embeddings, no projection.
+pub(super) const MODERNBERT: Names = Names {
+    base: "model",
+    head_roots: &["head", "classifier"],
+    word: "embeddings.tok_embeddings",
+    position: "",
+    token_type: "",
+    embeddings_norm: "embeddings.norm",
+    projection: "",
+    query: "layers.{n}.attn.Wqkv",
+    key: "",
+    value: "",
+    attention_out: "layers.{n}.attn.Wo",
+    attention_norm: "layers.{n}.attn_norm",
+    intermediate: "layers.{n}.mlp.Wi",
+    output: "layers.{n}.mlp.Wo",
+    output_norm: "layers.{n}.mlp_norm",
+    head_dense: "head.dense",
+    head_out: "classifier",
 };
 
 #[cfg(test)]

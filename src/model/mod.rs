@@ -9,6 +9,7 @@ mod checkpoint;
 mod config;
 mod encoder;
 mod family;
+mod modernbert;
 
 pub use config::EncoderConfig;
 pub use encoder::{Batch, Classifier, Dropout, Mode};
