@@ -180,16 +180,38 @@ CORPUS = [
 ]
 
 
+EXTRA = [
+    "e\u0301te\u0301 (combining accents) vs été",
+    "ﬁ ligature, ｆｕｌｌｗｉｄｔｈ, ①②③, ㎏, Ⅻ",
+    "👩‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 👋🏿 wave",
+    "https://example.com/path?q=1&r=two#frag and user@example.org",
+    "fn main() { println!(\"{}\", 1 + 2); } // code",
+    "\t\ttabs\nnewlines\r\nand\u00a0no-break\u2003em space",
+    "ALL CAPS SHOUTING!!! and lowercase whispers...",
+    "mIxEd CaSe, CamelCase, snake_case, kebab-case",
+    "¿Qué tal? ¡Muy bien! Ça va? Größe, Straße, ÆØÅ æøå",
+    "ภาษาไทย ไม่มีช่องว่าง and Tiếng Việt có dấu",
+    "日本語とEnglishが混ざった文、中文和English混合。",
+    "$100.00, €50, ¥1,000, 50%, #hashtag, @mention",
+    "a" * 3 + " " + "b" * 30 + " " + "c" * 300,
+    " ".join(str(n) for n in range(40)),
+]
+
+
 def cases():
-    """Strings to tokenize: the corpus, variations of it, edge cases and long ones."""
-    out = ["", " ", "a", "A", "  leading", "trailing  ", "\n", "ü", "😀", "東", "...", "<s>", "</s> <pad>"]
-    for line in CORPUS:
+    """Strings to tokenize: the corpus and variations of it, edge cases and long ones (~300)."""
+    out = ["", " ", "  ", "a", "A", "  leading", "trailing  ", "\n", "\t", "ü", "😀", "東", "...", "<s>", "</s> <pad>"]
+    for line in CORPUS + EXTRA:
         words = line.split()
         out.append(line)
         out.append(line.lower())
         out.append(line.upper())
+        out.append(line.title())
+        out.append("  ".join(words))
         out.extend(" ".join(words[i : i + 3]) for i in range(0, len(words), 3))
         out.extend(words)
+    for a, b in zip(CORPUS, reversed(EXTRA)):
+        out.append(f"{a} {b}")
     out.append(" ".join(CORPUS) * 3)
     out.append("x" * 500)
     out.append("😀" * 40)

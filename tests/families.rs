@@ -221,7 +221,7 @@ fn tokenizers_give_transformers_ids() {
         serde_json::from_str(&std::fs::read_to_string(fixture("families/tokenizers/cases.json")).unwrap())
             .unwrap();
     let strings: Vec<String> = serde_json::from_value(cases["strings"].clone()).unwrap();
-    assert!(strings.len() >= 100, "a few hundred varied strings");
+    assert!(strings.len() >= 300, "a few hundred varied strings: {}", strings.len());
     let max_length = cases["max_length"].as_u64().unwrap() as usize;
     for kind in ["bpe", "unigram"] {
         let dir = fixture(&format!("families/tokenizers/{kind}"));
@@ -237,5 +237,22 @@ fn tokenizers_give_transformers_ids() {
                 assert_eq!(ours, want, "{kind} {key}: ids of {s:?}");
             }
         }
+    }
+}
+
+/// RoBERTa's positions start after the padding id, so its longest input is that much shorter
+/// than `max_position_embeddings`: an input one longer is an error, not an out-of-range gather.
+#[test]
+fn roberta_inputs_stop_where_its_positions_do() {
+    let model = model("roberta", DType::F32);
+    let longest = model.config().max_length();
+    assert_eq!(longest, model.config().max_position_embeddings - 2, "pad_token_id 1: two positions skipped");
+    let row = |len: usize| vec![5u32; len];
+    for (len, fits) in [(longest, true), (longest + 1, false)] {
+        let rows = [row(len)];
+        let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let batch = pipe::model::Batch::pad(&rows, model.pad_id(), model.dtype(), model.device()).unwrap();
+        let result = model.forward(&batch, Mode::Eval);
+        assert_eq!(result.is_ok(), fits, "{len} tokens: {:?}", result.err());
     }
 }

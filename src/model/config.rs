@@ -255,6 +255,16 @@ impl EncoderConfig {
         from_parameters.or(older).unwrap_or(if local { 10_000.0 } else { 160_000.0 })
     }
 
+    /// The longest input, in tokens: `max_position_embeddings`, less the positions RoBERTa's ids
+    /// skip (they start after the padding id: 512 of roberta-base's 514).
+    pub fn max_length(&self) -> usize {
+        let skipped = match self.family {
+            Family::Roberta | Family::XlmRoberta => self.pad_id() as usize + 1,
+            _ => 0,
+        };
+        self.max_position_embeddings.saturating_sub(skipped)
+    }
+
     /// The token id used for padding (`pad_token_id`, else 0).
     pub fn pad_id(&self) -> u32 {
         self.pad_token_id.unwrap_or(0)

@@ -317,9 +317,10 @@ impl Classifier {
     pub fn forward(&self, batch: &Batch, mut mode: Mode<'_>) -> Result<Tensor> {
         let (rows, len) = batch.input_ids.dims2()?;
         let c = &self.config;
-        if len > c.max_position_embeddings {
+        if len > c.max_length() {
             candle_core::bail!(
-                "sequence length {len} exceeds the model's max_position_embeddings {}",
+                "sequence length {len} exceeds the model's longest input, {} tokens (max_position_embeddings {})",
+                c.max_length(),
                 c.max_position_embeddings
             );
         }

@@ -182,10 +182,11 @@ impl Stage for TrainStage {
     fn preflight(&mut self) -> Result<(), StageError> {
         let config = crate::model::EncoderConfig::from_file(&self.model_config.path)?;
         crate::model::check_safetensors(&self.model_weights.path)?;
-        if self.max_length > config.max_position_embeddings {
+        if self.max_length > config.max_length() {
             return Err(StageError::Invalid(format!(
-                "tokenizer.max_length = {} exceeds the model's max_position_embeddings = {} ({})",
+                "tokenizer.max_length = {} exceeds the model's longest input, {} tokens (max_position_embeddings = {}, {})",
                 self.max_length,
+                config.max_length(),
                 config.max_position_embeddings,
                 self.model_config.path.display()
             )));
