@@ -228,3 +228,36 @@ fn minilm_fixture_matches_pytorch() {
     println!("cuda MiniLM: logits err {logits_err:e}, classifier gradient err {grad_err:e}");
     assert!(logits_err < 1e-4 && grad_err < 1e-4);
 }
+
+/// Every encoder family's fixture model computes on the GPU what it computes on the CPU: logits
+/// and every gradient, ModernBERT's windowed attention and rotary embeddings included.
+#[test]
+fn every_family_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for family in ["distilbert", "electra", "modernbert", "roberta", "xlm-roberta"] {
+        let case = load(&format!("families/{family}-case.safetensors"));
+        let dir = fixture(&format!("families/{family}"));
+        let run = |device: &Device| {
+            let model = Classifier::from_pretrained(&dir, None, DType::F32, device, 0).unwrap();
+            let (batch, labels) = fixture_batch(&case, DType::F32);
+            let logits = model.forward(&batch, Mode::Eval).unwrap();
+            let store = cross_entropy(&logits, &labels, None).unwrap().backward().unwrap();
+            let grads: Vec<(String, Tensor)> = model
+                .params()
+                .iter()
+                .map(|(name, v)| {
+                    (name.clone(), store.get(v.as_tensor()).unwrap().to_device(&Device::Cpu).unwrap())
+                })
+                .collect();
+            (logits.to_device(&Device::Cpu).unwrap(), grads)
+        };
+        let ((gpu_logits, gpu_grads), (cpu_logits, cpu_grads)) = (run(&gpu), run(&Device::Cpu));
+        let e = rel_err(&gpu_logits, &cpu_logits, 0.0);
+        assert!(e < 1e-5, "{family}: logits, CUDA vs CPU: {e:e}");
+        let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
+        for ((name, g), (_, c)) in gpu_grads.iter().zip(&cpu_grads) {
+            let e = rel_err(g, c, floor);
+            assert!(e < 1e-4, "{family}: {name}, CUDA vs CPU: {e:e}");
+        }
+    }
+}

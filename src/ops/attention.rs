@@ -33,7 +33,7 @@ use super::{slice, vectorized, with_real};
 /// `(start, len)` in the packed token order. Returns the context, `(tokens, heads * head_dim)`.
 /// Probabilities are dropped out with probability `dropout` using mask `key`. With a `window` `w`,
 /// a query attends only to the keys at most `w` positions away in its row (ModernBERT's local
-/// layers; CPU only). On the CPU, the products take operands in `products`' precision.
+/// layers). On the CPU, the products take operands in `products`' precision.
 pub fn attention(
     qkv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
@@ -556,8 +556,10 @@ impl Attention {
         let mut args = kernel.args();
         let (key, threshold, drop_scale) = self.mask_args();
         let (h, li, scale, rows) = (self.heads as i32, l as i32, self.scale(), self.pairs() * l);
+        // -1: no window (a window as wide as the longest row is none either).
+        let window = self.window.map_or(-1, |w| w.min(l) as i32);
         args.arg(&mut p).arg(&mut pd).arg(&lay.lens).arg(&lay.offsets).arg(&h).arg(&li).arg(&scale);
-        args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&rows);
+        args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&window).arg(&rows);
         cuda::launch(args, cuda::warp_rows(rows))?;
         Ok((p, pd))
     }
@@ -652,9 +654,6 @@ impl CustomOp1 for Attention {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        if self.window.is_some() {
-            candle_core::bail!("attention: windowed (local) attention runs on the CPU only for now");
-        }
         let (tokens, width) = l.shape().dims2()?;
         let dev = cuda::device(s);
         cuda::with_float!("attention", s, T => {

@@ -250,13 +250,15 @@ __device__ void attn_unpad(const T* src, T* dst, const int* starts, const int* l
   }
 }
 
-// One warp per score row (segment, head, query t): p = softmax(scale * s) over the segment's keys,
-// written over s; pd = p through the dropout mask (the CPU's counter: offsets[segment] +
-// head*len*len + t*len + key). Rows and columns beyond the segment become 0 in both.
+// One warp per score row (segment, head, query t): p = softmax(scale * s) over the segment's keys
+// within `window` positions of t (all of them when window < 0), written over s; pd = p through the
+// dropout mask (the CPU's counter: offsets[segment] + head*len*len + t*len + key). Keys outside the
+// window, and rows and columns beyond the segment, become 0 in both (the backward needs no window:
+// its p is 0 there).
 template <typename T>
 __device__ void attn_softmax(T* s, T* pd, const int* lens, const uint64_t* offsets, int heads,
                              int L, float scale, uint64_t key, uint32_t threshold, float drop_scale,
-                             size_t score_rows) {
+                             int window, size_t score_rows) {
   WARP_ROW(row, lane);
   if (row >= score_rows) return;
   const int t = row % L;
@@ -269,15 +271,17 @@ __device__ void attn_softmax(T* s, T* pd, const int* lens, const uint64_t* offse
     for (int j = lane; j < L; j += 32) sr[j] = pr[j] = st<T>(0.0f);
     return;
   }
+  const int lo = window < 0 ? 0 : max(0, t - window);
+  const int hi = window < 0 ? len : min(len, t + window + 1);
   float m = -INFINITY;
-  for (int j = lane; j < len; j += 32) m = fmaxf(m, ld(sr[j]) * scale);
+  for (int j = lo + lane; j < hi; j += 32) m = fmaxf(m, ld(sr[j]) * scale);
   m = warp_max(m);
   float sum = 0.0f;
-  for (int j = lane; j < len; j += 32) sum += expf(ld(sr[j]) * scale - m);
+  for (int j = lo + lane; j < hi; j += 32) sum += expf(ld(sr[j]) * scale - m);
   const float inv = 1.0f / warp_sum(sum);
   const uint64_t base = offsets[seg] + ((uint64_t)h * len + t) * len;
   for (int j = lane; j < L; j += 32) {
-    const float p = j < len ? expf(ld(sr[j]) * scale - m) * inv : 0.0f;
+    const float p = (j >= lo && j < hi) ? expf(ld(sr[j]) * scale - m) * inv : 0.0f;
     const float f = (threshold > 0 && j < len) ? drop_factor(key, threshold, drop_scale, base + j) : 1.0f;
     sr[j] = st<T>(p);
     pr[j] = st<T>(p * f);
@@ -415,8 +419,8 @@ __device__ void scatter_finish(const float* partials, const uint32_t* row_chunks
   extern "C" __global__ void attn_softmax_##S(T* s, T* pd, const int* lens,                       \
                                               const uint64_t* offsets, int heads, int L,           \
                                               float scale, uint64_t key, uint32_t threshold,       \
-                                              float drop_scale, size_t score_rows) {               \
-    attn_softmax<T>(s, pd, lens, offsets, heads, L, scale, key, threshold, drop_scale,             \
+                                              float drop_scale, int window, size_t score_rows) {   \
+    attn_softmax<T>(s, pd, lens, offsets, heads, L, scale, key, threshold, drop_scale, window,     \
                     score_rows);                                                                   \
   }                                                                                                \
   extern "C" __global__ void attn_softmax_bwd_##S(const T* p, T* d, const int* lens,              \
