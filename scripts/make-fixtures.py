@@ -72,8 +72,11 @@ def families():
         ),
         ("roberta", RobertaConfig(pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5, **BERT_LIKE, **COMMON)),
         (
+            # A vocabulary that holds the Unigram tokenizer's ids: the end-to-end test runs them.
             "xlm-roberta",
-            XLMRobertaConfig(pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5, **BERT_LIKE, **COMMON),
+            XLMRobertaConfig(
+                pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5, **BERT_LIKE, **(COMMON | {"vocab_size": 256})
+            ),
         ),
         # An embedding width of 16 under a hidden size of 32: the projection is exercised.
         ("electra", ElectraConfig(embedding_size=16, pad_token_id=0, **BERT_LIKE, **COMMON)),

@@ -8,10 +8,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, fixture_batch, load, rel_err, scalar};
+use common::{assert_matches_reference, fixture, fixture_batch, load, loss_and_grads, rel_err, scalar};
 use pipe::data::Flavor;
 use pipe::model::{Classifier, Mode};
-use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig};
 
 /// The fixture families (BERT's own are in `tests/parity.rs`).
@@ -33,45 +32,11 @@ fn is_key_bias(name: &str) -> bool {
     name.ends_with("attention.self.key.bias") || name.ends_with("attention.k_lin.bias")
 }
 
-/// Logits, loss and each parameter's gradient (in parameter order) on the fixture batch.
-fn loss_and_grads(
-    model: &Classifier,
-    case: &HashMap<String, Tensor>,
-) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
-    let (batch, labels) = fixture_batch(case, model.dtype());
-    let logits = model.forward(&batch, Mode::Eval).unwrap();
-    let loss = cross_entropy(&logits, &labels, None).unwrap();
-    let store = loss.backward().unwrap();
-    let grads = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
-    (logits, loss, grads)
-}
-
 #[test]
 fn every_family_matches_pytorch_logits_loss_and_every_gradient() {
     for family in FAMILIES {
-        let case = case(family);
-        let model = model(family, DType::F32);
-        let (logits, loss, grads) = loss_and_grads(&model, &case);
-        let e = rel_err(&logits, &case["expected.logits"], 0.0);
-        assert!(e < 1e-5, "{family}: logits err {e:e}");
-        let e = rel_err(&loss.reshape(1).unwrap(), &case["expected.loss"], 0.0);
-        assert!(e < 1e-5, "{family}: loss err {e:e}");
-        let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
-        let mut worst = (0f64, String::new());
-        for ((name, _), grad) in model.params().iter().zip(&grads) {
-            let reference = case.get(&format!("grad.{name}")).unwrap_or_else(|| {
-                panic!("{family}: pipe trains `{name}`, which transformers does not have or train")
-            });
-            let grad = grad.as_ref().unwrap_or_else(|| panic!("{family}: {name} received no gradient"));
-            let e = rel_err(grad, reference, floor);
-            if e > worst.0 {
-                worst = (e, name.clone());
-            }
-        }
-        println!("{family}: worst gradient error {:e} at {}", worst.0, worst.1);
-        assert!(worst.0 < 1e-5, "{family}: worst gradient error {:e} at {}", worst.0, worst.1);
-        let references = case.keys().filter(|k| k.starts_with("grad.")).count();
-        assert_eq!(model.params().len(), references, "{family}: every parameter transformers trains");
+        let (worst, at) = assert_matches_reference(family, &model(family, DType::F32), &case(family));
+        println!("{family}: worst gradient error {worst:e} at {at}");
     }
 }
 
@@ -255,4 +220,70 @@ fn roberta_inputs_stop_where_its_positions_do() {
         let result = model.forward(&batch, Mode::Eval);
         assert_eq!(result.is_ok(), fits, "{len} tokens: {:?}", result.err());
     }
+}
+
+/// A bare base-model checkpoint (names without the `roberta.`-style prefix, as `AutoModel` saves
+/// them) loads to the same encoder: with the head's tensors alongside, the same logits bit for bit.
+#[test]
+fn every_family_loads_names_without_the_base_prefix() {
+    for family in FAMILIES {
+        let dir = fixture(&format!("families/{family}"));
+        let base = match family {
+            "xlm-roberta" => "roberta.".to_string(),
+            "modernbert" => "model.".to_string(),
+            other => format!("{other}."),
+        };
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let stripped: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| (name.strip_prefix(&base).map_or(name.clone(), str::to_string), t))
+            .collect();
+        assert!(stripped.keys().all(|n| !n.starts_with(&base)), "{family}: every prefix stripped");
+        let bare = tempfile::tempdir().unwrap();
+        candle_core::safetensors::save(&stripped, bare.path().join("model.safetensors")).unwrap();
+        std::fs::copy(dir.join("config.json"), bare.path().join("config.json")).unwrap();
+        let reloaded = Classifier::from_pretrained(bare.path(), None, DType::F32, &Device::Cpu, 0).unwrap();
+        let case = case(family);
+        assert_eq!(logits(&model(family, DType::F32), &case), logits(&reloaded, &case), "{family}");
+    }
+}
+
+/// `pipe run` and `pipe predict` end to end with an XLM-R model and its SentencePiece tokenizer.
+/// The tokenizer's flavour is part of the tokenize key: the same files read as the file says
+/// (`tokenizer_class` naming the generic class) give another key.
+#[test]
+fn an_xlm_roberta_pipeline_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_project(dir.path());
+    let model = dir.path().join("model");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("families/xlm-roberta").join(file), model.join(file)).unwrap();
+    }
+    let tokenizer = fixture("families/tokenizers/unigram/tokenizer.json");
+    std::fs::copy(tokenizer, model.join("tokenizer.json")).unwrap();
+    let run = common::run_json(dir.path(), &[]);
+    assert_eq!(run.statuses(), ["ran", "ran", "ran"]);
+    let args = ["predict", &run.run, "--input", "data/validation.csv", "--output", "predicted.csv"];
+    common::pipe_ok(dir.path(), &args);
+    let predicted = std::fs::read_to_string(dir.path().join("predicted.csv")).unwrap();
+    assert_eq!(predicted.lines().count(), 13, "a header and a prediction per row: {predicted}");
+
+    std::fs::write(model.join("tokenizer_config.json"), r#"{"tokenizer_class": "PreTrainedTokenizerFast"}"#)
+        .unwrap();
+    let as_file = common::run_json(dir.path(), &[]);
+    assert_ne!(as_file.key("tokenize"), run.key("tokenize"), "the flavour is part of the key");
+}
+
+/// A tokenizer whose ids do not fit the model's embeddings is bad input, found before training.
+#[test]
+fn a_tokenizer_larger_than_the_models_vocabulary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_project(dir.path());
+    let model = dir.path().join("model");
+    std::fs::copy(fixture("families/tokenizers/unigram/tokenizer.json"), model.join("tokenizer.json"))
+        .unwrap();
+    let output = common::pipe(dir.path(), &["run", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{}", common::describe(&["run"], &output));
+    assert!(stderr.contains("tokenizer.json") && stderr.contains("vocab_size"), "{stderr}");
 }

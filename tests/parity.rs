@@ -4,26 +4,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, fixture_batch, load, rel_err, scalar};
+use common::{assert_matches_reference, fixture, fixture_batch, load, loss_and_grads, rel_err, scalar};
 use pipe::model::{Classifier, Mode};
 use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig, ScheduleConfig, ScheduleKind, global_grad_norm};
 
 fn tiny(dtype: DType) -> Classifier {
     Classifier::from_pretrained(&fixture("parity/bert-tiny"), None, dtype, &Device::Cpu, 0).unwrap()
-}
-
-/// Loss and per-parameter gradients (in parameter order) of the fixture batch.
-fn loss_and_grads(
-    model: &Classifier,
-    case: &std::collections::HashMap<String, Tensor>,
-) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
-    let (batch, labels) = fixture_batch(case, model.dtype());
-    let logits = model.forward(&batch, Mode::Eval).unwrap();
-    let loss = cross_entropy(&logits, &labels, None).unwrap();
-    let store = loss.backward().unwrap();
-    let grads = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
-    (logits, loss, grads)
 }
 
 fn is_key_bias(name: &str) -> bool {
@@ -33,25 +20,8 @@ fn is_key_bias(name: &str) -> bool {
 #[test]
 fn tiny_bert_logits_loss_and_every_gradient_match_pytorch() {
     let case = load("parity/bert-tiny-case.safetensors");
-    let model = tiny(DType::F32);
-    let (logits, loss, grads) = loss_and_grads(&model, &case);
-    let e = rel_err(&logits, &case["expected.logits"], 0.0);
-    assert!(e < 1e-5, "logits err {e:e}");
-    let e = rel_err(&loss.reshape(1).unwrap(), &case["expected.loss"], 0.0);
-    assert!(e < 1e-5, "loss err {e:e}");
-    let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
-    let mut worst = (0f64, String::new());
-    for ((name, _), grad) in model.params().iter().zip(&grads) {
-        let reference = &case[&format!("grad.{name}")];
-        let grad = grad.as_ref().unwrap_or_else(|| panic!("{name} received no gradient"));
-        let e = rel_err(grad, reference, floor);
-        if e > worst.0 {
-            worst = (e, name.clone());
-        }
-    }
-    assert!(worst.0 < 1e-5, "worst gradient error {:e} at {}", worst.0, worst.1);
-    println!("worst gradient error {:e} at {}", worst.0, worst.1);
-    assert_eq!(grads.len(), case.keys().filter(|k| k.starts_with("grad.")).count());
+    let (worst, at) = assert_matches_reference("tiny BERT", &tiny(DType::F32), &case);
+    println!("worst gradient error {worst:e} at {at}");
 }
 
 /// Inference computes the last layer for each row's [CLS] only; the logits are those of the

@@ -121,6 +121,11 @@ impl TextEncoder {
         Ok(Self { tokenizer })
     }
 
+    /// The number of token ids, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// Token ids of every text, in order; rows are encoded in parallel.
     pub fn encode_all<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>, TokenizeError> {
         texts

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::tokenize::{LABELS_FILE, TOKENS_FILE};
 use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error, upstream_digest};
 use crate::config::{EvaluateConfig, Metric, ModelConfig};
-use crate::data::{self, TokenizedSplit};
+use crate::data::{self, Flavor, TextEncoder, TokenizedSplit};
 use crate::device::{Precision, Target};
 use crate::model::{Classifier, Dropout};
 use crate::optim::{OptimizerConfig, ScheduleConfig};
@@ -182,6 +182,16 @@ impl Stage for TrainStage {
     fn preflight(&mut self) -> Result<(), StageError> {
         let config = crate::model::EncoderConfig::from_file(&self.model_config.path)?;
         crate::model::check_safetensors(&self.model_weights.path)?;
+        let tokens =
+            TextEncoder::from_file(&self.tokenizer.path, self.max_length, Flavor::AsFile)?.vocab_size();
+        if tokens > config.vocab_size {
+            return Err(StageError::Invalid(format!(
+                "{}: the tokenizer has {tokens} tokens, more than the model's embeddings hold (vocab_size = {} in {})",
+                self.tokenizer.path.display(),
+                config.vocab_size,
+                self.model_config.path.display()
+            )));
+        }
         if self.max_length > config.max_length() {
             return Err(StageError::Invalid(format!(
                 "tokenizer.max_length = {} exceeds the model's longest input, {} tokens (max_position_embeddings = {}, {})",

@@ -47,6 +47,50 @@ pub fn fixture_batch(case: &HashMap<String, Tensor>, dtype: DType) -> (Batch, Ve
     (batch, labels)
 }
 
+/// Logits, loss and each parameter's gradient (in parameter order) of a fixture's batch.
+pub fn loss_and_grads(
+    model: &pipe::model::Classifier,
+    case: &HashMap<String, Tensor>,
+) -> (Tensor, Tensor, Vec<Option<Tensor>>) {
+    let (batch, labels) = fixture_batch(case, model.dtype());
+    let logits = model.forward(&batch, pipe::model::Mode::Eval).unwrap();
+    let loss = pipe::ops::cross_entropy(&logits, &labels, None).unwrap();
+    let store = loss.backward().unwrap();
+    let grads = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
+    (logits, loss, grads)
+}
+
+/// Asserts that `model` (`what`, in messages) gives a fixture's float64 logits and loss within 1e-5
+/// and every gradient within 1e-5 (floor-normalised, `tests/fixtures/parity/README.md`), for
+/// exactly the parameters the reference trains. Returns the worst gradient error and where.
+pub fn assert_matches_reference(
+    what: &str,
+    model: &pipe::model::Classifier,
+    case: &HashMap<String, Tensor>,
+) -> (f64, String) {
+    let (logits, loss, grads) = loss_and_grads(model, case);
+    let e = rel_err(&logits, &case["expected.logits"], 0.0);
+    assert!(e < 1e-5, "{what}: logits err {e:e}");
+    let e = rel_err(&loss.reshape(1).unwrap(), &case["expected.loss"], 0.0);
+    assert!(e < 1e-5, "{what}: loss err {e:e}");
+    let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
+    let mut worst = (0f64, String::new());
+    for ((name, _), grad) in model.params().iter().zip(&grads) {
+        let reference = case.get(&format!("grad.{name}")).unwrap_or_else(|| {
+            panic!("{what}: pipe trains `{name}`, which the reference does not have or train")
+        });
+        let grad = grad.as_ref().unwrap_or_else(|| panic!("{what}: {name} received no gradient"));
+        let e = rel_err(grad, reference, floor);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    assert!(worst.0 < 1e-5, "{what}: worst gradient error {:e} at {}", worst.0, worst.1);
+    let references = case.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(grads.len(), references, "{what}: every parameter the reference trains");
+    worst
+}
+
 /// The MiniLM checkpoint, when it has been fetched (`scripts/fetch-model.sh`); tests that need it
 /// print why they skip otherwise.
 pub fn minilm_dir() -> Option<PathBuf> {
