@@ -23,6 +23,8 @@ pub enum Activation {
     Relu,
     /// `tanh` (BERT's pooler).
     Tanh,
+    /// `silu` / `swish`: `x * sigmoid(x)` (the Llama family's gated feed-forward).
+    Silu,
 }
 
 impl Activation {
@@ -33,6 +35,7 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
             "relu" => Some(Self::Relu),
             "tanh" => Some(Self::Tanh),
+            "silu" | "swish" => Some(Self::Silu),
             _ => None,
         }
     }
@@ -45,6 +48,7 @@ impl Activation {
             Self::GeluTanh => 1,
             Self::Relu => 2,
             Self::Tanh => 3,
+            Self::Silu => 4,
         }
     }
 
@@ -78,6 +82,11 @@ impl Activation {
                     (T::zero(), T::zero())
                 }
             }
+            Self::Silu => {
+                // exp(-x) overflows to infinity for very negative x: sigmoid 0, value and slope 0.
+                let sigmoid = (one + (-x).portable_exp()).recip();
+                (x * sigmoid, sigmoid * (one + x * (one - sigmoid)))
+            }
         }
     }
 }
@@ -101,6 +110,10 @@ macro_rules! each_variant {
             }
             Activation::Tanh => {
                 const $a: Activation = Activation::Tanh;
+                $body
+            }
+            Activation::Silu => {
+                const $a: Activation = Activation::Silu;
                 $body
             }
         }
@@ -248,8 +261,20 @@ mod tests {
     }
 
     #[test]
+    fn silu_matches_known_values() -> Result<()> {
+        let x = Tensor::new(&[-1.0f64, 0.0, 1.0, 2.0, -800.0], &candle_core::Device::Cpu)?;
+        let y = activation(&x, Activation::Silu)?.to_vec1::<f64>()?;
+        // torch.nn.functional.silu(torch.tensor([-1., 0., 1., 2., -800.], dtype=torch.float64))
+        let want = [-0.2689414213699951, 0.0, 0.7310585786300049, 1.7615941559557646, -0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-15, "{y:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn gradients_match_finite_differences() {
-        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Tanh] {
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Tanh, Activation::Silu] {
             check_grad(&input(&[5, 7], 3), |x| activation(x, act).unwrap());
         }
     }

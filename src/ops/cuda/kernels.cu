@@ -67,7 +67,7 @@ __device__ void dropout(const T* x, T* y, size_t n, uint64_t key, uint32_t thres
   FOR_EACH(i, n) y[i] = st<T>(ld(x[i]) * drop_factor(key, threshold, scale, i));
 }
 
-// ---- activations (ops/gelu.rs): kind 0 gelu (erf), 1 gelu (tanh), 2 relu, 3 tanh --------------
+// ---- activations (ops/gelu.rs): kind 0 gelu (erf), 1 gelu (tanh), 2 relu, 3 tanh, 4 silu -------
 
 __device__ __forceinline__ void act_value_slope(int kind, float x, float* value, float* slope) {
   switch (kind) {
@@ -89,6 +89,12 @@ __device__ __forceinline__ void act_value_slope(int kind, float x, float* value,
       *value = x > 0.0f ? x : 0.0f;
       *slope = x > 0.0f ? 1.0f : 0.0f;
       break;
+    case 4: {
+      const float s = 1.0f / (1.0f + expf(-x));
+      *value = x * s;
+      *slope = s * (1.0f + x * (1.0f - s));
+      break;
+    }
     default: {
       const float t = tanhf(x);
       *value = t;
