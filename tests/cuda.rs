@@ -261,3 +261,29 @@ fn every_family_matches_the_cpu() {
         }
     }
 }
+
+/// RMSNorm and SiLU (the Llama family's) compute on the GPU what they compute on the CPU, forward
+/// and backward.
+#[test]
+fn rms_norm_and_silu_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let x = Tensor::arange(0f32, 70.0 * 48.0, &Device::Cpu).unwrap().reshape((70, 48)).unwrap();
+    let x = x.affine(0.013, -1.0).unwrap().sin().unwrap();
+    let w = Tensor::arange(0f32, 48.0, &Device::Cpu).unwrap().affine(0.02, 0.5).unwrap();
+    let run = |d: &Device| {
+        let (x, w) =
+            (candle_core::Var::from_tensor(&x.to_device(d).unwrap()).unwrap(), w.to_device(d).unwrap());
+        let w = candle_core::Var::from_tensor(&w).unwrap();
+        let y = pipe::ops::rms_norm(&x, &w, 1e-6).unwrap();
+        let y = pipe::ops::activation(&y, pipe::ops::Activation::Silu).unwrap();
+        let store = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        [cpu(&y), cpu(store.get(&x).unwrap()), cpu(store.get(&w).unwrap())]
+    };
+    for (what, (g, c)) in
+        ["forward", "input gradient", "weight gradient"].iter().zip(run(&gpu).iter().zip(&run(&Device::Cpu)))
+    {
+        let e = rel_err(g, c, 0.0);
+        assert!(e < 1e-5, "{what}, CUDA vs CPU: {e:e}");
+    }
+}

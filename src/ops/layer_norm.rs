@@ -1,6 +1,6 @@
-//! Layer normalisation over the last dimension, with a backward for input, weight and bias; and
-//! the residual connection that closes each transformer block, `layer_norm(dropout(h) + x)`, as
-//! one op.
+//! Layer normalisation over the last dimension, with a backward for input, weight and bias; its
+//! uncentred twin, RMSNorm (the Llama family's), from the same kernels; and the residual
+//! connection that closes each transformer block, `layer_norm(dropout(h) + x)`, as one op.
 //!
 //! Composed from candle ops, the residual costs a dropout pass and an add in the forward, and in
 //! the backward the dropout's pass plus, for each of the four edges between them, the gradient
@@ -22,7 +22,15 @@ use super::{ROW_BLOCK, Real, slice, vectorized, with_real};
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension of `x`, as
 /// `torch.nn.LayerNorm` (biased variance).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(weight, bias, LayerNorm { eps })
+    x.contiguous()?.apply_op3(weight, bias, LayerNorm { eps, center: true })
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension of `x`, as transformers'
+/// `LlamaRMSNorm`: [`layer_norm`] without centring and with a zero bias (which adds exactly
+/// nothing, and is no parameter).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let bias = Tensor::zeros(weight.shape(), weight.dtype(), weight.device())?;
+    x.contiguous()?.apply_op3(weight, &bias, LayerNorm { eps, center: false })
 }
 
 /// `layer_norm(dropout(h) + x)` with dropout probability `dropout` under mask `key` (the mask of
@@ -58,13 +66,15 @@ pub fn residual_layer_norm(
 
 struct LayerNorm {
     eps: f64,
+    /// Whether rows are centred on their mean (LayerNorm) or not (RMSNorm).
+    center: bool,
 }
 
-/// Mean and reciprocal standard deviation of one row.
+/// Mean (0 when not centring) and reciprocal standard deviation (about that mean) of one row.
 #[inline(always)]
-fn moments<T: Real>(row: &[T], eps: f64) -> (T, T) {
+fn moments<T: Real>(row: &[T], eps: f64, center: bool) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
-    let mean = row.iter().copied().sum::<T>() / n;
+    let mean = if center { row.iter().copied().sum::<T>() / n } else { T::zero() };
     let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
     (mean, (var + T::from_f64(eps)).sqrt().recip())
 }
@@ -72,8 +82,8 @@ fn moments<T: Real>(row: &[T], eps: f64) -> (T, T) {
 /// One row of the forward: `y = (x - mean) * rstd * w + b`. (The sums in [`moments`] stay
 /// sequential; the element-wise loop vectorises inside [`vectorized!`] with the same bits.)
 #[inline(always)]
-fn normalize<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, y: &mut [T]) {
-    let (mean, rstd) = moments(x, eps);
+fn normalize<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, center: bool, y: &mut [T]) {
+    let (mean, rstd) = moments(x, eps, center);
     for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
         *y = (x - mean) * rstd * w + b;
     }
@@ -82,9 +92,18 @@ fn normalize<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, y: &mut [T]) {
 /// One row of the backward: the input's gradient into `dx`, and the row's contributions to the
 /// weight and bias gradients added to `acc` (`[dw; db]`).
 #[inline(always)]
-fn normalize_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, dx: &mut [T], acc: &mut [T]) {
+#[allow(clippy::too_many_arguments)]
+fn normalize_backward<T: Real>(
+    x: &[T],
+    w: &[T],
+    g: &[T],
+    eps: f64,
+    center: bool,
+    dx: &mut [T],
+    acc: &mut [T],
+) {
     let d = x.len();
-    let (mean, rstd) = moments(x, eps);
+    let (mean, rstd) = moments(x, eps, center);
     let n = T::from_f64(d as f64);
     let (mut sum_gw, mut sum_gw_xhat) = (T::zero(), T::zero());
     for i in 0..d {
@@ -98,7 +117,9 @@ fn normalize_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64, dx: &mut [T]
         acc_w[i] += g[i] * ((x[i] - mean) * rstd);
         acc_b[i] += g[i];
     }
-    let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
+    // Without centring, the mean's gradient term is absent.
+    let mean_gw = if center { sum_gw / n } else { T::zero() };
+    let mean_gw_xhat = sum_gw_xhat / n;
     for i in 0..d {
         let xhat = (x[i] - mean) * rstd;
         dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
@@ -137,7 +158,7 @@ impl CustomOp3 for LayerNorm {
             out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).for_each(|(y, x)| {
                 vectorized!({
                     for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                        normalize(x, w, b, self.eps, y);
+                        normalize(x, w, b, self.eps, self.center, y);
                     }
                 })
             });
@@ -168,8 +189,8 @@ impl CustomOp3 for LayerNorm {
             let mut y = cuda::alloc::<T>(dev, x.len())?;
             let kernel = cuda::Kernel::typed::<T>(dev, "layer_norm_fwd")?;
             let mut args = kernel.args();
-            let (r, di, eps) = (rows as i32, d as i32, self.eps as f32);
-            args.arg(&x).arg(&w).arg(&b).arg(&mut y).arg(&r).arg(&di).arg(&eps);
+            let (r, di, eps, center) = (rows as i32, d as i32, self.eps as f32, i32::from(self.center));
+            args.arg(&x).arg(&w).arg(&b).arg(&mut y).arg(&r).arg(&di).arg(&eps).arg(&center);
             cuda::launch(args, cuda::warp_rows(rows))?;
             Ok((cuda::storage(dev, y), xl.shape().clone()))
         })
@@ -189,7 +210,7 @@ impl CustomOp3 for LayerNorm {
         let packed = x.contiguous()?.apply_op3_no_bwd(
             weight,
             &grad.contiguous()?,
-            &LayerNormBackward { eps: self.eps },
+            &LayerNormBackward { eps: self.eps, center: self.center },
         )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = packed.get(rows)?;
@@ -200,6 +221,7 @@ impl CustomOp3 for LayerNorm {
 
 struct LayerNormBackward {
     eps: f64,
+    center: bool,
 }
 
 impl CustomOp3 for LayerNormBackward {
@@ -232,7 +254,7 @@ impl CustomOp3 for LayerNormBackward {
                     let mut acc = vec![T::zero(); 2 * d];
                     vectorized!({
                         for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                            normalize_backward(x, w, g, self.eps, dx, &mut acc);
+                            normalize_backward(x, w, g, self.eps, self.center, dx, &mut acc);
                         }
                     });
                     acc
@@ -266,12 +288,12 @@ impl CustomOp3 for LayerNormBackward {
             // The CPU's layout: [dx rows..., dweight, dbias] as (rows + 2, d).
             let mut out = cuda::alloc::<T>(dev, (rows + 2) * d)?;
             let mut stats = cuda::alloc::<f32>(dev, 2 * rows)?;
-            let (r, di, eps) = (rows as i32, d as i32, self.eps as f32);
+            let (r, di, eps, center) = (rows as i32, d as i32, self.eps as f32, i32::from(self.center));
             {
                 let kernel = cuda::Kernel::typed::<T>(dev, "layer_norm_bwd_dx")?;
                 let mut args = kernel.args();
                 let mut dx = out.slice_mut(..rows * d);
-                args.arg(&x).arg(&w).arg(&g).arg(&mut dx).arg(&mut stats).arg(&r).arg(&di).arg(&eps);
+                args.arg(&x).arg(&w).arg(&g).arg(&mut dx).arg(&mut stats).arg(&r).arg(&di).arg(&eps).arg(&center);
                 cuda::launch(args, cuda::warp_rows(rows))?;
             }
             let (config, blocks) = cuda::row_blocks(rows, d);
@@ -343,7 +365,7 @@ impl CustomOp3 for ResidualLayerNorm {
                     vectorized!({
                         for (r, ((y, h), x)) in y.chunks_mut(d).zip(h.chunks(d)).zip(x.chunks(d)).enumerate() {
                             self.sum_row(block * ROW_BLOCK + r, h, x, &mut factors, &mut s);
-                            normalize(&s, w, b, self.eps, y);
+                            normalize(&s, w, b, self.eps, true, y);
                         }
                     })
                 });
@@ -422,7 +444,7 @@ impl CustomOp3 for ResidualLayerNormBackward {
                         let rows = dh.chunks_mut(d).zip(dx.chunks_mut(d)).zip(h.chunks(d).zip(x.chunks(d)).zip(g.chunks(d)));
                         for (r, ((dh, dx), ((h, x), g))) in rows.enumerate() {
                             forward.sum_row(b * ROW_BLOCK + r, h, x, &mut factors, &mut s);
-                            normalize_backward(&s, w, g, self.eps, dx, &mut acc);
+                            normalize_backward(&s, w, g, self.eps, true, dx, &mut acc);
                             match forward.mask {
                                 Some(_) => dh.iter_mut().zip(&*dx).zip(&factors).for_each(|((dh, &ds), &f)| *dh = ds * f),
                                 None => dh.copy_from_slice(dx),
@@ -464,6 +486,19 @@ mod tests {
         check_grad(&x, |x| layer_norm(x, &w, &b, 1e-5).unwrap());
         check_grad(&w, |w| layer_norm(&x, w, &b, 1e-5).unwrap());
         check_grad(&b, |b| layer_norm(&x, &w, b, 1e-5).unwrap());
+        check_grad(&x, |x| rms_norm(x, &w, 1e-6).unwrap());
+        check_grad(&w, |w| rms_norm(&x, w, 1e-6).unwrap());
+    }
+
+    /// RMSNorm is the textbook `x / sqrt(mean(x^2) + eps) * w`.
+    #[test]
+    fn rms_norm_matches_the_textbook_composition() -> Result<()> {
+        let (x, w) = (input(&[70, 6], 1), input(&[6], 2));
+        let rms = ((x.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?).recip()?;
+        let want = x.broadcast_mul(&rms)?.broadcast_mul(&w)?;
+        let diff = (rms_norm(&x, &w, 1e-6)? - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        Ok(())
     }
 
     /// The fused residual equals the ops it replaces, bit for bit (f32, with and without dropout,

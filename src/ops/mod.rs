@@ -32,7 +32,7 @@ pub use dropout::dropout;
 pub use embedding::embedding;
 pub use gelu::{Activation, activation};
 pub use gemm::Products;
-pub use layer_norm::{layer_norm, residual_layer_norm};
+pub use layer_norm::{layer_norm, residual_layer_norm, rms_norm};
 pub use linear::{activated_linear, linear};
 pub use loss::cross_entropy;
 pub use rope::{rope, rotary_tables};

@@ -153,13 +153,15 @@ __device__ void broadcast_rows(const T* b, T* y, size_t rows, size_t cols) {
 
 // ---- LayerNorm (ops/layer_norm.rs) --------------------------------------------------------------
 
-// Mean and 1/std of one row, every lane of the warp getting both.
+// Mean (0 without centring: RMSNorm) and 1/std about it of one row, every lane of the warp getting
+// both.
 template <typename T>
-__device__ __forceinline__ void row_moments(const T* x, int d, float eps, int lane, float* mean,
-                                            float* rstd) {
+__device__ __forceinline__ void row_moments(const T* x, int d, float eps, int center, int lane,
+                                            float* mean, float* rstd) {
   float s = 0.0f;
-  for (int i = lane; i < d; i += 32) s += ld(x[i]);
-  const float m = warp_sum(s) / d;
+  if (center)
+    for (int i = lane; i < d; i += 32) s += ld(x[i]);
+  const float m = center ? warp_sum(s) / d : 0.0f;
   float v = 0.0f;
   for (int i = lane; i < d; i += 32) {
     const float c = ld(x[i]) - m;
@@ -170,12 +172,13 @@ __device__ __forceinline__ void row_moments(const T* x, int d, float eps, int la
 }
 
 template <typename T>
-__device__ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, int rows, int d, float eps) {
+__device__ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, int rows, int d, float eps,
+                               int center) {
   WARP_ROW(row, lane);
   if (row >= (size_t)rows) return;
   const T* xr = x + row * d;
   float mean, rstd;
-  row_moments(xr, d, eps, lane, &mean, &rstd);
+  row_moments(xr, d, eps, center, lane, &mean, &rstd);
   for (int i = lane; i < d; i += 32)
     y[row * d + i] = st<T>((ld(xr[i]) - mean) * rstd * ld(w[i]) + ld(b[i]));
 }
@@ -183,20 +186,21 @@ __device__ void layer_norm_fwd(const T* x, const T* w, const T* b, T* y, int row
 // dx for each row, and each row's (mean, rstd) into `stats` for the weight gradients.
 template <typename T>
 __device__ void layer_norm_bwd_dx(const T* x, const T* w, const T* g, T* dx, float* stats, int rows,
-                                  int d, float eps) {
+                                  int d, float eps, int center) {
   WARP_ROW(row, lane);
   if (row >= (size_t)rows) return;
   const T* xr = x + row * d;
   const T* gr = g + row * d;
   float mean, rstd;
-  row_moments(xr, d, eps, lane, &mean, &rstd);
+  row_moments(xr, d, eps, center, lane, &mean, &rstd);
   float sum_gw = 0.0f, sum_gw_xhat = 0.0f;
   for (int i = lane; i < d; i += 32) {
     const float gw = ld(gr[i]) * ld(w[i]);
     sum_gw += gw;
     sum_gw_xhat += gw * (ld(xr[i]) - mean) * rstd;
   }
-  const float mean_gw = warp_sum(sum_gw) / d, mean_gw_xhat = warp_sum(sum_gw_xhat) / d;
+  // Without centring, the mean's gradient term is absent.
+  const float mean_gw = center ? warp_sum(sum_gw) / d : 0.0f, mean_gw_xhat = warp_sum(sum_gw_xhat) / d;
   for (int i = lane; i < d; i += 32) {
     const float xhat = (ld(xr[i]) - mean) * rstd;
     dx[row * d + i] = st<T>(rstd * (ld(gr[i]) * ld(w[i]) - mean_gw - xhat * mean_gw_xhat));
@@ -386,12 +390,13 @@ __device__ void scatter_finish(const float* partials, const uint32_t* row_chunks
     broadcast_rows<T>(b, y, rows, cols);                                                           \
   }                                                                                                \
   extern "C" __global__ void layer_norm_fwd_##S(const T* x, const T* w, const T* b, T* y,         \
-                                                int rows, int d, float eps) {                      \
-    layer_norm_fwd<T>(x, w, b, y, rows, d, eps);                                                   \
+                                                int rows, int d, float eps, int center) {          \
+    layer_norm_fwd<T>(x, w, b, y, rows, d, eps, center);                                           \
   }                                                                                                \
   extern "C" __global__ void layer_norm_bwd_dx_##S(const T* x, const T* w, const T* g, T* dx,     \
-                                                   float* stats, int rows, int d, float eps) {     \
-    layer_norm_bwd_dx<T>(x, w, g, dx, stats, rows, d, eps);                                        \
+                                                   float* stats, int rows, int d, float eps,       \
+                                                   int center) {                                   \
+    layer_norm_bwd_dx<T>(x, w, g, dx, stats, rows, d, eps, center);                                \
   }                                                                                                \
   extern "C" __global__ void layer_norm_bwd_partials_##S(const T* x, const T* g,                  \
                                                          const float* stats, float* partials,      \
