@@ -170,7 +170,14 @@ fn op_breakdown(
         (
             "attention",
             Box::new(|| {
-                pipe::ops::attention(qkv.as_tensor(), Arc::clone(&segments), heads, None, 0.1, 7, products)
+                pipe::ops::attention(
+                    qkv.as_tensor(),
+                    Arc::clone(&segments),
+                    pipe::ops::AttentionShape::full(heads),
+                    0.1,
+                    7,
+                    products,
+                )
             }),
         ),
         (

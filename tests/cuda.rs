@@ -191,8 +191,7 @@ fn dropout_masks_are_the_cpus() {
         pipe::ops::attention(
             &qkv.to_device(d).unwrap(),
             Arc::clone(&segments),
-            2,
-            None,
+            pipe::ops::AttentionShape::full(2),
             0.3,
             99,
             Products::Full,

@@ -395,6 +395,11 @@ impl Classifier {
         cast(&self.head.out.forward(&hidden, self.products)?, self.dtype())
     }
 
+    /// BERT-style layers attend with every head over whole rows.
+    fn attention_shape(&self) -> ops::AttentionShape {
+        ops::AttentionShape::full(self.config.num_attention_heads)
+    }
+
     fn layer_forward(
         &self,
         layer: &Layer,
@@ -410,8 +415,7 @@ impl Classifier {
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
             _ => 0,
         };
-        let context =
-            ops::attention(&qkv, Arc::clone(segments), c.num_attention_heads, None, p, key, products)?;
+        let context = ops::attention(&qkv, Arc::clone(segments), self.attention_shape(), p, key, products)?;
         let (eps, p) = (c.layer_norm_eps, self.dropout.hidden);
         let p_attended = if c.family.attention_output_dropout() { p } else { 0.0 };
         let attended = layer.attention_out.forward(&context, products)?;
@@ -436,7 +440,7 @@ impl Classifier {
         let q = layer.query.forward(&first, products)?;
         let kv = Linear::side_by_side(&[&layer.key, &layer.value], x, products)?;
         let context =
-            ops::first_token_attention(&q, &kv, Arc::clone(segments), c.num_attention_heads, None, products)?;
+            ops::first_token_attention(&q, &kv, Arc::clone(segments), self.attention_shape(), products)?;
         let (eps, mode) = (c.layer_norm_eps, &mut Mode::Infer);
         let attended = layer.attention_out.forward(&context, products)?;
         let x = layer.attention_norm.residual(&attended, &first, eps, 0.0, mode)?;

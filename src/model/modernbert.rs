@@ -84,7 +84,8 @@ pub(super) fn encode(
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
             _ => 0,
         };
-        let context = ops::attention(&qkv, Arc::clone(segments), heads, layer.window, p, key, products)?;
+        let shape = ops::AttentionShape { window: layer.window, ..ops::AttentionShape::full(heads) };
+        let context = ops::attention(&qkv, Arc::clone(segments), shape, p, key, products)?;
         let attended = dropout(&layer.attention_out.forward(&context, products)?, p_attention, mode)?;
         x = (x + attended)?;
         let z = layer.mlp_in.forward(&layer.mlp_norm.forward(&x, eps)?, products)?;

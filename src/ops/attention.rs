@@ -1,15 +1,19 @@
-//! Multi-head scaled dot-product attention over packed rows, as one op with its backward.
+//! Multi-head scaled dot-product attention over packed rows, as one op with its backward: over
+//! whole rows (encoders), within a window (ModernBERT's local layers), causal (decoders), and with
+//! query heads sharing key/value heads (grouped-query attention); see [`AttentionShape`].
 //!
 //! The model packs the real tokens of a batch one row after another and never computes padding
-//! (see `model::bert`); a row is a *segment* `(start, len)` of the packed tokens, and attends only
-//! within itself. The op takes the query, key and value projections side by side, as one linear
-//! layer makes them (`(tokens, 3 hidden)`), and returns their gradient as one tensor of that shape:
+//! (see `model::encoder`); a row is a *segment* `(start, len)` of the packed tokens, and attends
+//! only within itself. The op takes the query, key and value projections side by side, as one
+//! linear layer makes them, and returns their gradient as one tensor of that shape:
 //! one GEMM per direction for the three projections, and one edge in the gradient graph instead of
 //! three. Composed from candle ops, attention would also
 //! cost head-splitting transposes (copies), batched GEMMs with transposed copies in the backward,
 //! a mask, a dropout mask tensor and the head-merging transpose. Here each (segment, head) pair is
 //! one task: it reads its query, key and value slices through GEMM strides, keeps its `len x len`
-//! scores in a scratch buffer, and writes its slice of the context. The backward recomputes the
+//! scores in a scratch buffer, and writes its slice of the context; in the backward a task is a
+//! (segment, key/value head), whose query heads add to its keys' and values' gradients in order.
+//! The backward recomputes the
 //! probabilities (cheap next to the GEMMs; nothing of size `heads * len^2` is kept between passes)
 //! and the dropout mask (a hash of the key and the element's position, see [`super::dropout`]).
 //! Tasks are independent and each runs its GEMMs on one thread, so results do not depend on the
@@ -28,40 +32,86 @@ use super::dropout::DropMask;
 use super::gemm::{Element, MatMut, MatRef, Products, Threads, product};
 use super::{slice, vectorized, with_real};
 
-/// Attention over `qkv` of shape `(tokens, 3 * heads * head_dim)`: each token's query, key and
-/// value projections side by side (in that order), where `segments` lists each row's
+/// Which keys each query sees, and how query heads share key and value heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key and value heads, each serving `heads / kv_heads` consecutive query heads (grouped-query
+    /// attention); as many as `heads` in multi-head attention.
+    pub kv_heads: usize,
+    /// Whether a query sees only the keys at or before its own position (decoders).
+    pub causal: bool,
+    /// The most positions a key may be from its query (local attention), if limited.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// Multi-head attention over whole rows (BERT's).
+    pub fn full(heads: usize) -> Self {
+        Self { heads, kv_heads: heads, causal: false, window: None }
+    }
+
+    /// The keys `lo..hi` that query `i` of a row of `len` tokens sees.
+    fn visible(&self, i: usize, len: usize) -> (usize, usize) {
+        let (mut lo, mut hi) = (0, len);
+        if let Some(w) = self.window {
+            (lo, hi) = (i.saturating_sub(w), hi.min(i + w + 1));
+        }
+        if self.causal {
+            hi = hi.min(i + 1);
+        }
+        (lo, hi)
+    }
+
+    /// The head width for projections `width` wide (queries, then keys and values, side by side,
+    /// when `parts` counts them all), checked.
+    fn head_dim(&self, op: &str, width: usize, heads_in_width: usize) -> Result<usize> {
+        let fits = self.heads > 0
+            && self.kv_heads > 0
+            && self.heads.is_multiple_of(self.kv_heads)
+            && heads_in_width > 0
+            && width.is_multiple_of(heads_in_width);
+        if !fits {
+            candle_core::bail!(
+                "{op}: width {width} does not split into {} query and {} key/value heads",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        Ok(width / heads_in_width)
+    }
+}
+
+/// Attention over `qkv` of shape `(tokens, (heads + 2 kv_heads) * head_dim)`: each token's query,
+/// key and value projections side by side (in that order), where `segments` lists each row's
 /// `(start, len)` in the packed token order. Returns the context, `(tokens, heads * head_dim)`.
-/// Probabilities are dropped out with probability `dropout` using mask `key`. With a `window` `w`,
-/// a query attends only to the keys at most `w` positions away in its row (ModernBERT's local
-/// layers). On the CPU, the products take operands in `products`' precision.
+/// Probabilities are dropped out with probability `dropout` using mask `key`; `shape` says which
+/// keys each query sees (all of its row, a window, the causal part) and how heads share keys and
+/// values. On the CPU, the products take operands in `products`' precision.
 pub fn attention(
     qkv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
-    heads: usize,
-    window: Option<usize>,
+    shape: AttentionShape,
     dropout: f64,
     key: u64,
     products: Products,
 ) -> Result<Tensor> {
     let (tokens, width) = qkv.dims2()?;
-    if !width.is_multiple_of(3) {
-        candle_core::bail!("attention: qkv's width {width} is not three projections side by side");
-    }
-    let hidden = width / 3;
-    check_layout("attention", &segments, tokens, hidden, heads)?;
+    let head_dim = shape.head_dim("attention", width, shape.heads + 2 * shape.kv_heads)?;
+    check_segments("attention", &segments, tokens)?;
     // Each task's first element in the dropout mask's counter space.
     let mut mask_offsets = Vec::with_capacity(segments.len());
     let mut offset = 0u64;
     for &(_, len) in segments.iter() {
         mask_offsets.push(offset);
-        offset += (heads * len * len) as u64;
+        offset += (shape.heads * len * len) as u64;
     }
     let op = Attention {
         segments,
         mask_offsets: Arc::new(mask_offsets),
-        heads,
-        head_dim: hidden / heads,
-        window,
+        shape,
+        head_dim,
         mask: DropMask::new(dropout, key),
         products,
     };
@@ -77,13 +127,13 @@ pub fn first_token_attention(
     q: &Tensor,
     kv: &Tensor,
     segments: Arc<Vec<(usize, usize)>>,
-    heads: usize,
-    window: Option<usize>,
+    shape: AttentionShape,
     products: Products,
 ) -> Result<Tensor> {
-    let (rows, hidden) = q.dims2()?;
+    let (rows, q_width) = q.dims2()?;
     let (tokens, kv_width) = kv.dims2()?;
-    if rows != segments.len() || kv_width != 2 * hidden {
+    let head_dim = shape.head_dim("first-token attention", q_width, shape.heads)?;
+    if rows != segments.len() || kv_width != 2 * shape.kv_heads * head_dim {
         candle_core::bail!(
             "first-token attention: q {:?} (one row per segment of {}) and kv {:?} (keys and values side by side) do not fit",
             q.dims(),
@@ -91,28 +141,15 @@ pub fn first_token_attention(
             kv.dims()
         );
     }
-    check_layout("first-token attention", &segments, tokens, hidden, heads)?;
-    let op = Attention {
-        segments,
-        mask_offsets: Arc::new(Vec::new()),
-        heads,
-        head_dim: hidden / heads,
-        window,
-        mask: None,
-        products,
-    };
+    check_segments("first-token attention", &segments, tokens)?;
+    let op =
+        Attention { segments, mask_offsets: Arc::new(Vec::new()), shape, head_dim, mask: None, products };
     q.contiguous()?.apply_op2_no_bwd(&kv.contiguous()?, &FirstTokenAttention(op))
 }
 
 /// Segments in order, non-empty, not overlapping, inside the tokens (each task then owns its block
-/// of the output: the kernels rely on it), and a width that splits into the heads.
-fn check_layout(
-    op: &str,
-    segments: &[(usize, usize)],
-    tokens: usize,
-    hidden: usize,
-    heads: usize,
-) -> Result<()> {
+/// of the output: the kernels rely on it).
+fn check_segments(op: &str, segments: &[(usize, usize)], tokens: usize) -> Result<()> {
     let mut end = 0;
     for &(start, len) in segments {
         if len == 0 || start < end || start + len > tokens {
@@ -122,9 +159,6 @@ fn check_layout(
         }
         end = start + len;
     }
-    if heads == 0 || !hidden.is_multiple_of(heads) {
-        candle_core::bail!("{op}: width {hidden} does not split into {heads} heads");
-    }
     Ok(())
 }
 
@@ -132,10 +166,8 @@ fn check_layout(
 struct Attention {
     segments: Arc<Vec<(usize, usize)>>,
     mask_offsets: Arc<Vec<u64>>,
-    heads: usize,
+    shape: AttentionShape,
     head_dim: usize,
-    /// The most positions a key may be from its query (all, when `None`).
-    window: Option<usize>,
     mask: Option<DropMask>,
     products: Products,
 }
@@ -155,21 +187,44 @@ impl<T> SharedMut<T> {
 }
 
 impl Attention {
+    /// The queries' width (and the context's): `heads * head_dim`.
     fn hidden(&self) -> usize {
-        self.heads * self.head_dim
+        self.shape.heads * self.head_dim
     }
 
-    /// The (segment, head) of task `task`, with the segment's `(start, len)`.
-    fn task(&self, task: usize) -> (usize, usize, usize, usize) {
-        let (segment, head) = (task / self.heads, task % self.heads);
+    /// The width of the keys (and of the values).
+    fn kv_hidden(&self) -> usize {
+        self.shape.kv_heads * self.head_dim
+    }
+
+    /// Elements per token of `qkv`: queries, keys and values side by side.
+    fn stride(&self) -> usize {
+        self.hidden() + 2 * self.kv_hidden()
+    }
+
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.shape.heads / self.shape.kv_heads
+    }
+
+    /// The (segment, head) of task `task` over `heads` heads, with the segment's `(start, len)`.
+    fn task(&self, task: usize, heads: usize) -> (usize, usize, usize, usize) {
+        let (segment, head) = (task / heads, task % heads);
         let (start, len) = self.segments[segment];
         (segment, head, start, len)
     }
 
-    /// Offset of a task's first element in a buffer of `(tokens, hidden)` blocks side by side,
-    /// `stride` elements per token, in block `part`.
-    fn base(&self, stride: usize, part: usize, start: usize, head: usize) -> usize {
-        start * stride + part * self.hidden() + head * self.head_dim
+    /// Offsets in `qkv` of the first token of a row starting at `start`: its query for `head`, and
+    /// the key and value that head reads (its group's).
+    fn qkv_bases(&self, start: usize, head: usize) -> [usize; 3] {
+        let (row, kv) = (start * self.stride(), head / self.group() * self.head_dim);
+        [row + head * self.head_dim, row + self.hidden() + kv, row + self.hidden() + self.kv_hidden() + kv]
+    }
+
+    /// Offset of `head`'s block of the row starting at `start` in a `(tokens, heads * head_dim)`
+    /// buffer (the context and its gradient).
+    fn context_base(&self, start: usize, head: usize) -> usize {
+        start * self.hidden() + head * self.head_dim
     }
 
     /// Largest segment length (sizes the scratch buffers).
@@ -189,9 +244,10 @@ impl Attention {
     /// # Safety
     ///
     /// `buffer` points to `size` elements of which no other live reference or view covers this
-    /// block; `base` and `len` come from [`Self::task`] and [`Self::base`] for a validated segment
-    /// list, so the block lies inside the buffer, and distinct tasks' blocks are disjoint (segments
-    /// do not overlap, heads and projections take distinct columns).
+    /// block; `base` and `len` come from [`Self::task`] and [`Self::qkv_bases`] or
+    /// [`Self::context_base`] for a validated segment list, so the block lies inside the buffer,
+    /// and distinct tasks' blocks are disjoint (segments do not overlap, heads and projections take
+    /// distinct columns, and a key/value head's blocks belong to the one task of its group).
     unsafe fn block<'a, T>(
         &self,
         buffer: SharedMut<T>,
@@ -208,15 +264,15 @@ impl Attention {
     /// `p = softmax(scale * q k^T)` of one (segment, head) into `p` (`rows x len`, row-major), for
     /// queries `qm` (`rows x head_dim`, the segment's tokens from the first on) and the segment's
     /// keys `km` (`len x head_dim`). A row's result depends on its query alone, not on the other
-    /// rows. Keys outside the window get probability 0.
+    /// rows. Keys the query does not see (see [`AttentionShape`]) get probability 0.
     fn probabilities<T: Element>(&self, qm: MatRef<'_, T>, km: MatRef<'_, T>, p: &mut [T]) {
         let (rows, len) = (qm.rows(), km.rows());
         product(MatMut::row_major(p, rows, len), false, qm, km.t(), Threads::Caller, self.products);
-        if let Some(w) = self.window {
+        if self.shape.causal || self.shape.window.is_some() {
             for (i, row) in p.chunks_mut(len).enumerate() {
-                let (near, far) = (i.saturating_sub(w), (i + w + 1).min(len));
-                row[..near].fill(T::neg_infinity());
-                row[far..].fill(T::neg_infinity());
+                let (lo, hi) = self.shape.visible(i, len);
+                row[..lo].fill(T::neg_infinity());
+                row[hi..].fill(T::neg_infinity());
             }
         }
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
@@ -244,112 +300,100 @@ impl Attention {
         self.mask_offsets[segment] + (head * len * len) as u64
     }
 
-    /// The context `(tokens, hidden)` of `qkv` `(tokens, 3 hidden)`.
+    /// The context `(tokens, hidden)` of `qkv` (`(tokens, stride)`).
     fn forward<T: Element>(&self, qkv: &[T]) -> Vec<T> {
-        let (hidden, stride) = (self.hidden(), 3 * self.hidden());
-        let size = qkv.len() / 3;
+        let (hidden, stride) = (self.hidden(), self.stride());
+        let size = qkv.len() / stride * hidden;
         let mut out = vec![T::zero(); size];
         let dst = SharedMut(out.as_mut_ptr());
         let scratch = self.max_len() * self.max_len();
-        (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
+        let heads = self.shape.heads;
+        (0..self.segments.len() * heads).into_par_iter().for_each_init(
             || vec![T::zero(); scratch],
             |p, task| {
-                let (segment, head, start, len) = self.task(task);
-                let input = |part| self.view(qkv, stride, self.base(stride, part, start, head), len);
+                let (segment, head, start, len) = self.task(task, heads);
+                let [q, k, v] = self.qkv_bases(start, head).map(|base| self.view(qkv, stride, base, len));
                 let p = &mut p[..len * len];
-                self.probabilities(input(0), input(1), p);
+                self.probabilities(q, k, p);
                 if let Some(mask) = &self.mask {
                     mask.apply_in_place(self.mask_start(segment, head, len), p);
                 }
                 // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
-                let context =
-                    unsafe { self.block(dst, size, hidden, self.base(hidden, 0, start, head), len) };
-                product(
-                    context,
-                    false,
-                    MatRef::row_major(p, len, len),
-                    input(2),
-                    Threads::Caller,
-                    self.products,
-                );
+                let context = unsafe { self.block(dst, size, hidden, self.context_base(start, head), len) };
+                product(context, false, MatRef::row_major(p, len, len), v, Threads::Caller, self.products);
             },
         );
         out
     }
 
-    /// The gradient of `qkv` `(tokens, 3 hidden)` for the context's gradient `g` `(tokens, hidden)`.
+    /// The gradient of `qkv` (`(tokens, stride)`) for the context's gradient `g` `(tokens, hidden)`.
+    /// A task is a (segment, key/value head): its query heads in order, each adding its share to
+    /// the keys' and values' gradients (the first writes them), so the sums have one order.
     fn backward<T: Element>(&self, qkv: &[T], g: &[T]) -> Vec<T> {
-        let (hidden, stride) = (self.hidden(), 3 * self.hidden());
+        let (hidden, stride) = (self.hidden(), self.stride());
         let size = qkv.len();
         let mut out = vec![T::zero(); size];
         let dst = SharedMut(out.as_mut_ptr());
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let scratch = self.max_len() * self.max_len();
-        (0..self.segments.len() * self.heads).into_par_iter().for_each_init(
+        let kv_heads = self.shape.kv_heads;
+        (0..self.segments.len() * kv_heads).into_par_iter().for_each_init(
             || [(); 4].map(|_| vec![T::zero(); scratch]),
             |[p, dropped, dp, factors], task| {
-                let (segment, head, start, len) = self.task(task);
-                let base = |part| self.base(stride, part, start, head);
-                let input = |part| self.view(qkv, stride, base(part), len);
-                let (q, k, v) = (input(0), input(1), input(2));
+                let (segment, kv_head, start, len) = self.task(task, kv_heads);
                 let (p, dropped, dp) = (&mut p[..len * len], &mut dropped[..len * len], &mut dp[..len * len]);
-                self.probabilities(q, k, p);
-                // The mask's factors once, for the probabilities and their gradient.
-                let factors = self.mask.map(|mask| {
-                    let factors = &mut factors[..len * len];
-                    mask.factors(self.mask_start(segment, head, len), factors);
-                    &*factors
-                });
-                match factors {
-                    Some(f) => vectorized!({
-                        dropped.iter_mut().zip(p.iter()).zip(f).for_each(|((d, &p), &f)| *d = p * f)
-                    }),
-                    None => dropped.copy_from_slice(p),
-                }
-                let g_block = self.view(g, hidden, self.base(hidden, 0, start, head), len);
-                // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
-                let (dq, dk, dv) = unsafe {
-                    (
-                        self.block(dst, size, stride, base(0), len),
-                        self.block(dst, size, stride, base(1), len),
-                        self.block(dst, size, stride, base(2), len),
-                    )
-                };
-                // dv = dropped^T g
-                product(
-                    dv,
-                    false,
-                    MatRef::row_major(dropped, len, len).t(),
-                    g_block,
-                    Threads::Caller,
-                    self.products,
-                );
-                // d dropped = g v^T, then through the dropout mask
-                product(
-                    MatMut::row_major(dp, len, len),
-                    false,
-                    g_block,
-                    v.t(),
-                    Threads::Caller,
-                    self.products,
-                );
-                if let Some(f) = factors {
-                    vectorized!({ dp.iter_mut().zip(f).for_each(|(d, &f)| *d *= f) });
-                }
-                // d scores = scale * p * (dp - rowsum(dp * p))
-                let mut dot = vec![T::zero(); len];
-                fold_rows(len, T::zero(), &mut dot, |acc, i| acc + dp[i] * p[i]);
-                vectorized!({
-                    for ((dp_row, p_row), &dot) in dp.chunks_mut(len).zip(p.chunks(len)).zip(&dot) {
-                        for (d, &pv) in dp_row.iter_mut().zip(p_row) {
-                            *d = scale * pv * (*d - dot);
-                        }
+                for (n, head) in (kv_head * self.group()..(kv_head + 1) * self.group()).enumerate() {
+                    let bases = self.qkv_bases(start, head);
+                    let [q, k, v] = bases.map(|base| self.view(qkv, stride, base, len));
+                    self.probabilities(q, k, p);
+                    // The mask's factors once, for the probabilities and their gradient.
+                    let factors = self.mask.map(|mask| {
+                        let factors = &mut factors[..len * len];
+                        mask.factors(self.mask_start(segment, head, len), factors);
+                        &*factors
+                    });
+                    match factors {
+                        Some(f) => vectorized!({
+                            dropped.iter_mut().zip(p.iter()).zip(f).for_each(|((d, &p), &f)| *d = p * f)
+                        }),
+                        None => dropped.copy_from_slice(p),
                     }
-                });
-                // dq = ds k ; dk = ds^T q
-                let ds = MatRef::row_major(&*dp, len, len);
-                product(dq, false, ds, k, Threads::Caller, self.products);
-                product(dk, false, ds.t(), q, Threads::Caller, self.products);
+                    let g_block = self.view(g, hidden, self.context_base(start, head), len);
+                    // SAFETY: `out` outlives the loop and is only written through tasks' blocks:
+                    // this head's queries, and this task's group's keys and values.
+                    let (dq, dk, dv) = unsafe {
+                        (
+                            self.block(dst, size, stride, bases[0], len),
+                            self.block(dst, size, stride, bases[1], len),
+                            self.block(dst, size, stride, bases[2], len),
+                        )
+                    };
+                    // The group's first head writes the keys' and values' gradients; the others add.
+                    let add = n > 0;
+                    // dv = dropped^T g
+                    let dropped_t = MatRef::row_major(&*dropped, len, len).t();
+                    product(dv, add, dropped_t, g_block, Threads::Caller, self.products);
+                    // d dropped = g v^T, then through the dropout mask
+                    let d_dropped = MatMut::row_major(dp, len, len);
+                    product(d_dropped, false, g_block, v.t(), Threads::Caller, self.products);
+                    if let Some(f) = factors {
+                        vectorized!({ dp.iter_mut().zip(f).for_each(|(d, &f)| *d *= f) });
+                    }
+                    // d scores = scale * p * (dp - rowsum(dp * p))
+                    let mut dot = vec![T::zero(); len];
+                    fold_rows(len, T::zero(), &mut dot, |acc, i| acc + dp[i] * p[i]);
+                    vectorized!({
+                        for ((dp_row, p_row), &dot) in dp.chunks_mut(len).zip(p.chunks(len)).zip(&dot) {
+                            for (d, &pv) in dp_row.iter_mut().zip(p_row) {
+                                *d = scale * pv * (*d - dot);
+                            }
+                        }
+                    });
+                    // dq = ds k ; dk = ds^T q
+                    let ds = MatRef::row_major(&*dp, len, len);
+                    product(dq, false, ds, k, Threads::Caller, self.products);
+                    product(dk, add, ds.t(), q, Threads::Caller, self.products);
+                }
             },
         );
         out
@@ -362,17 +406,20 @@ struct FirstTokenAttention(Attention);
 impl FirstTokenAttention {
     fn forward<T: Element>(&self, q: &[T], kv: &[T]) -> Vec<T> {
         let op = &self.0;
-        let (hidden, stride) = (op.hidden(), 2 * op.hidden());
+        let (hidden, kv_hidden) = (op.hidden(), op.kv_hidden());
         let mut out = vec![T::zero(); q.len()];
         let dst = SharedMut(out.as_mut_ptr());
-        (0..op.segments.len() * op.heads).into_par_iter().for_each_init(
+        let heads = op.shape.heads;
+        (0..op.segments.len() * heads).into_par_iter().for_each_init(
             || vec![T::zero(); op.max_len()],
             |p, task| {
-                let (segment, head, start, len) = op.task(task);
+                let (segment, head, start, len) = op.task(task, heads);
                 let p = &mut p[..len];
-                let query = op.view(q, hidden, op.base(hidden, 0, segment, head), 1);
-                let input = |part| op.view(kv, stride, op.base(stride, part, start, head), len);
-                op.probabilities(query, input(0), p);
+                let query = op.view(q, hidden, segment * hidden + head * op.head_dim, 1);
+                let kv_base = start * 2 * kv_hidden + head / op.group() * op.head_dim;
+                let keys = op.view(kv, 2 * kv_hidden, kv_base, len);
+                let values = op.view(kv, 2 * kv_hidden, kv_base + kv_hidden, len);
+                op.probabilities(query, keys, p);
                 // SAFETY: `out` outlives the loop; each task writes its own (row, head) block, one
                 // row of `head_dim` elements inside the `(segments, hidden)` buffer.
                 let context = unsafe {
@@ -384,7 +431,7 @@ impl FirstTokenAttention {
                     )
                 };
                 let weights = MatRef::row_major(&*p, 1, len);
-                product(context, false, weights, input(1), Threads::Caller, op.products);
+                product(context, false, weights, values, Threads::Caller, op.products);
             },
         );
         out
@@ -468,7 +515,7 @@ impl Attention {
 
     /// Elements of one padded `(segments, heads, L, head_dim)` tensor.
     fn padded_size(&self, lay: &DeviceLayout) -> usize {
-        self.segments.len() * self.heads * lay.len * self.head_dim
+        self.segments.len() * self.shape.heads * lay.len * self.head_dim
     }
 
     /// The padded layout of a `(tokens, hidden)` block of `src`, whose tokens are `stride` elements
@@ -484,7 +531,7 @@ impl Attention {
         let mut dst = cuda::alloc::<T>(dev, total)?;
         let kernel = cuda::Kernel::typed::<T>(dev, "attn_pad")?;
         let mut args = kernel.args();
-        let (h, l, d) = (self.heads as i32, lay.len as i32, self.head_dim as i32);
+        let (h, l, d) = (self.shape.heads as i32, lay.len as i32, self.head_dim as i32);
         args.arg(src)
             .arg(&mut dst)
             .arg(&lay.starts)
@@ -510,7 +557,7 @@ impl Attention {
         let total = self.padded_size(lay);
         let kernel = cuda::Kernel::typed::<T>(dev, "attn_unpad")?;
         let mut args = kernel.args();
-        let (h, l, d) = (self.heads as i32, lay.len as i32, self.head_dim as i32);
+        let (h, l, d) = (self.shape.heads as i32, lay.len as i32, self.head_dim as i32);
         args.arg(src)
             .arg(dst)
             .arg(&lay.starts)
@@ -533,7 +580,7 @@ impl Attention {
     }
 
     fn pairs(&self) -> usize {
-        self.segments.len() * self.heads
+        self.segments.len() * self.shape.heads
     }
 
     /// Probabilities and dropped-out probabilities, `(pairs, L, L)` each.
@@ -555,11 +602,12 @@ impl Attention {
         let kernel = cuda::Kernel::typed::<T>(dev, "attn_softmax")?;
         let mut args = kernel.args();
         let (key, threshold, drop_scale) = self.mask_args();
-        let (h, li, scale, rows) = (self.heads as i32, l as i32, self.scale(), self.pairs() * l);
+        let (h, li, scale, rows) = (self.shape.heads as i32, l as i32, self.scale(), self.pairs() * l);
         // -1: no window (a window as wide as the longest row is none either).
-        let window = self.window.map_or(-1, |w| w.min(l) as i32);
+        let window = self.shape.window.map_or(-1, |w| w.min(l) as i32);
+        let causal = i32::from(self.shape.causal);
         args.arg(&mut p).arg(&mut pd).arg(&lay.lens).arg(&lay.offsets).arg(&h).arg(&li).arg(&scale);
-        args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&window).arg(&rows);
+        args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&window).arg(&causal).arg(&rows);
         cuda::launch(args, cuda::warp_rows(rows))?;
         Ok((p, pd))
     }
@@ -622,7 +670,7 @@ impl Attention {
             let kernel = cuda::Kernel::typed::<T>(dev, "attn_softmax_bwd")?;
             let mut args = kernel.args();
             let (key, threshold, drop_scale) = self.mask_args();
-            let (h, li, scale, rows) = (self.heads as i32, l as i32, self.scale(), pairs * l);
+            let (h, li, scale, rows) = (self.shape.heads as i32, l as i32, self.scale(), pairs * l);
             args.arg(&p).arg(&mut ds).arg(&lay.lens).arg(&lay.offsets).arg(&h).arg(&li).arg(&scale);
             args.arg(&key).arg(&threshold).arg(&drop_scale).arg(&rows);
             cuda::launch(args, cuda::warp_rows(rows))?;
@@ -645,20 +693,23 @@ impl CustomOp1 for Attention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (tokens, width) = l.shape().dims2()?;
+        let tokens = l.shape().dims2()?.0;
         with_real!("attention", s, T => {
             let qkv = slice::<T>("attention", s, l)?;
-            Ok((T::to_cpu_storage_owned(self.forward(qkv)), Shape::from((tokens, width / 3))))
+            Ok((T::to_cpu_storage_owned(self.forward(qkv)), Shape::from((tokens, self.hidden()))))
         })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (tokens, width) = l.shape().dims2()?;
+        if self.shape.kv_heads != self.shape.heads {
+            candle_core::bail!("attention: grouped-query attention runs on the CPU only for now");
+        }
+        let tokens = l.shape().dims2()?.0;
         let dev = cuda::device(s);
         cuda::with_float!("attention", s, T => {
             let qkv = cuda::input::<T>("attention", s, l)?;
-            Ok((cuda::storage(dev, self.forward_cuda(dev, &qkv)?), Shape::from((tokens, width / 3))))
+            Ok((cuda::storage(dev, self.forward_cuda(dev, &qkv)?), Shape::from((tokens, self.hidden()))))
         })
     }
 
@@ -718,38 +769,60 @@ mod tests {
         Arc::new(vec![(0, 3), (3, 2)])
     }
 
-    /// The textbook composition, row by row and head by head, with scores outside the window
-    /// masked to -inf.
+    /// The textbook composition, row by row and head by head (query head `h` reading key/value
+    /// head `h / group`), with the scores of keys the query does not see masked to -inf.
     #[allow(clippy::disallowed_methods)] // candle as the reference
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Tensor {
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape) -> Tensor {
         let hd = WIDTH / HEADS;
+        let group = shape.heads / shape.kv_heads;
         let mut rows = Vec::new();
         for &(start, len) in segments().iter() {
             let mut heads = Vec::new();
-            for h in 0..HEADS {
-                let part = |t: &Tensor| t.narrow(0, start, len).unwrap().narrow(1, h * hd, hd).unwrap();
-                let scores = (part(q).matmul(&part(k).t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
-                let far = |i: usize, j: usize| window.is_some_and(|w| i.abs_diff(j) > w);
+            for h in 0..shape.heads {
+                let part =
+                    |t: &Tensor, h: usize| t.narrow(0, start, len).unwrap().narrow(1, h * hd, hd).unwrap();
+                let (qh, kh, vh) = (part(q, h), part(k, h / group), part(v, h / group));
+                let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+                let hidden = |i: usize, j: usize| {
+                    shape.window.is_some_and(|w| i.abs_diff(j) > w) || (shape.causal && j > i)
+                };
                 let mask: Vec<f64> = (0..len * len)
-                    .map(|n| if far(n / len, n % len) { f64::NEG_INFINITY } else { 0.0 })
+                    .map(|n| if hidden(n / len, n % len) { f64::NEG_INFINITY } else { 0.0 })
                     .collect();
                 let scores = (scores + Tensor::from_vec(mask, (len, len), q.device()).unwrap()).unwrap();
                 let e = scores.broadcast_sub(&scores.max_keepdim(1).unwrap()).unwrap().exp().unwrap();
                 let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
-                heads.push(p.matmul(&part(v)).unwrap());
+                heads.push(p.matmul(&vh).unwrap());
             }
             rows.push(Tensor::cat(&heads, 1).unwrap());
         }
         Tensor::cat(&rows, 0).unwrap()
     }
 
+    /// Every kind of attention the op runs: whole rows, windows, causal, grouped-query (two query
+    /// heads sharing one key/value head), and the last two together.
+    fn shapes() -> Vec<AttentionShape> {
+        let full = AttentionShape::full(HEADS);
+        let mut shapes = vec![full, AttentionShape { causal: true, ..full }];
+        shapes.extend([0, 1, 2].map(|w| AttentionShape { window: Some(w), ..full }));
+        let grouped = AttentionShape { kv_heads: 1, ..full };
+        shapes.extend([grouped, AttentionShape { causal: true, window: Some(1), ..grouped }]);
+        shapes
+    }
+
     fn qkv() -> (Tensor, Tensor, Tensor) {
-        (input(&[5, WIDTH], 1), input(&[5, WIDTH], 2), input(&[5, WIDTH], 3))
+        qkv_for(HEADS)
     }
 
     /// The op's input: q, k and v side by side.
     fn side_by_side(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         Tensor::cat(&[q, k, v], 1).unwrap()
+    }
+
+    /// Queries, and keys and values for `kv_heads` heads.
+    fn qkv_for(kv_heads: usize) -> (Tensor, Tensor, Tensor) {
+        let kv_width = kv_heads * WIDTH / HEADS;
+        (input(&[5, WIDTH], 1), input(&[5, kv_width], 2), input(&[5, kv_width], 3))
     }
 
     #[test]
@@ -759,50 +832,62 @@ mod tests {
         let qkv = side_by_side(&q, &k, &v);
         for segments in [vec![(0, 3), (2, 2)], vec![(3, 3)], vec![(0, 0)], vec![(3, 2), (0, 3)]] {
             assert!(
-                attention(&qkv, Arc::new(segments.clone()), HEADS, None, 0.0, 0, Products::Full).is_err(),
+                attention(
+                    &qkv,
+                    Arc::new(segments.clone()),
+                    AttentionShape::full(HEADS),
+                    0.0,
+                    0,
+                    Products::Full
+                )
+                .is_err(),
                 "{segments:?}"
             );
         }
         let ragged = input(&[5, 3 * WIDTH - 1], 9);
         assert!(
-            attention(&ragged, segments(), HEADS, None, 0.0, 0, Products::Full).is_err(),
+            attention(&ragged, segments(), AttentionShape::full(HEADS), 0.0, 0, Products::Full).is_err(),
             "not three projections"
         );
-        assert!(attention(&qkv, segments(), 4, None, 0.0, 0, Products::Full).is_err(), "width 6 in 4 heads");
+        assert!(
+            attention(&qkv, segments(), AttentionShape::full(4), 0.0, 0, Products::Full).is_err(),
+            "width 6 in 4 heads"
+        );
         let kv = Tensor::cat(&[&k, &v], 1).unwrap();
         assert!(
-            first_token_attention(&q, &kv, segments(), HEADS, None, Products::Full).is_err(),
+            first_token_attention(&q, &kv, segments(), AttentionShape::full(HEADS), Products::Full).is_err(),
             "q for every token"
         );
     }
 
     #[test]
-    fn matches_the_textbook_composition_with_and_without_a_window() -> Result<()> {
-        let (q, k, v) = qkv();
-        for window in [None, Some(0), Some(1), Some(2)] {
-            let want = reference(&q, &k, &v, window);
-            let got =
-                attention(&side_by_side(&q, &k, &v), segments(), HEADS, window, 0.0, 0, Products::Full)?;
+    fn matches_the_textbook_composition_for_every_shape() -> Result<()> {
+        for shape in shapes() {
+            let (q, k, v) = qkv_for(shape.kv_heads);
+            let want = reference(&q, &k, &v, shape);
+            let got = attention(&side_by_side(&q, &k, &v), segments(), shape, 0.0, 0, Products::Full)?;
             let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "window {window:?}: {diff}");
+            assert!(diff < 1e-12, "{shape:?}: {diff}");
             // The first token of each row alone, from its query and every key and value.
             let first = Tensor::cat(&[q.get(0)?, q.get(3)?], 0)?.reshape((2, WIDTH))?;
             let kv = Tensor::cat(&[&k, &v], 1)?;
-            let got = first_token_attention(&first, &kv, segments(), HEADS, window, Products::Full)?;
+            let got = first_token_attention(&first, &kv, segments(), shape, Products::Full)?;
             let want = Tensor::cat(&[want.get(0)?, want.get(3)?], 0)?.reshape((2, WIDTH))?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "window {window:?}, first tokens: {diff}");
+            assert!(diff < 1e-12, "{shape:?}, first tokens: {diff}");
         }
         Ok(())
     }
 
     #[test]
-    fn gradients_match_finite_differences_with_and_without_dropout_and_a_window() {
-        let (q, k, v) = qkv();
-        for (p, window) in [(0.0, None), (0.3, None), (0.0, Some(1)), (0.3, Some(1))] {
-            check_grad(&side_by_side(&q, &k, &v), |qkv| {
-                attention(qkv, segments(), HEADS, window, p, 5, Products::Full).unwrap()
-            });
+    fn gradients_match_finite_differences_for_every_shape_with_and_without_dropout() {
+        for shape in shapes() {
+            let (q, k, v) = qkv_for(shape.kv_heads);
+            for p in [0.0, 0.3] {
+                check_grad(&side_by_side(&q, &k, &v), |qkv| {
+                    attention(qkv, segments(), shape, p, 5, Products::Full).unwrap()
+                });
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ mod loss;
 pub mod math;
 mod rope;
 
-pub use attention::{attention, first_token_attention};
+pub use attention::{AttentionShape, attention, first_token_attention};
 pub use dropout::dropout;
 pub use embedding::embedding;
 pub use gelu::{Activation, activation};

@@ -261,14 +261,15 @@ __device__ void attn_unpad(const T* src, T* dst, const int* starts, const int* l
 }
 
 // One warp per score row (segment, head, query t): p = softmax(scale * s) over the segment's keys
-// within `window` positions of t (all of them when window < 0), written over s; pd = p through the
+// within `window` positions of t (all of them when window < 0) and, when `causal`, at or before t,
+// written over s; pd = p through the
 // dropout mask (the CPU's counter: offsets[segment] + head*len*len + t*len + key). Keys outside the
-// window, and rows and columns beyond the segment, become 0 in both (the backward needs no window:
+// window, and rows and columns beyond the segment, become 0 in both (the backward needs neither:
 // its p is 0 there).
 template <typename T>
 __device__ void attn_softmax(T* s, T* pd, const int* lens, const uint64_t* offsets, int heads,
                              int L, float scale, uint64_t key, uint32_t threshold, float drop_scale,
-                             int window, size_t score_rows) {
+                             int window, int causal, size_t score_rows) {
   WARP_ROW(row, lane);
   if (row >= score_rows) return;
   const int t = row % L;
@@ -282,7 +283,7 @@ __device__ void attn_softmax(T* s, T* pd, const int* lens, const uint64_t* offse
     return;
   }
   const int lo = window < 0 ? 0 : max(0, t - window);
-  const int hi = window < 0 ? len : min(len, t + window + 1);
+  const int hi = min(window < 0 ? len : min(len, t + window + 1), causal ? t + 1 : len);
   float m = -INFINITY;
   for (int j = lo + lane; j < hi; j += 32) m = fmaxf(m, ld(sr[j]) * scale);
   m = warp_max(m);
@@ -430,9 +431,10 @@ __device__ void scatter_finish(const float* partials, const uint32_t* row_chunks
   extern "C" __global__ void attn_softmax_##S(T* s, T* pd, const int* lens,                       \
                                               const uint64_t* offsets, int heads, int L,           \
                                               float scale, uint64_t key, uint32_t threshold,       \
-                                              float drop_scale, int window, size_t score_rows) {   \
+                                              float drop_scale, int window, int causal,            \
+                                              size_t score_rows) {                                 \
     attn_softmax<T>(s, pd, lens, offsets, heads, L, scale, key, threshold, drop_scale, window,     \
-                    score_rows);                                                                   \
+                    causal, score_rows);                                                           \
   }                                                                                                \
   extern "C" __global__ void attn_softmax_bwd_##S(const T* p, T* d, const int* lens,              \
                                                   const uint64_t* offsets, int heads, int L,       \
