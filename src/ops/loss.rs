@@ -10,9 +10,15 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 use super::{Real, slice, with_real};
 
+/// The label of a row that does not count ([`cross_entropy`]'s `ignore_index`): prompt tokens and
+/// padding in language modelling.
+pub const IGNORE: u32 = u32::MAX;
+
 /// Mean cross-entropy of `logits` `(rows, classes)` against class indices `labels`, as
 /// `torch.nn.functional.cross_entropy`. With `class_weights`, each row counts with its class's
-/// weight and the mean is divided by the sum of those weights (torch's `weight=` semantics).
+/// weight and the mean is divided by the sum of those weights (torch's `weight=` semantics). Rows
+/// labelled [`IGNORE`] count for nothing, in the loss, its mean and the gradient (torch's
+/// `ignore_index`).
 ///
 /// One op rather than candle's `exp`/`log`/`sum` so that the exponentials are pipe's own (same
 /// bits on every machine, see [`super::math`]) and rows are summed in order.
@@ -22,7 +28,16 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32], class_weights: Option<&[f6
         candle_core::bail!("cross_entropy: {} labels for {rows} rows", labels.len());
     }
     let mut weights = Vec::with_capacity(rows);
+    let mut kept = Vec::with_capacity(rows);
     for &label in labels {
+        if label == IGNORE {
+            // Weight 0 and any valid class: the row adds exactly 0 to the loss, its weight sum
+            // and the gradient, on every device, with the kernels as they are.
+            weights.push(0.0);
+            kept.push(0);
+            continue;
+        }
+        kept.push(label);
         let label = label as usize;
         if label >= classes {
             candle_core::bail!("cross_entropy: label {label} out of range for {classes} classes");
@@ -36,7 +51,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32], class_weights: Option<&[f6
         });
     }
     let total_weight: f64 = weights.iter().sum();
-    let op = CrossEntropy { labels: Arc::new(labels.to_vec()), weights: Arc::new(weights), total_weight };
+    let op = CrossEntropy { labels: Arc::new(kept), weights: Arc::new(weights), total_weight };
     logits.contiguous()?.apply_op1(op)
 }
 
@@ -200,6 +215,21 @@ mod tests {
         want /= labels.iter().map(|&l| w[l as usize]).sum::<f64>();
         let got = cross_entropy(&x, &labels, Some(&w))?.to_scalar::<f64>()?;
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        Ok(())
+    }
+
+    /// Ignored rows are as if they were not there: the loss of the others, and no gradient.
+    #[test]
+    fn ignored_rows_count_for_nothing() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&input(&[4, 3], 5))?;
+        let kept = Tensor::cat(&[x.get(0)?, x.get(2)?], 0)?.reshape((2, 3))?;
+        let want = cross_entropy(&kept, &[2, 1], None)?.to_scalar::<f64>()?;
+        let loss = cross_entropy(&x, &[2, IGNORE, 1, IGNORE], None)?;
+        assert_eq!(loss.to_scalar::<f64>()?, want);
+        let grad = loss.backward()?.get(&x).unwrap().to_vec2::<f64>()?;
+        assert!(grad[1].iter().chain(&grad[3]).all(|&g| g == 0.0), "{grad:?}");
+        assert!(grad[0].iter().any(|&g| g != 0.0));
+        check_grad(&x, |x| cross_entropy(x, &[2, IGNORE, 1, 0], None).unwrap());
         Ok(())
     }
 

@@ -34,7 +34,7 @@ pub use gelu::{Activation, activation};
 pub use gemm::Products;
 pub use layer_norm::{layer_norm, residual_layer_norm, rms_norm};
 pub use linear::{activated_linear, linear};
-pub use loss::cross_entropy;
+pub use loss::{IGNORE, cross_entropy};
 pub use rope::{rope, rotary_tables};
 
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
