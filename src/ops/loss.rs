@@ -56,7 +56,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32], class_weights: Option<&[f6
 }
 
 #[derive(Clone)]
-struct CrossEntropy {
+pub(super) struct CrossEntropy {
     labels: Arc<Vec<u32>>,
     /// Each row's weight (its class's weight, or 1).
     weights: Arc<Vec<f64>>,
@@ -65,7 +65,7 @@ struct CrossEntropy {
 
 impl CrossEntropy {
     /// Softmax of one row of logits into `p`, and `log(sum(exp(x - max)))` with the max.
-    fn softmax<T: Real>(row: &[T], p: &mut [T]) -> (T, T) {
+    pub(super) fn softmax<T: Real>(row: &[T], p: &mut [T]) -> (T, T) {
         let max = row.iter().fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
         let mut sum = T::zero();
         for (p, &x) in p.iter_mut().zip(row) {

@@ -23,6 +23,7 @@ mod gelu;
 pub mod gemm;
 mod layer_norm;
 mod linear;
+mod lm_loss;
 mod loss;
 pub mod math;
 mod rope;
@@ -34,6 +35,7 @@ pub use gelu::{Activation, activation};
 pub use gemm::Products;
 pub use layer_norm::{layer_norm, residual_layer_norm, rms_norm};
 pub use linear::{activated_linear, linear};
+pub use lm_loss::lm_cross_entropy;
 pub use loss::{IGNORE, cross_entropy};
 pub use rope::{rope, rotary_tables};
 
