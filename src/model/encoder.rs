@@ -310,7 +310,8 @@ impl Classifier {
     /// Class logits `(rows, classes)` for a batch.
     ///
     /// Only real tokens are computed. Padding never influences a real token (attention masks it
-    /// out as a key) nor the result (only `[CLS]` is pooled), so the real tokens of all rows are
+    /// out as a key) nor the result (the head reads each row's first token, or the mean of its
+    /// real tokens), so the real tokens of all rows are
     /// packed one row after another and padding costs nothing: the reference's pad-to-max_length
     /// batches run as fast as their real length. Every per-token op is unchanged; attention keeps
     /// to each row's segment.
@@ -343,7 +344,7 @@ impl Classifier {
         }
         let segments = Arc::new(segments);
         let cls = Arc::new(cls);
-        let first = match &self.encoder {
+        let pooled = match &self.encoder {
             Encoder::PostNorm(layers) => {
                 // In inference on the CPU, the last layer computes only what the head reads: each
                 // row's first token (the same bits as computing every token; see
@@ -383,9 +384,9 @@ impl Classifier {
             }
         };
         let p = self.dropout.classifier;
-        let first = if family.head().dropout_first { dropout(&first, p, &mut mode)? } else { first };
+        let pooled = if family.head().dropout_first { dropout(&pooled, p, &mut mode)? } else { pooled };
         let mut hidden =
-            ops::activation(&self.head.dense.forward(&first, self.products)?, c.head_activation())?;
+            ops::activation(&self.head.dense.forward(&pooled, self.products)?, c.head_activation())?;
         if let Some(norm) = &self.head.norm {
             hidden = norm.forward(&hidden, c.layer_norm_eps)?;
         }

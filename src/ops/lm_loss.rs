@@ -51,6 +51,12 @@ pub fn lm_cross_entropy(
     hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
+/// A row's weight and class, as the loss op takes them: an ignored row weighs 0 (and adds 0 times
+/// a finite row loss, for class 0).
+fn weight_and_class(label: u32) -> (f64, usize) {
+    if label == IGNORE { (0.0, 0) } else { (1.0, label as usize) }
+}
+
 #[derive(Clone)]
 struct LmCrossEntropy {
     labels: Arc<Vec<u32>>,
@@ -92,8 +98,7 @@ impl CustomOp2 for LmCrossEntropy {
             for start in (0..self.labels.len()).step_by(ROWS) {
                 let (logits, _) = self.logits(hidden, weight, width, start);
                 for (row, &label) in logits.chunks(vocab).zip(&self.labels[start..]) {
-                    // As the loss op: an ignored row adds 0 * (a finite row loss), for label 0.
-                    let (w, label) = if label == IGNORE { (0.0, 0) } else { (1.0, label as usize) };
+                    let (w, label) = weight_and_class(label);
                     let (max, log_sum) = CrossEntropy::softmax(row, &mut p);
                     total += T::from_f64(w) * (log_sum - (row[label] - max));
                 }
@@ -150,7 +155,7 @@ impl CustomOp3 for LmCrossEntropyBackward {
                 // The chunk's logits become their gradient in place, as the loss op's backward.
                 let (mut d, rows) = op.logits(hidden, weight, width, start);
                 for (row, &label) in d.chunks_mut(vocab).zip(&op.labels[start..]) {
-                    let (w, label) = if label == IGNORE { (0.0, 0) } else { (1.0, label as usize) };
+                    let (w, label) = weight_and_class(label);
                     logits.copy_from_slice(row);
                     CrossEntropy::softmax(&logits, row);
                     row[label] -= T::one();
