@@ -287,3 +287,28 @@ fn a_tokenizer_larger_than_the_models_vocabulary_is_refused() {
     assert_eq!(output.status.code(), Some(2), "{}", common::describe(&["run"], &output));
     assert!(stderr.contains("tokenizer.json") && stderr.contains("vocab_size"), "{stderr}");
 }
+
+/// Mixed precision (bf16 products on the CPU) runs every family, close to its f32 logits, and its
+/// inference path (the last layer on the first tokens only, where a family has it) gives the
+/// bits of the full forward pass.
+#[test]
+fn every_family_runs_in_bf16_and_infers_with_the_full_pass_bits() {
+    for family in FAMILIES {
+        let case = case(family);
+        let f32_logits = logits(&model(family, DType::F32), &case);
+        let mut bf16 = model(family, DType::F32);
+        bf16.set_precision(pipe::device::Precision::Bf16);
+        let bf16_logits = logits(&bf16, &case);
+        let e = rel_err(
+            &Tensor::new(bf16_logits.as_slice(), &Device::Cpu).unwrap(),
+            &Tensor::new(f32_logits.as_slice(), &Device::Cpu).unwrap(),
+            0.0,
+        );
+        assert!(e > 0.0 && e < 2e-2, "{family}: bf16 logits {e:e} from f32 (bf16 products in use, close)");
+        let (batch, _) = fixture_batch(&case, DType::F32);
+        let inferred = bf16.forward(&batch, Mode::Infer).unwrap();
+        let inferred: Vec<f64> =
+            inferred.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(inferred, bf16_logits, "{family}: inference bits");
+    }
+}
