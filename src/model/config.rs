@@ -213,12 +213,9 @@ impl EncoderConfig {
 
     /// The activation of the head's dense layer.
     pub fn head_activation(&self) -> Activation {
-        match self.family {
-            Family::ModernBert => {
-                Activation::from_hf(self.classifier_activation()).expect("checked when read")
-            }
-            family => family.head().activation,
-        }
+        self.family.head_activation().unwrap_or_else(|| {
+            Activation::from_hf(self.classifier_activation()).expect("checked when the config was read")
+        })
     }
 
     /// ModernBERT's head activation, as the config names it.

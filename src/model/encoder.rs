@@ -198,7 +198,8 @@ pub(super) struct Embeddings {
     pub projection: Option<Linear>,
 }
 
-/// The classification head's layers (see [`super::family::Head`] for its shape).
+/// The classification head's layers (see `Family::head_dropout_first` and
+/// `EncoderConfig::head_activation` for how it runs).
 #[derive(Clone)]
 pub(super) struct HeadLayers {
     pub dense: Linear,
@@ -384,7 +385,7 @@ impl Classifier {
             }
         };
         let p = self.dropout.classifier;
-        let pooled = if family.head().dropout_first { dropout(&pooled, p, &mut mode)? } else { pooled };
+        let pooled = if family.head_dropout_first() { dropout(&pooled, p, &mut mode)? } else { pooled };
         let mut hidden =
             ops::activation(&self.head.dense.forward(&pooled, self.products)?, c.head_activation())?;
         if let Some(norm) = &self.head.norm {

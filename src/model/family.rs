@@ -67,20 +67,21 @@ impl Family {
         }
     }
 
-    /// The classification head's shape.
-    pub(crate) fn head(self) -> Head {
+    /// Whether the head drops out its input before its dense layer too (RoBERTa's and ELECTRA's
+    /// heads: `dropout, dense, act, dropout, out`; BERT's pooler, DistilBERT's pre_classifier and
+    /// ModernBERT's head drop out only after it).
+    pub(super) fn head_dropout_first(self) -> bool {
+        matches!(self, Self::Roberta | Self::XlmRoberta | Self::Electra)
+    }
+
+    /// The activation of the head's dense layer, where the family fixes it (ModernBERT's comes
+    /// from its config: see `EncoderConfig::head_activation`).
+    pub(super) fn head_activation(self) -> Option<Activation> {
         match self {
-            // pooler (dense + tanh on [CLS]), dropout, classifier
-            Self::Bert => Head { dropout_first: false, activation: Activation::Tanh },
-            // pre_classifier, ReLU, dropout, classifier
-            Self::DistilBert => Head { dropout_first: false, activation: Activation::Relu },
-            // dropout, dense, tanh, dropout, out_proj
-            Self::Roberta | Self::XlmRoberta => Head { dropout_first: true, activation: Activation::Tanh },
-            // dropout, dense, GELU, dropout, out_proj
-            Self::Electra => Head { dropout_first: true, activation: Activation::Gelu },
-            // (pooling), dense, classifier_activation (GELU by default), LayerNorm, dropout,
-            // classifier: see `EncoderConfig::head_activation`.
-            Self::ModernBert => Head { dropout_first: false, activation: Activation::Gelu },
+            Self::Bert | Self::Roberta | Self::XlmRoberta => Some(Activation::Tanh),
+            Self::DistilBert => Some(Activation::Relu),
+            Self::Electra => Some(Activation::Gelu),
+            Self::ModernBert => None,
         }
     }
 
@@ -113,15 +114,6 @@ impl Family {
             }
         }
     }
-}
-
-/// The classification head over the first token: `[dropout], dense, activation, dropout, out`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Head {
-    /// Whether the first token is dropped out before the dense layer too.
-    pub dropout_first: bool,
-    /// The dense layer's activation.
-    pub activation: Activation,
 }
 
 /// Tensor names. Encoder names are under `base` in a `...ForSequenceClassification` checkpoint and
