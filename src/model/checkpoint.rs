@@ -179,12 +179,12 @@ impl Classifier {
 }
 
 /// Takes tensors out of a checkpoint into `Var`s, recording each parameter's name in order.
-struct Loader<'a> {
-    path: &'a Path,
-    tensors: HashMap<String, Tensor>,
-    dtype: DType,
-    device: &'a Device,
-    params: Vec<(String, Var)>,
+pub(super) struct Loader<'a> {
+    pub path: &'a Path,
+    pub tensors: HashMap<String, Tensor>,
+    pub dtype: DType,
+    pub device: &'a Device,
+    pub params: Vec<(String, Var)>,
 }
 
 struct Init {
@@ -193,20 +193,20 @@ struct Init {
 }
 
 impl Loader<'_> {
-    fn register(&mut self, name: &str, tensor: Tensor) -> Result<Tensor, ModelError> {
+    pub(super) fn register(&mut self, name: &str, tensor: Tensor) -> Result<Tensor, ModelError> {
         let var = Var::from_tensor(&tensor.to_dtype(self.dtype)?.to_device(self.device)?)?;
         let t = var.as_tensor().clone();
         self.params.push((name.to_string(), var));
         Ok(t)
     }
 
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    pub(super) fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let tensor = self.remove(name, shape)?;
         self.register(name, tensor)
     }
 
     /// The checkpoint's tensor `name`, checked against `shape`.
-    fn remove(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+    pub(super) fn remove(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let tensor = self
             .tensors
             .remove(name)
@@ -223,11 +223,17 @@ impl Loader<'_> {
     }
 
     /// A zero bias that is not a parameter: for layers without one (it adds exactly nothing).
-    fn no_bias(&self, width: usize) -> Result<Tensor, ModelError> {
+    pub(super) fn no_bias(&self, width: usize) -> Result<Tensor, ModelError> {
         Ok(Tensor::zeros(width, self.dtype, self.device)?)
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear, ModelError> {
+    pub(super) fn linear(
+        &mut self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
         Ok(Linear {
             weight: self.take(&format!("{prefix}.weight"), &[out, inp])?,
             bias: match bias {
@@ -237,7 +243,7 @@ impl Loader<'_> {
         })
     }
 
-    fn norm(&mut self, prefix: &str, width: usize, bias: bool) -> Result<Norm, ModelError> {
+    pub(super) fn norm(&mut self, prefix: &str, width: usize, bias: bool) -> Result<Norm, ModelError> {
         Ok(Norm {
             weight: self.take(&format!("{prefix}.weight"), &[width])?,
             bias: match bias {

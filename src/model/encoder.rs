@@ -147,7 +147,7 @@ impl Linear {
     /// Several layers on one input as one product, their outputs side by side (each element is
     /// computed as by its own layer; the input's gradient comes from one product, and reaches
     /// the graph as one edge).
-    fn side_by_side(layers: &[&Self], x: &Tensor, products: ops::Products) -> Result<Tensor> {
+    pub(super) fn side_by_side(layers: &[&Self], x: &Tensor, products: ops::Products) -> Result<Tensor> {
         let stack = |part: fn(&Self) -> &Tensor| {
             let parts = layers.iter().map(|l| cast(part(l), x.dtype())).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&parts, 0)

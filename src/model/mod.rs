@@ -7,11 +7,13 @@
 
 mod checkpoint;
 mod config;
+mod decoder;
 mod encoder;
 mod family;
 mod modernbert;
 
 pub use config::EncoderConfig;
+pub use decoder::{CausalLm, DecoderConfig, KvCache, TokenIds, Variant, next_token_labels};
 pub use encoder::{Batch, Classifier, Dropout, Mode};
 pub use family::Family;
 
