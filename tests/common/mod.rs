@@ -117,6 +117,30 @@ pub fn minilm_dir() -> Option<PathBuf> {
     }
 }
 
+/// The real SmolLM2-135M-Instruct GGUF, when it has been fetched (`scripts/fetch-smollm2.sh`); as
+/// [`minilm_dir`], a missing model fails under CI and skips visibly elsewhere.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("PIPE_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.is_file() {
+        Some(path)
+    } else if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI runs the real-model tests, but SmolLM2 is not at {} (scripts/test.sh fetches it)",
+            path.display()
+        );
+    } else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: the real SmolLM2 is not at {} (run scripts/fetch-smollm2.sh to include this test)",
+            path.display()
+        );
+        None
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A tiny project for driving the `pipe` binary end to end.
 // ---------------------------------------------------------------------------------------------

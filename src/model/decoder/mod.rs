@@ -11,9 +11,11 @@
 //! as a full pass over the sequence.
 
 mod config;
+mod gguf;
 mod load;
 
 pub use config::{DecoderConfig, TokenIds, Variant};
+pub use gguf::GgufFile;
 
 use std::sync::Arc;
 
