@@ -211,6 +211,35 @@ fn read_rows(
     label_column: &str,
     label_required: bool,
 ) -> Result<(LabeledTexts, bool), DataError> {
+    let Columns { mut values, lines } =
+        read_columns(path, &[(text_column, true), (label_column, label_required)])?;
+    let (raw_labels, texts) = (values.pop().flatten(), values.pop().flatten().unwrap_or_default());
+    let mut data = LabeledTexts { texts, labels: Vec::new(), lines };
+    let labeled = raw_labels.is_some();
+    for (label, &line) in raw_labels.into_iter().flatten().zip(&data.lines) {
+        let label = label.trim().to_owned();
+        if label.is_empty() {
+            return Err(DataError::EmptyLabel { path: path.into(), line, column: label_column.into() });
+        }
+        data.labels.push(label);
+    }
+    Ok((data, labeled))
+}
+
+/// Some columns of a CSV file, as they are (not trimmed), in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Columns {
+    /// Each requested column's values, one per row; `None` for an optional column the file lacks.
+    pub values: Vec<Option<Vec<String>>>,
+    /// The line each row starts on (the header is line 1), for error messages.
+    pub lines: Vec<u64>,
+}
+
+/// Reads the named columns of the CSV file at `path` (each `(name, required)`; a required column
+/// the header lacks is an error naming the columns found). The file must start with a header row
+/// and hold at least one row; fields may be quoted (and then hold commas, quotes and line breaks).
+/// Other columns are ignored.
+pub fn read_columns(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, DataError> {
     // Read whole, because the csv crate's own line numbers are wrong after blank lines and CRLF
     // endings: lines are counted from the bytes instead (see `LineCounter`).
     let bytes = fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
@@ -245,14 +274,17 @@ fn read_rows(
             });
         }
     }
-    let text_index = column_index(path, &columns, text_column)?;
-    let label_index = match column_index(path, &columns, label_column) {
-        Ok(index) => Some(index),
-        Err(_) if !label_required => None,
-        Err(missing) => return Err(missing),
-    };
+    let mut indices = Vec::with_capacity(wanted.len());
+    for &(name, required) in wanted {
+        indices.push(match column_index(path, &columns, name) {
+            Ok(index) => Some(index),
+            Err(_) if !required => None,
+            Err(missing) => return Err(missing),
+        });
+    }
 
-    let mut data = LabeledTexts::default();
+    let mut data =
+        Columns { values: indices.iter().map(|i| i.map(|_| Vec::new())).collect(), lines: Vec::new() };
     let mut record = csv::ByteRecord::new();
     while reader.read_byte_record(&mut record).map_err(|e| csv_error(path, e, &mut lines))? {
         let line = lines.line_of(record.position());
@@ -275,20 +307,17 @@ fn read_rows(
                 column: column.into(),
             })
         };
-        data.texts.push(field(text_index, text_column)?);
-        if let Some(label_index) = label_index {
-            let label = field(label_index, label_column)?.trim().to_owned();
-            if label.is_empty() {
-                return Err(DataError::EmptyLabel { path: path.into(), line, column: label_column.into() });
+        for ((&(name, _), index), values) in wanted.iter().zip(&indices).zip(&mut data.values) {
+            if let (Some(index), Some(values)) = (index, values) {
+                values.push(field(*index, name)?);
             }
-            data.labels.push(label);
         }
         data.lines.push(line);
     }
-    if data.is_empty() {
+    if data.lines.is_empty() {
         return Err(DataError::NoRows { path: path.into() });
     }
-    Ok((data, label_index.is_some()))
+    Ok(data)
 }
 
 /// Turns the byte offsets the csv reader gives for records into 1-based line numbers.

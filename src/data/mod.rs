@@ -7,8 +7,8 @@ mod tokenize;
 mod tokens;
 
 pub use dataset::{
-    DataError, LabelMap, LabeledTexts, TextsToPredict, leaked_validation_rows, read_csv, read_csv_to_predict,
-    stratified_split,
+    Columns, DataError, LabelMap, LabeledTexts, TextsToPredict, leaked_validation_rows, read_columns,
+    read_csv, read_csv_to_predict, stratified_split,
 };
 pub use gguf::gguf_tokenizer;
 pub use tokenize::{Flavor, TextEncoder, TokenizeError};
