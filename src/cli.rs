@@ -88,6 +88,38 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Continue a prompt with a run's trained causal LM (greedy unless --temperature is given;
+    /// seeded sampling gives the same text on every machine).
+    Generate {
+        /// Run id or unique prefix.
+        run: String,
+        /// The prompt (written through the chat template when the run trained that way).
+        #[arg(long)]
+        prompt: String,
+        /// The most tokens to generate (fewer when the model ends its answer).
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sample at this temperature instead of decoding greedily.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// With --temperature: sample from the most probable tokens whose probabilities sum to P.
+        #[arg(long, value_name = "P", default_value_t = 1.0, requires = "temperature")]
+        top_p: f64,
+        /// With --temperature: the seed of the draws.
+        #[arg(long, default_value_t = 0, requires = "temperature")]
+        seed: u64,
+        /// Write the prompt through the chat template (the default when the run did).
+        #[arg(long, conflicts_with = "no_chat")]
+        chat: bool,
+        /// Use the prompt as it is, without the chat template.
+        #[arg(long)]
+        no_chat: bool,
+        /// Print one JSON object (prompt ids, generated ids, text) instead of the text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Show the parameter and metric differences between two runs.
     Diff {
         /// First run (id or unique prefix).

@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::config::{ConfigError, Pipeline, resolve_source};
+use crate::config::{ConfigError, Pipeline, Task, resolve_source};
 use crate::data::Flavor;
 use crate::device::Target;
 use crate::plan::{KeyFields, StageKind, run_id};
 use crate::stages::{
-    EvaluateStage, Event, Input, Observer, Stage, StageError, TEST_METRICS_FILE, TokenizeStage,
-    TokenizerFile, TrainStage, Upstream,
+    EvaluateStage, Event, Input, LmEvaluateStage, LmTokenizeStage, Observer, Stage, StageError,
+    TEST_METRICS_FILE, TokenizeStage, TokenizerFile, TrainStage, Upstream, is_gguf,
 };
 use crate::store::{Begin, Lookup, Store, StoreError, short};
 
@@ -95,22 +95,60 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
     let train_csv = input(d.train.clone(), "dataset.train")?;
     let validation_csv = d.validation.clone().map(|p| input(p, "dataset.validation")).transpose()?;
     let test_csv = d.test.clone().map(|p| input(p, "dataset.test")).transpose()?;
-    let tokenizer_dir = resolve_source(&pipeline.tokenizer.source)?;
-    let tokenizer = input(tokenizer_dir.join("tokenizer.json"), "tokenizer.source")?;
-    let flavor = Flavor::of_dir(&tokenizer_dir).map_err(|e| EngineError::Input(e.to_string()))?;
+    let causal_lm = pipeline.model.task == Task::CausalLm;
+    // A causal LM's model and tokenizer may come as one GGUF file.
+    let tokenizer_source = resolve_source(&pipeline.tokenizer.source)?;
+    let tokenizer = match is_gguf(&tokenizer_source) {
+        true => input(tokenizer_source.clone(), "tokenizer.source")?,
+        false => input(tokenizer_source.join("tokenizer.json"), "tokenizer.source")?,
+    };
     let model_dir = resolve_source(&pipeline.model.source)?;
-    let model_config = input(model_dir.join("config.json"), "model.source")?;
-    let model_weights = input(model_dir.join("model.safetensors"), "model.source")?;
-    let stages: Vec<Box<dyn Stage>> = vec![
-        Box::new(TokenizeStage::new(
-            d.clone(),
-            pipeline.tokenizer.max_length,
-            pipeline.seed,
+    let (model_config, model_weights) = match is_gguf(&model_dir) {
+        true if causal_lm => {
+            let file = input(model_dir.clone(), "model.source")?;
+            (file.clone(), file)
+        }
+        true => {
+            return Err(EngineError::Input(format!(
+                "model.source {}: a GGUF file holds a causal LM (set `model.task = \"causal-lm\"`)",
+                model_dir.display()
+            )));
+        }
+        false => (
+            input(model_dir.join("config.json"), "model.source")?,
+            input(model_dir.join("model.safetensors"), "model.source")?,
+        ),
+    };
+    let tokenize: Box<dyn Stage> = match causal_lm {
+        true => Box::new(LmTokenizeStage {
+            dataset: d.clone(),
+            max_length: pipeline.tokenizer.max_length,
+            chat_template: pipeline.tokenizer.chat_template,
+            seed: pipeline.seed,
             train_csv,
             validation_csv,
             test_csv,
-            TokenizerFile { file: tokenizer.clone(), flavor },
-        )),
+            tokenizer: tokenizer.clone(),
+        }),
+        false => {
+            let flavor = Flavor::of_dir(&tokenizer_source).map_err(|e| EngineError::Input(e.to_string()))?;
+            Box::new(TokenizeStage::new(
+                d.clone(),
+                pipeline.tokenizer.max_length,
+                pipeline.seed,
+                train_csv,
+                validation_csv,
+                test_csv,
+                TokenizerFile { file: tokenizer.clone(), flavor },
+            ))
+        }
+    };
+    let evaluate: Box<dyn Stage> = match causal_lm {
+        true => Box::new(LmEvaluateStage { evaluate: pipeline.evaluate.clone(), precision: pipeline.dtype }),
+        false => Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone(), precision: pipeline.dtype }),
+    };
+    let stages: Vec<Box<dyn Stage>> = vec![
+        tokenize,
         Box::new(TrainStage {
             seed: pipeline.seed,
             target: target.clone(),
@@ -126,7 +164,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             tokenizer,
             max_length: pipeline.tokenizer.max_length,
         }),
-        Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone(), precision: pipeline.dtype }),
+        evaluate,
     ];
     Ok((stages, target))
 }
@@ -309,17 +347,23 @@ fn selected_metrics(
     let path = out.file(file);
     let text =
         std::fs::read_to_string(&path).map_err(|source| StoreError::Io { path: path.clone(), source })?;
-    let report: crate::evaluate::ClassificationReport =
-        serde_json::from_str(&text).map_err(|e| EngineError::Stage {
-            kind: StageKind::Evaluate,
-            source: StageError::Invalid(format!("{}: {e}", path.display())),
-        })?;
-    Ok(pipeline
-        .evaluate
-        .metrics
-        .iter()
-        .filter_map(|m| Some((m.name().to_string(), report.metric(*m)?)))
-        .collect())
+    let invalid = |e: serde_json::Error| EngineError::Stage {
+        kind: StageKind::Evaluate,
+        source: StageError::Invalid(format!("{}: {e}", path.display())),
+    };
+    let metrics = pipeline.evaluate.metrics.iter();
+    Ok(match pipeline.model.task {
+        Task::SequenceClassification => {
+            let report: crate::evaluate::ClassificationReport =
+                serde_json::from_str(&text).map_err(invalid)?;
+            metrics.filter_map(|m| Some((m.name().to_string(), report.metric(*m)?))).collect()
+        }
+        // A causal LM's report is one object of numbers by metric name.
+        Task::CausalLm => {
+            let report: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+            metrics.filter_map(|m| Some((m.name().to_string(), report.get(m.name())?.as_f64()?))).collect()
+        }
+    })
 }
 
 /// The run record: small, deterministic apart from `created` and timings, meant for git.

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use pipe::config::{self, ConfigError};
 use pipe::engine::{self, EngineError};
-use pipe::predict::{PredictError, Predictor};
+use pipe::predict::{Generator, PredictError, Predictor};
 use pipe::records::{self, Record, RecordError};
 use pipe::reproduce;
 use pipe::store::{Store, StoreError, short};
@@ -232,6 +232,48 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             if let Some(report) = &predictions.report {
                 let correct: u64 = (0..report.confusion.len()).map(|c| report.confusion[c][c]).sum();
                 eprintln!("accuracy {:.4} ({correct} of {} rows)", report.accuracy, report.rows);
+            }
+            Ok(())
+        }
+        Command::Generate {
+            run,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+            no_chat,
+            json,
+            store,
+        } => {
+            let sampling = match temperature {
+                Some(t) if !(t > 0.0 && t.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) => {
+                    return Err(Failure {
+                        code: 2,
+                        message: format!(
+                            "--temperature must be a positive number and --top-p in (0, 1]; got {t} and {top_p}"
+                        ),
+                    });
+                }
+                Some(temperature) => pipe::evaluate::Sampling::Sample { temperature, top_p, seed },
+                None => pipe::evaluate::Sampling::Greedy,
+            };
+            let store = Store::new(store.store);
+            let record = Record::find(&store, &run)?;
+            let generator = Generator::for_run(&store, &record)?;
+            let chat = (generator.chat_template() || chat) && !no_chat;
+            let generation = generator.generate(&prompt, chat, max_new_tokens, sampling)?;
+            if json {
+                let doc = serde_json::json!({
+                    "run": record.id,
+                    "prompt_ids": generation.prompt_ids,
+                    "ids": generation.ids,
+                    "text": generation.text,
+                });
+                println!("{doc}");
+            } else {
+                println!("{}", generation.text);
             }
             Ok(())
         }

@@ -1,4 +1,4 @@
-//! `pipe predict`: a recorded run's trained model on new texts.
+//! `pipe predict` and `pipe generate`: a recorded run's trained model on new texts.
 //!
 //! The model is the run's train stage output in the store (`stages/train/<key>/model`, verified
 //! against its manifest), tokenized with the `tokenizer.json` saved beside it and the run's
@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::data::{DataError, Flavor, LabelMap, TextEncoder, TextsToPredict, TokenizeError};
-use crate::evaluate::{ClassificationReport, argmax, predict_probabilities, score};
-use crate::model::{Classifier, ModelError};
+use crate::config::Task;
+use crate::data::{DataError, Flavor, LabelMap, LmTokenizer, TextEncoder, TextsToPredict, TokenizeError};
+use crate::evaluate::{ClassificationReport, Sampling, argmax, generate, predict_probabilities, score};
+use crate::model::{CausalLm, Classifier, ModelError};
 use crate::records::{Record, RecordError};
 use crate::stages::MODEL_DIR;
 use crate::store::{Lookup, Store, StoreError};
@@ -40,6 +41,12 @@ pub enum PredictError {
     Store(#[from] StoreError),
     #[error("{}: {source}", path.display())]
     Write { path: PathBuf, source: csv::Error },
+    /// A prompt that cannot be generated from.
+    #[error("{0}")]
+    BadPrompt(String),
+    /// The command does not fit the run's task.
+    #[error("run {run} trained a {task}: {hint}")]
+    WrongTask { run: String, task: &'static str, hint: &'static str },
 }
 
 impl PredictError {
@@ -50,6 +57,97 @@ impl PredictError {
             Self::Model(ModelError::Candle(_)) | Self::Tokenize(TokenizeError::Encode { .. }) => 1,
             _ => 2,
         }
+    }
+}
+
+/// The directory of `record`'s trained model in `store`, verified against its manifest.
+fn trained_model_dir(store: &Store, record: &Record) -> Result<PathBuf, PredictError> {
+    let missing = |why: String| PredictError::ModelMissing {
+        run: record.id.clone(),
+        store: store.root().to_path_buf(),
+        why,
+    };
+    let key = record
+        .stage("train")
+        .and_then(|s| s.get("key"))
+        .and_then(toml::Value::as_str)
+        .ok_or_else(|| missing("the record names no train stage".into()))?;
+    match store.lookup("train", key)? {
+        Lookup::Hit(output) => Ok(output.file(MODEL_DIR)),
+        Lookup::Miss => Err(missing(format!("no stages/train/{key}"))),
+        Lookup::Corrupt(why) => Err(missing(format!("stages/train/{key} {why}"))),
+    }
+}
+
+/// A run's trained causal LM, ready to continue prompts (`pipe generate`).
+pub struct Generator {
+    model: CausalLm,
+    tokenizer: LmTokenizer,
+    /// Whether the run trained on prompts written through the chat template.
+    chat_template: bool,
+}
+
+/// One generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The prompt's ids, as the model saw them (through the chat template when used).
+    pub prompt_ids: Vec<u32>,
+    /// The generated ids (ending with the end-of-sequence id when the model stopped by itself).
+    pub ids: Vec<u32>,
+    /// The generated text, special tokens left out.
+    pub text: String,
+}
+
+impl Generator {
+    /// The trained model of `record`, found in `store`, with the tokenizer saved beside it and
+    /// the run's precision.
+    pub fn for_run(store: &Store, record: &Record) -> Result<Self, PredictError> {
+        let pipeline = record.pipeline()?;
+        if pipeline.model.task != Task::CausalLm {
+            return Err(PredictError::WrongTask {
+                run: record.id.clone(),
+                task: pipeline.model.task.name(),
+                hint: "`pipe predict RUN --text TEXT` classifies texts",
+            });
+        }
+        let model_dir = trained_model_dir(store, record)?;
+        let mut model = CausalLm::from_pretrained(&model_dir, DType::F32, &Device::Cpu)?;
+        model.set_precision(pipeline.dtype);
+        let tokenizer = LmTokenizer::load(&model_dir.join("tokenizer.json"))?;
+        Ok(Self { model, tokenizer, chat_template: pipeline.tokenizer.chat_template })
+    }
+
+    /// Whether the run's prompts went through the chat template (the default for `generate`).
+    pub fn chat_template(&self) -> bool {
+        self.chat_template
+    }
+
+    /// Continues `prompt` (written through the chat template when `chat`) by up to
+    /// `max_new_tokens` tokens, stopping at the end-of-sequence token.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        chat: bool,
+        max_new_tokens: usize,
+        sampling: Sampling,
+    ) -> Result<Generation, PredictError> {
+        let text = match chat {
+            true => self.tokenizer.chat_prompt(prompt)?,
+            false => prompt.to_string(),
+        };
+        let bad =
+            |message: String| PredictError::BadPrompt(format!("cannot generate from the prompt: {message}"));
+        let prompt_ids = self.tokenizer.encode(&text, !chat).map_err(bad)?;
+        let longest = self.model.config().max_position_embeddings;
+        if prompt_ids.is_empty() || prompt_ids.len() + max_new_tokens > longest {
+            return Err(bad(format!(
+                "it is {} tokens; with --max-new-tokens {max_new_tokens} it must be between 1 and {longest} (the model's longest input)",
+                prompt_ids.len()
+            )));
+        }
+        let ids = generate(&self.model, &prompt_ids, max_new_tokens, &[self.tokenizer.eos()], sampling)?;
+        let text = self.tokenizer.decode(&ids).map_err(bad)?;
+        Ok(Generation { prompt_ids, ids, text })
     }
 }
 
@@ -80,22 +178,14 @@ impl Predictor {
     /// evaluation batch size.
     pub fn for_run(store: &Store, record: &Record) -> Result<Self, PredictError> {
         let pipeline = record.pipeline()?;
-        let missing = |why: String| PredictError::ModelMissing {
-            run: record.id.clone(),
-            store: store.root().to_path_buf(),
-            why,
-        };
-        let key = record
-            .stage("train")
-            .and_then(|s| s.get("key"))
-            .and_then(toml::Value::as_str)
-            .ok_or_else(|| missing("the record names no train stage".into()))?;
-        let output = match store.lookup("train", key)? {
-            Lookup::Hit(output) => output,
-            Lookup::Miss => return Err(missing(format!("no stages/train/{key}"))),
-            Lookup::Corrupt(why) => return Err(missing(format!("stages/train/{key} {why}"))),
-        };
-        let model_dir = output.file(MODEL_DIR);
+        if pipeline.model.task != Task::SequenceClassification {
+            return Err(PredictError::WrongTask {
+                run: record.id.clone(),
+                task: pipeline.model.task.name(),
+                hint: "`pipe generate RUN --prompt TEXT` continues a prompt",
+            });
+        }
+        let model_dir = trained_model_dir(store, record)?;
         let mut model = Classifier::from_pretrained(&model_dir, None, DType::F32, &Device::Cpu, 0)?;
         // As the run's evaluations predicted: with bf16 products for a bf16 run.
         model.set_precision(pipeline.dtype);

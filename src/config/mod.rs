@@ -163,6 +163,21 @@ pub struct DatasetConfig {
     /// Column holding the label (any string or integer; labels are mapped to ids in sorted order).
     #[serde(default = "default_label_column")]
     pub label_column: String,
+    /// Causal LM, supervised fine-tuning: the column holding each row's prompt (set together
+    /// with `completion_column`; the loss covers only the completion). Without both, a causal LM
+    /// learns the whole of `text_column`, documents packed into blocks of `tokenizer.max_length`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_column: Option<String>,
+    /// Causal LM, supervised fine-tuning: the column holding each row's completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_column: Option<String>,
+}
+
+impl DatasetConfig {
+    /// The prompt and completion columns, when the data is prompt/completion pairs.
+    pub fn prompt_completion(&self) -> Option<(&str, &str)> {
+        Some((self.prompt_column.as_deref()?, self.completion_column.as_deref()?))
+    }
 }
 
 fn default_text_column() -> String {
@@ -182,10 +197,16 @@ pub struct TokenizerConfig {
     #[serde(default)]
     #[schemars(transform = without_default)]
     pub source: String,
-    /// Truncate sequences to this many tokens, `[CLS]` and `[SEP]` included.
+    /// Truncate sequences to this many tokens, `[CLS]` and `[SEP]` included (causal LM: the
+    /// length of a packed block, or the longest prompt and completion together).
     #[serde(default = "default_max_length")]
     #[schemars(range(min = 2))]
     pub max_length: usize,
+    /// Causal LM with prompt/completion data: write each prompt as a user message through the
+    /// model's chat template (`tokenizer_config.json`'s, or the GGUF file's), the completion as
+    /// the assistant's answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat_template: bool,
 }
 
 fn default_max_length() -> usize {
@@ -194,7 +215,7 @@ fn default_max_length() -> usize {
 
 impl Default for TokenizerConfig {
     fn default() -> Self {
-        Self { source: String::new(), max_length: default_max_length() }
+        Self { source: String::new(), max_length: default_max_length(), chat_template: false }
     }
 }
 
@@ -228,6 +249,19 @@ pub enum Task {
     /// One label per text, from the pooled `[CLS]` representation.
     #[default]
     SequenceClassification,
+    /// Next-token prediction with a decoder (Llama, Qwen2, Qwen3): language modelling of a text
+    /// column, or supervised fine-tuning on prompt/completion columns.
+    CausalLm,
+}
+
+impl Task {
+    /// What the task trains, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::SequenceClassification => "sequence classifier",
+            Task::CausalLm => "causal language model",
+        }
+    }
 }
 
 /// `[evaluate]`: how the evaluate stage scores the validation data.
@@ -262,6 +296,12 @@ pub enum Metric {
     Recall,
     /// Mean cross-entropy loss.
     Loss,
+    /// Causal LM: `exp` of the mean next-token loss.
+    Perplexity,
+    /// Causal LM with prompt/completion data: the fraction of prompts whose greedy generation
+    /// is exactly the completion (the evaluate stage only: it generates).
+    #[serde(rename = "exact_match")]
+    ExactMatch,
 }
 
 impl Metric {
@@ -273,6 +313,22 @@ impl Metric {
             Metric::Precision => "precision",
             Metric::Recall => "recall",
             Metric::Loss => "loss",
+            Metric::Perplexity => "perplexity",
+            Metric::ExactMatch => "exact_match",
+        }
+    }
+
+    /// Whether a smaller value is better (early stopping's direction).
+    pub fn lower_is_better(self) -> bool {
+        matches!(self, Metric::Loss | Metric::Perplexity)
+    }
+
+    /// Whether the metric scores a causal language model (else a classifier; the loss scores both).
+    pub fn for_causal_lm(self) -> Option<bool> {
+        match self {
+            Metric::Loss => None,
+            Metric::Perplexity | Metric::ExactMatch => Some(true),
+            _ => Some(false),
         }
     }
 }
@@ -375,11 +431,26 @@ pub fn load_with_env(
     Ok(pipeline)
 }
 
-/// `name` from the file stem; `tokenizer.source` from `model.source` (blamed on the same place).
+/// `name` from the file stem; `tokenizer.source` from `model.source` (blamed on the same place);
+/// a causal LM's `evaluate.metrics`: loss and perplexity, and exact match for prompt/completion data.
 fn derive_defaults(merged: &mut toml::Table, provenance: &mut Provenance, path: &Path) {
     if !merged.contains_key("name") {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         merged.insert("name".into(), toml::Value::String(stem));
+    }
+    let causal_lm =
+        merged.get("model").and_then(|m| m.get("task")).and_then(|t| t.as_str()) == Some("causal-lm");
+    let sft = merged.get("dataset").and_then(|d| d.get("completion_column")).is_some();
+    let evaluate = merged.entry("evaluate").or_insert_with(|| toml::Value::Table(Default::default()));
+    if let Some(evaluate) = evaluate.as_table_mut()
+        && causal_lm
+        && !evaluate.contains_key("metrics")
+    {
+        let mut metrics = vec![toml::Value::from("loss"), toml::Value::from("perplexity")];
+        if sft {
+            metrics.push(toml::Value::from("exact_match"));
+        }
+        evaluate.insert("metrics".into(), toml::Value::Array(metrics));
     }
     let Some(model_source) = merged.get("model").and_then(|m| m.get("source")).cloned() else {
         return;

@@ -24,7 +24,8 @@ pub fn resolve_source(source: &str) -> Result<PathBuf, ConfigError> {
 ///    files are in `snapshots/<commit>/`; without `refs/main`, the only (or newest) snapshot.
 pub fn resolve_source_with_env(source: &str, env: &[(String, String)]) -> Result<PathBuf, ConfigError> {
     let local = Path::new(source);
-    if local.is_dir() {
+    // A directory, or a causal LM's single GGUF file.
+    if local.is_dir() || (local.is_file() && local.extension().is_some_and(|e| e == "gguf")) {
         return Ok(local.to_owned());
     }
     let mut tried = vec![format!("{} (no such directory)", local.display())];

@@ -1,7 +1,7 @@
 //! Range and consistency checks that types cannot express. Each problem names the key path it is
 //! about, so that the loader can point at the layer that wrote it.
 
-use super::{Metric, Pipeline};
+use super::{Metric, Pipeline, Task};
 use crate::train::{ClassWeights, EarlyStoppingConfig};
 
 /// An invalid value at a key path.
@@ -129,6 +129,7 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
             .metrics
             .is_empty()
             .then(|| problem("evaluate.metrics", "`evaluate.metrics` must name at least one metric")),
+        causal_lm_problem(p),
         p.evaluate.metrics.iter().enumerate().find_map(|(i, metric)| {
             p.evaluate.metrics[..i]
                 .contains(metric)
@@ -136,6 +137,99 @@ pub(crate) fn first_problem(p: &Pipeline) -> Option<Problem> {
         }),
     ];
     checks.into_iter().flatten().next()
+}
+
+/// What a task's data and metrics must be: a classifier reads labels and reports classification
+/// metrics; a causal LM reads a text column, or a prompt and a completion column, and reports
+/// loss, perplexity and (with completions) exact match.
+fn causal_lm_problem(p: &Pipeline) -> Option<Problem> {
+    let causal_lm = p.model.task == Task::CausalLm;
+    let d = &p.dataset;
+    if let Some(metric) =
+        p.evaluate.metrics.iter().find(|m| m.for_causal_lm().is_some_and(|lm| lm != causal_lm))
+    {
+        let help = match causal_lm {
+            true => {
+                "a causal LM reports \"loss\", \"perplexity\" and (with prompt/completion data) \"exact_match\""
+            }
+            false => "\"perplexity\" and \"exact_match\" score a causal LM (`model.task = \"causal-lm\"`)",
+        };
+        return Some(Problem {
+            path: "evaluate.metrics",
+            message: format!(
+                "`evaluate.metrics` lists `{metric}`, which does not score a {}",
+                p.model.task.name()
+            ),
+            help: Some(help.into()),
+        });
+    }
+    if !causal_lm {
+        return [
+            ("dataset.prompt_column", &d.prompt_column),
+            ("dataset.completion_column", &d.completion_column),
+        ]
+        .into_iter()
+        .find(|(_, column)| column.is_some())
+        .map(|(path, _)| Problem {
+            path,
+            message: format!("`{path}` is for a causal LM's prompt/completion data"),
+            help: Some("set `model.task = \"causal-lm\"`, or remove it".into()),
+        });
+    }
+    match (&d.prompt_column, &d.completion_column) {
+        (Some(_), None) | (None, Some(_)) => {
+            let path =
+                if d.prompt_column.is_some() { "dataset.prompt_column" } else { "dataset.completion_column" };
+            return Some(Problem {
+                path,
+                message: "`prompt_column` and `completion_column` go together".into(),
+                help: Some("set both for supervised fine-tuning, or neither to learn `text_column`".into()),
+            });
+        }
+        (Some(prompt), Some(completion)) if prompt == completion => {
+            return Some(problem(
+                "dataset.completion_column",
+                "`prompt_column` and `completion_column` name the same column",
+            ));
+        }
+        _ => {}
+    }
+    if d.prompt_completion().is_none() {
+        if p.evaluate.metrics.contains(&Metric::ExactMatch) {
+            return Some(Problem {
+                path: "evaluate.metrics",
+                message: "`exact_match` compares generations with completions, and the data has none".into(),
+                help: Some("set `dataset.prompt_column` and `dataset.completion_column`".into()),
+            });
+        }
+        if p.tokenizer.chat_template {
+            return Some(problem(
+                "tokenizer.chat_template",
+                "the chat template wraps prompts, and the data has none (set `dataset.prompt_column` and `dataset.completion_column`)",
+            ));
+        }
+    }
+    let classifier_only = [
+        ("model.classifier_dropout", p.model.classifier_dropout.is_some()),
+        ("model.dropout", p.model.dropout.is_some()),
+        ("train.class_weights", p.train.class_weights.is_some()),
+    ];
+    if let Some((path, _)) = classifier_only.into_iter().find(|(_, set)| *set) {
+        return Some(Problem {
+            path,
+            message: format!("`{path}` does not apply to a causal LM"),
+            help: Some("a decoder has attention dropout only (`model.attention_dropout`)".into()),
+        });
+    }
+    if p.train.early_stopping.as_ref().is_some_and(|s| s.metric == Metric::ExactMatch) {
+        return Some(Problem {
+            path: "train.early_stopping.metric",
+            message: "exact match is scored by the evaluate stage only (it generates), not during training"
+                .into(),
+            help: Some("watch \"loss\" or \"perplexity\"".into()),
+        });
+    }
+    None
 }
 
 /// Early stopping needs evaluations, a metric they record, and sensible bounds.

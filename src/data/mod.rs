@@ -3,6 +3,7 @@
 
 mod dataset;
 mod gguf;
+mod lm;
 mod tokenize;
 mod tokens;
 
@@ -11,5 +12,6 @@ pub use dataset::{
     read_csv, read_csv_to_predict, stratified_split,
 };
 pub use gguf::gguf_tokenizer;
+pub use lm::{LmTokenizer, Sequences};
 pub use tokenize::{Flavor, TextEncoder, TokenizeError};
 pub use tokens::{TokenizedSplit, TokensError, load_tokens, save_tokens};

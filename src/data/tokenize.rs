@@ -26,6 +26,8 @@ pub enum TokenizeError {
     Load { path: PathBuf, message: String },
     #[error("cannot tokenize row {row}: {message}")]
     Encode { row: usize, message: String },
+    #[error("{}:{line}: {message}", path.display())]
+    TooLong { path: PathBuf, line: u64, message: String },
 }
 
 /// How transformers builds the tokenizer of a `tokenizer.json`, where it departs from the file.

@@ -103,7 +103,8 @@ impl ClassificationReport {
         mean(self.per_class.iter().map(|c| c.recall))
     }
 
-    /// The value of `metric`; `None` only for the loss when it was not computed.
+    /// The value of `metric`; `None` for the loss when it was not computed, and for a causal LM's
+    /// metrics.
     pub fn metric(&self, metric: Metric) -> Option<f64> {
         match metric {
             Metric::Accuracy => Some(self.accuracy),
@@ -111,6 +112,7 @@ impl ClassificationReport {
             Metric::Precision => Some(self.macro_precision()),
             Metric::Recall => Some(self.macro_recall()),
             Metric::Loss => self.loss,
+            Metric::Perplexity | Metric::ExactMatch => None,
         }
     }
 

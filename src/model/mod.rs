@@ -5,6 +5,7 @@
 //! `...ForSequenceClassification` for each supported family (see [`Family`]), one shared encoder,
 //! every op differentiable (see [`crate::ops`]), dropout drawn from the seeded [`crate::rng`].
 
+mod any;
 mod checkpoint;
 mod config;
 mod decoder;
@@ -12,8 +13,11 @@ mod encoder;
 mod family;
 mod modernbert;
 
+pub use any::Model;
 pub use config::EncoderConfig;
-pub use decoder::{CausalLm, DecoderConfig, GgufFile, KvCache, TokenIds, Variant, next_token_labels};
+pub use decoder::{
+    CausalLm, DecoderConfig, GgufFile, KvCache, TokenIds, Variant, gguf_config, next_token_labels,
+};
 pub use encoder::{Batch, Classifier, Dropout, Mode};
 pub use family::Family;
 

@@ -1,10 +1,12 @@
-//! The stages of a pipeline, `tokenize -> train -> evaluate`, behind one small trait.
+//! The stages of a pipeline, `tokenize -> train -> evaluate`, behind one small trait (a causal
+//! LM's tokenize and evaluate stages are in `causal_lm`).
 //!
 //! A stage declares what its key is made of ([`Stage::key_fields`]), checks its inputs before
 //! anything is written ([`Stage::preflight`], so bad input leaves the store untouched), and writes
 //! its outputs into a work directory ([`Stage::run`]); the engine does the rest (lookup, locking,
 //! committing, records).
 
+mod causal_lm;
 mod evaluate;
 mod tokenize;
 mod train;
@@ -12,9 +14,10 @@ mod train;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+pub use causal_lm::{DATA_FILE, GENERATIONS_FILE, LmEvaluateStage, LmTokenizeStage};
 pub use evaluate::{EvaluateStage, METRICS_FILE, PREDICTIONS_FILE, TEST_METRICS_FILE};
 pub use tokenize::{LABELS_FILE, TOKENS_FILE, TokenizeStage, TokenizerFile};
-pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage};
+pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage, is_gguf};
 
 use crate::data::{DataError, TokenizeError, TokensError};
 use crate::model::ModelError;
@@ -76,8 +79,12 @@ pub enum StageError {
 impl StageError {
     /// Whether the error is the user's input (exit code 2) rather than a failure of the stage.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::Data(_) | Self::Tokenize(TokenizeError::Load { .. }) | Self::Invalid(_))
-            || matches!(self, Self::Model(m) if !matches!(m, ModelError::Candle(_)))
+        matches!(
+            self,
+            Self::Data(_)
+                | Self::Tokenize(TokenizeError::Load { .. } | TokenizeError::TooLong { .. })
+                | Self::Invalid(_)
+        ) || matches!(self, Self::Model(m) if !matches!(m, ModelError::Candle(_)))
     }
 }
 

@@ -10,10 +10,10 @@ use serde_json::json;
 
 use super::tokenize::{LABELS_FILE, TOKENS_FILE};
 use super::{Event, Input, Observer, Stage, StageError, Upstream, io_error, upstream_digest};
-use crate::config::{EvaluateConfig, Metric, ModelConfig};
-use crate::data::{self, Flavor, TextEncoder, TokenizedSplit};
+use crate::config::{EvaluateConfig, Metric, ModelConfig, Task};
+use crate::data::{self, Flavor, LmTokenizer, TextEncoder, TokenizedSplit};
 use crate::device::{Precision, Target};
-use crate::model::{Classifier, Dropout};
+use crate::model::{CausalLm, Classifier, DecoderConfig, Dropout, Model};
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
@@ -49,9 +49,11 @@ pub struct TrainStage {
     /// How evaluations during training predict and what they report: the evaluate stage's
     /// settings, so that both score the same weights alike.
     pub(crate) evaluate: EvaluateConfig,
+    /// The model's directory, or its GGUF file (a causal LM).
     pub(crate) model_dir: PathBuf,
     pub(crate) model_config: Input,
     pub(crate) model_weights: Input,
+    /// `tokenizer.json`, or the GGUF file whose tokenizer a causal LM uses.
     pub(crate) tokenizer: Input,
     /// `tokenizer.max_length`: checked against the model's positions before anything runs (not
     /// part of the key: the tokenize output it shapes already is).
@@ -69,30 +71,132 @@ impl TrainStage {
     }
 
     /// Scores the model as it is after the last step of `history` on `validation`: the evaluation
-    /// and the probabilities it came from.
+    /// and, for a classifier, the probabilities it came from.
     fn evaluate(
         &self,
         trainer: &Trainer,
         validation: &TokenizedSplit,
         history: &History,
-    ) -> Result<(Evaluation, Vec<Vec<f32>>), StageError> {
-        let scored = crate::evaluate::score(
-            trainer.model(),
-            &validation.ids,
-            &validation.labels,
-            self.evaluate.batch_size,
-        )?;
+    ) -> Result<(Evaluation, Option<Vec<Vec<f32>>>), StageError> {
         let since = history.evaluations.last().map_or(0, |e| e.step as usize);
         let losses = &history.steps[since.min(history.steps.len())..];
         let train_loss = losses.iter().map(|r| r.loss).sum::<f64>() / losses.len().max(1) as f64;
-        let evaluation = Evaluation::new(
-            trainer.steps_done(),
-            trainer.epochs_done(),
-            train_loss,
-            &scored.report,
-            &self.evaluate.metrics,
-        );
-        Ok((evaluation, scored.probabilities))
+        let (step, epoch) = (trainer.steps_done(), trainer.epochs_done());
+        let batch_size = self.evaluate.batch_size;
+        Ok(match trainer.model() {
+            Model::Classifier(model) => {
+                let scored = crate::evaluate::score(model, &validation.ids, &validation.labels, batch_size)?;
+                let evaluation =
+                    Evaluation::new(step, epoch, train_loss, &scored.report, &self.evaluate.metrics);
+                (evaluation, Some(scored.probabilities))
+            }
+            Model::CausalLm(model) => {
+                let (loss, _) =
+                    crate::evaluate::lm_loss(model, &validation.ids, &validation.labels, batch_size)?;
+                let metrics = match self.evaluate.metrics.contains(&Metric::Perplexity) {
+                    true => vec![(Metric::Perplexity, loss.exp())],
+                    false => Vec::new(),
+                };
+                (Evaluation { step, epoch, train_loss, validation_loss: loss, metrics }, None)
+            }
+        })
+    }
+
+    /// The pretrained model, with the stage's dropout and precision (`labels`: a classifier's
+    /// classes).
+    fn load_model(&self, labels: Option<Vec<String>>) -> Result<Model, StageError> {
+        let device = &self.target.device;
+        let mut model = match self.model.task {
+            Task::SequenceClassification => {
+                let mut model =
+                    Classifier::from_pretrained(&self.model_dir, labels, DType::F32, device, self.seed)?;
+                model.set_dropout(self.dropout_for(&model));
+                Model::Classifier(model)
+            }
+            Task::CausalLm => {
+                let mut model = match is_gguf(&self.model_dir) {
+                    true => CausalLm::from_gguf(&self.model_dir, DType::F32, device)?,
+                    false => CausalLm::from_pretrained(&self.model_dir, DType::F32, device)?,
+                };
+                if let Some(p) = self.model.attention_dropout {
+                    model.set_attention_dropout(p);
+                }
+                Model::CausalLm(model)
+            }
+        };
+        model.set_precision(self.precision);
+        Ok(model)
+    }
+
+    /// A causal LM's checks before anything runs: its config, the tokenizer's vocabulary and the
+    /// sequence length against the model's.
+    fn preflight_causal_lm(&self) -> Result<(), StageError> {
+        let config = match is_gguf(&self.model_dir) {
+            true => {
+                let gguf = crate::model::GgufFile::open(&self.model_dir)?;
+                DecoderConfig::from_json(crate::model::gguf_config(&gguf, &self.model_dir)?, &self.model_dir)?
+            }
+            false => {
+                crate::model::check_safetensors(&self.model_weights.path)?;
+                DecoderConfig::from_file(&self.model_config.path)?
+            }
+        };
+        let tokens = LmTokenizer::load(&self.tokenizer.path)?.vocab_size();
+        if tokens > config.vocab_size {
+            return Err(StageError::Invalid(format!(
+                "{}: the tokenizer has {tokens} tokens, more than the model's embeddings hold (vocab_size = {} in {})",
+                self.tokenizer.path.display(),
+                config.vocab_size,
+                self.model_config.path.display()
+            )));
+        }
+        if self.max_length > config.max_position_embeddings {
+            return Err(StageError::Invalid(format!(
+                "tokenizer.max_length = {} exceeds the model's longest input, {} tokens (max_position_embeddings, {})",
+                self.max_length,
+                config.max_position_embeddings,
+                self.model_config.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the tokenizer beside the saved model: a classifier's `tokenizer.json` copied as it
+    /// is; a causal LM's as transformers loads it (`tokenizer.json` rebuilt from a GGUF file, and
+    /// `tokenizer_config.json` with its special tokens and chat template).
+    fn save_tokenizer(&self, model_dir: &Path) -> Result<(), StageError> {
+        let tokenizer_copy = model_dir.join("tokenizer.json");
+        match self.model.task {
+            Task::SequenceClassification => {
+                std::fs::copy(&self.tokenizer.path, &tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
+            }
+            Task::CausalLm => {
+                let tokenizer = LmTokenizer::load(&self.tokenizer.path)?;
+                tokenizer
+                    .tokenizer()
+                    .save(&tokenizer_copy, true)
+                    .map_err(|e| StageError::Invalid(format!("{}: {e}", tokenizer_copy.display())))?;
+                let config_path = model_dir.join("tokenizer_config.json");
+                let json = serde_json::to_string_pretty(&tokenizer.tokenizer_config()).expect("JSON") + "\n";
+                std::fs::write(&config_path, json).map_err(io_error(&config_path))?;
+            }
+        }
+        // The key names the tokenizer's bytes as they were hashed before training; an edit since
+        // then must not be stored under that key.
+        let now = match self.model.task {
+            Task::SequenceClassification => &tokenizer_copy,
+            Task::CausalLm => &self.tokenizer.path,
+        };
+        let digest = crate::digest::file(now).map_err(io_error(now))?;
+        if digest != self.tokenizer.sha256 {
+            return Err(StageError::Invalid(format!(
+                "{} changed while the stage ran (sha256 {} when it started, {} now); run again",
+                self.tokenizer.path.display(),
+                crate::store::short(&self.tokenizer.sha256),
+                crate::store::short(&digest)
+            )));
+        }
+        Ok(())
     }
 
     /// Whether evaluations during training compute what the evaluate stage computes for the same
@@ -180,6 +284,9 @@ impl Stage for TrainStage {
     }
 
     fn preflight(&mut self) -> Result<(), StageError> {
+        if self.model.task == Task::CausalLm {
+            return self.preflight_causal_lm();
+        }
         let config = crate::model::EncoderConfig::from_file(&self.model_config.path)?;
         crate::model::check_safetensors(&self.model_weights.path)?;
         let tokens =
@@ -218,21 +325,18 @@ impl Stage for TrainStage {
         let validation = splits
             .remove("validation")
             .ok_or_else(|| StageError::Invalid("tokenize output has no validation split".into()))?;
-        let labels = read_labels(&tokenized.file(LABELS_FILE))?;
-        if let Some(weights) = &self.train.class_weights {
-            weights
-                .resolve(&train.labels, labels.len())
-                .map_err(|message| StageError::Invalid(format!("{message} ({})", labels.join(", "))))?;
-        }
-        let mut model = Classifier::from_pretrained(
-            &self.model_dir,
-            Some(labels),
-            DType::F32,
-            &self.target.device,
-            self.seed,
-        )?;
-        model.set_precision(self.precision);
-        model.set_dropout(self.dropout_for(&model));
+        let model = match self.model.task {
+            Task::SequenceClassification => {
+                let labels = read_labels(&tokenized.file(LABELS_FILE))?;
+                if let Some(weights) = &self.train.class_weights {
+                    weights.resolve(&train.labels, labels.len()).map_err(|message| {
+                        StageError::Invalid(format!("{message} ({})", labels.join(", ")))
+                    })?;
+                }
+                self.load_model(Some(labels))?
+            }
+            Task::CausalLm => self.load_model(None)?,
+        };
         let data = Examples { ids: &train.ids, labels: &train.labels };
         let mut trainer = Trainer::new(
             model,
@@ -290,7 +394,7 @@ impl Stage for TrainStage {
             if trainer.evaluation_due() {
                 let evaluation_start = Instant::now();
                 let (evaluation, probabilities) = self.evaluate(&trainer, &validation, &history)?;
-                latest = Some((history.evaluations.len(), probabilities));
+                latest = probabilities.map(|p| (history.evaluations.len(), p));
                 evaluating += evaluation_start.elapsed();
                 observe(Event::Evaluated(&evaluation));
                 if let Some(stopping) = &mut stopping
@@ -344,25 +448,17 @@ impl Stage for TrainStage {
             (Some(_), None) => None,
             (None, _) => history.evaluations.len().checked_sub(1),
         };
-        if let Some((index, probabilities)) = latest
+        if let (Some((index, probabilities)), Some(classifier)) = (latest, model.as_classifier())
             && Some(index) == saved
             && self.evaluates_as_the_evaluate_stage()
         {
-            write_probabilities(&out.join(VALIDATION_PROBABILITIES), probabilities, model.labels().len())?;
+            write_probabilities(
+                &out.join(VALIDATION_PROBABILITIES),
+                probabilities,
+                classifier.labels().len(),
+            )?;
         }
-        let tokenizer_copy = model_dir.join("tokenizer.json");
-        std::fs::copy(&self.tokenizer.path, &tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
-        // The key names the tokenizer's bytes as they were hashed before training; an edit since
-        // then must not be stored under that key.
-        let copied = crate::digest::file(&tokenizer_copy).map_err(io_error(&tokenizer_copy))?;
-        if copied != self.tokenizer.sha256 {
-            return Err(StageError::Invalid(format!(
-                "{} changed while the stage ran (sha256 {} when it started, {} now); run again",
-                self.tokenizer.path.display(),
-                crate::store::short(&self.tokenizer.sha256),
-                crate::store::short(&copied)
-            )));
-        }
+        self.save_tokenizer(&model_dir)?;
         let mut facts = json!({
             "seconds": seconds,
             "evaluation_seconds": evaluating.as_secs_f64(),
@@ -394,7 +490,7 @@ impl Stage for TrainStage {
 }
 
 /// A copy of every parameter that later optimizer steps (which update in place) leave alone.
-fn copy_params(model: &Classifier) -> Result<Vec<Tensor>, StageError> {
+fn copy_params(model: &Model) -> Result<Vec<Tensor>, StageError> {
     Ok(model.params().iter().map(|(_, var)| var.as_tensor().copy()).collect::<candle_core::Result<_>>()?)
 }
 
@@ -425,6 +521,11 @@ pub(crate) fn read_probabilities(
         )));
     }
     Ok(tensor.to_vec2::<f32>()?)
+}
+
+/// Whether a model source is a GGUF file (else a Hugging Face directory).
+pub fn is_gguf(source: &Path) -> bool {
+    source.extension().is_some_and(|e| e == "gguf") && source.is_file()
 }
 
 /// Checkpoints are written at the end of every epoch and at least this often.

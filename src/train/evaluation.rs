@@ -102,7 +102,7 @@ impl EarlyStopping {
         let improved = match self.best {
             None => true,
             Some((_, best)) if best.is_nan() => !value.is_nan(),
-            Some((_, best)) if self.config.metric == Metric::Loss => value < best - self.config.min_delta,
+            Some((_, best)) if self.config.metric.lower_is_better() => value < best - self.config.min_delta,
             Some((_, best)) => value > best + self.config.min_delta,
         };
         if improved {

@@ -20,8 +20,7 @@ pub use evaluation::{EarlyStopping, Evaluation};
 
 use candle_core::{Result, Tensor};
 
-use crate::model::{Batch, Classifier, Mode};
-use crate::ops;
+use crate::model::{Mode, Model};
 use crate::optim::{AdamW, OptimizerConfig, ScheduleConfig, global_grad_norm};
 use crate::rng;
 
@@ -30,7 +29,8 @@ use crate::rng;
 pub struct Examples<'a> {
     /// Token ids per row (ragged, special tokens included).
     pub ids: &'a [Vec<u32>],
-    /// Class index per row.
+    /// Per row: the class index (a classifier), or the first position whose token the loss
+    /// predicts (a causal LM).
     pub labels: &'a [u32],
 }
 
@@ -57,7 +57,7 @@ pub struct StepReport {
 
 /// A model with its optimizer, schedule and position in the run.
 pub struct Trainer {
-    model: Classifier,
+    model: Model,
     optimizer: AdamW,
     schedule: ScheduleConfig,
     config: TrainConfig,
@@ -73,7 +73,7 @@ pub struct Trainer {
 impl Trainer {
     /// Prepares to train `model` on `data`.
     pub fn new(
-        model: Classifier,
+        model: Model,
         optimizer: OptimizerConfig,
         schedule: ScheduleConfig,
         config: TrainConfig,
@@ -97,12 +97,13 @@ impl Trainer {
                 ))
             })?,
         };
-        let class_weights = config
-            .class_weights
-            .as_ref()
-            .map(|w| w.resolve(data.labels, model.labels().len()))
-            .transpose()
-            .map_err(candle_core::Error::Msg)?;
+        let class_weights = match (&config.class_weights, model.as_classifier()) {
+            (Some(weights), Some(classifier)) => Some(
+                weights.resolve(data.labels, classifier.labels().len()).map_err(candle_core::Error::Msg)?,
+            ),
+            (Some(_), None) => candle_core::bail!("class weights apply to a classifier only"),
+            (None, _) => None,
+        };
         let optimizer = AdamW::new(optimizer, model.params().to_vec())?;
         Ok(Self {
             model,
@@ -119,7 +120,7 @@ impl Trainer {
     }
 
     /// The model being trained.
-    pub fn model(&self) -> &Classifier {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 
@@ -134,7 +135,7 @@ impl Trainer {
     }
 
     /// Ends training, handing back the model.
-    pub fn into_model(self) -> Classifier {
+    pub fn into_model(self) -> Model {
         self.model
     }
 
@@ -195,19 +196,55 @@ impl Trainer {
         let params = self.model.params().to_vec();
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let (mut loss_sum, mut rows, mut real_tokens) = (0f64, 0usize, 0usize);
+        let rows_of = |indices: &[usize]| -> (Vec<&[u32]>, Vec<u32>) {
+            (
+                indices.iter().map(|&r| data.ids[r].as_slice()).collect(),
+                indices.iter().map(|&r| data.labels[r]).collect(),
+            )
+        };
+        // A classifier's step loss is the mean of its micro-batches' means (as the reference's
+        // accumulation); a causal LM's, the mean over every predicted token of the step, however
+        // they fall into micro-batches.
+        let step_items: usize = micro
+            .iter()
+            .map(|indices| {
+                let (row_ids, targets) = rows_of(indices);
+                self.model.loss_items(&row_ids, &targets)
+            })
+            .sum();
         for (i, indices) in micro.iter().enumerate() {
-            let row_ids: Vec<&[u32]> = indices.iter().map(|&r| data.ids[r].as_slice()).collect();
-            let labels: Vec<u32> = indices.iter().map(|&r| data.labels[r]).collect();
-            // On the CPU: the model reads it back to pack the real tokens (see `Classifier::forward`).
-            let batch =
-                Batch::pad(&row_ids, self.model.pad_id(), self.model.dtype(), &candle_core::Device::Cpu)?;
+            let (row_ids, targets) = rows_of(indices);
+            let items = self.model.loss_items(&row_ids, &targets);
+            let weight = match &self.model {
+                Model::Classifier(_) => 1.0 / micro.len() as f64,
+                Model::CausalLm(_) => items as f64 / step_items.max(1) as f64,
+            };
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
-            let logits = self.model.forward(&batch, Mode::Train(&mut dropout_rng))?;
-            let loss = ops::cross_entropy(&logits, &labels, self.class_weights.as_deref())?;
-            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * labels.len() as f64;
-            rows += labels.len();
-            real_tokens += batch.real_tokens;
-            let store = loss.affine(1.0 / micro.len() as f64, 0.0)?.backward()?;
+            let loss = self.model.loss(
+                &row_ids,
+                &targets,
+                self.class_weights.as_deref(),
+                Mode::Train(&mut dropout_rng),
+            )?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += match &self.model {
+                Model::Classifier(_) => value * items as f64,
+                Model::CausalLm(_) => {
+                    if items == 0 {
+                        0.0
+                    } else {
+                        value * items as f64
+                    }
+                }
+            };
+            rows += row_ids.len();
+            real_tokens += row_ids.iter().map(|r| r.len()).sum::<usize>();
+            if items == 0 {
+                // Nothing to predict in this micro-batch (a causal LM's rows all truncated to their
+                // prompts): no gradient, and no NaN from an empty mean.
+                continue;
+            }
+            let store = loss.affine(weight, 0.0)?.backward()?;
             for (sum, (_, var)) in grads.iter_mut().zip(&params) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *sum = Some(match sum.take() {
@@ -217,6 +254,10 @@ impl Trainer {
                 }
             }
         }
+        let loss_items = match &self.model {
+            Model::Classifier(_) => rows,
+            Model::CausalLm(_) => step_items,
+        };
         let (grad_norm, scale) = match self.config.max_grad_norm {
             Some(max) => {
                 let norm = global_grad_norm(&grads)?;
@@ -231,7 +272,7 @@ impl Trainer {
             epoch,
             step: step + 1,
             total_steps: self.total_steps,
-            loss: loss_sum / rows as f64,
+            loss: loss_sum / loss_items as f64,
             lr,
             grad_norm,
             rows,

@@ -15,7 +15,7 @@ mod gguf;
 mod load;
 
 pub use config::{DecoderConfig, TokenIds, Variant};
-pub use gguf::GgufFile;
+pub use gguf::{GgufFile, gguf_config};
 
 use std::sync::Arc;
 

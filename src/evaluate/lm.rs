@@ -1,0 +1,147 @@
+//! Scoring and running a causal LM: the mean next-token loss of tokenized sequences, generation
+//! (greedy, or seeded sampling with temperature and nucleus), and exact match of greedy
+//! generations against completions.
+
+use candle_core::Result;
+use rayon::prelude::*;
+
+use crate::model::{CausalLm, Mode};
+
+/// The mean next-token loss over `rows`, each predicted from position `loss_from[r]` on, in
+/// batches of `batch_size` rows (in row order): every predicted token counts once. Also returns
+/// how many tokens were predicted. The one computation behind evaluations during training and the
+/// evaluate stage.
+pub fn lm_loss(
+    model: &CausalLm,
+    rows: &[Vec<u32>],
+    loss_from: &[u32],
+    batch_size: usize,
+) -> Result<(f64, usize)> {
+    let (mut total, mut count) = (0f64, 0usize);
+    let indices: Vec<usize> = (0..rows.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let ids: Vec<&[u32]> = chunk.iter().map(|&r| rows[r].as_slice()).collect();
+        let from: Vec<usize> = chunk.iter().map(|&r| loss_from[r] as usize).collect();
+        let (loss, n) = model.loss(&ids, &from, Mode::Infer)?;
+        if n > 0 {
+            total += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
+            count += n;
+        }
+    }
+    Ok((if count == 0 { f64::NAN } else { total / count as f64 }, count))
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most probable token (the first on ties).
+    Greedy,
+    /// Drawn from the distribution at `temperature`, cut to the most probable tokens whose
+    /// probabilities sum to `top_p` (nucleus sampling), with draws from `seed`.
+    Sample { temperature: f64, top_p: f64, seed: u64 },
+}
+
+/// Generates up to `max_new_tokens` tokens after `prompt`, stopping after any of `stop` (which is
+/// kept). The same inputs give the same tokens on any machine and thread count.
+pub fn generate(
+    model: &CausalLm,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop: &[u32],
+    sampling: Sampling,
+) -> Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::new();
+    if max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut logits = model.extend(&mut cache, prompt)?;
+    loop {
+        let row = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let next = match sampling {
+            Sampling::Greedy => argmax(&row),
+            Sampling::Sample { temperature, top_p, seed } => {
+                let mut rng = crate::rng::stream(seed, "generate", out.len() as u64);
+                sample(&row, temperature, top_p, &mut rng)
+            }
+        };
+        out.push(next);
+        if out.len() >= max_new_tokens || stop.contains(&next) {
+            return Ok(out);
+        }
+        logits = model.extend(&mut cache, &[next])?;
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0 as u32
+}
+
+/// A draw from `softmax(row / temperature)` restricted to its nucleus `top_p`, in f64 with pipe's
+/// portable exponential, so that the same seed picks the same token everywhere.
+fn sample(row: &[f32], temperature: f64, top_p: f64, rng: &mut crate::rng::Rng) -> u32 {
+    use rand::Rng as _;
+    if temperature <= 0.0 {
+        return argmax(row);
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut weights: Vec<(u32, f64)> =
+        row.iter().enumerate().map(|(i, &v)| (i as u32, libm::exp((v as f64 - max) / temperature))).collect();
+    // Most probable first; ties by id, so that the order is total.
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = weights.iter().map(|w| w.1).sum();
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for (_, w) in &weights {
+        mass += w / total;
+        kept += 1;
+        if mass >= top_p {
+            break;
+        }
+    }
+    let weights = &weights[..kept];
+    let kept_total: f64 = weights.iter().map(|w| w.1).sum();
+    let mut draw = rng.random::<f64>() * kept_total;
+    for &(id, w) in weights {
+        if draw < w {
+            return id;
+        }
+        draw -= w;
+    }
+    weights.last().map_or(0, |w| w.0)
+}
+
+/// Exact match of greedy generations: for each row with a prompt (`loss_from[r] > 0`), whether
+/// greedy decoding after `row[..from]` gives exactly `row[from..]` (the completion and its
+/// end-of-sequence token, `stop`), token for token. Returns the fraction matched, the number of
+/// rows scored, and each row's generation. Rows run in parallel; each one's result is its own.
+pub fn exact_match(
+    model: &CausalLm,
+    rows: &[Vec<u32>],
+    loss_from: &[u32],
+    stop: &[u32],
+) -> Result<(f64, usize, Vec<Vec<u32>>)> {
+    let generations: Vec<Vec<u32>> = rows
+        .par_iter()
+        .zip(loss_from)
+        .map(|(row, &from)| {
+            let from = from as usize;
+            if from == 0 || from >= row.len() {
+                return Ok(Vec::new());
+            }
+            generate(model, &row[..from], row.len() - from, stop, Sampling::Greedy)
+        })
+        .collect::<Result<_>>()?;
+    let scored: Vec<bool> = rows
+        .iter()
+        .zip(loss_from)
+        .zip(&generations)
+        .filter(|((row, from), _)| **from > 0 && (**from as usize) < row.len())
+        .map(|((row, from), generated)| generated.as_slice() == &row[*from as usize..])
+        .collect();
+    let matched = scored.iter().filter(|&&m| m).count();
+    Ok((matched as f64 / scored.len().max(1) as f64, scored.len(), generations))
+}
