@@ -248,7 +248,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             store,
         } => {
             let sampling = match temperature {
-                Some(t) if !(t > 0.0 && t.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) => {
+                Some(t) if !(t > 0.0 && t.is_finite() && top_p > 0.0 && top_p <= 1.0) => {
                     return Err(Failure {
                         code: 2,
                         message: format!(

@@ -123,7 +123,8 @@ impl Generator {
     }
 
     /// Continues `prompt` (written through the chat template when `chat`) by up to
-    /// `max_new_tokens` tokens, stopping at the end-of-sequence token.
+    /// `max_new_tokens` tokens, stopping at the end-of-sequence token or at the model's longest
+    /// input.
     pub fn generate(
         &self,
         prompt: &str,
@@ -139,12 +140,14 @@ impl Generator {
             |message: String| PredictError::BadPrompt(format!("cannot generate from the prompt: {message}"));
         let prompt_ids = self.tokenizer.encode(&text, !chat).map_err(bad)?;
         let longest = self.model.config().max_position_embeddings;
-        if prompt_ids.is_empty() || prompt_ids.len() + max_new_tokens > longest {
+        if prompt_ids.is_empty() || prompt_ids.len() >= longest {
             return Err(bad(format!(
-                "it is {} tokens; with --max-new-tokens {max_new_tokens} it must be between 1 and {longest} (the model's longest input)",
+                "it is {} tokens, and the model's longest input is {longest}",
                 prompt_ids.len()
             )));
         }
+        // Generation ends where the model's positions do.
+        let max_new_tokens = max_new_tokens.min(longest - prompt_ids.len());
         let ids = generate(&self.model, &prompt_ids, max_new_tokens, &[self.tokenizer.eos()], sampling)?;
         let text = self.tokenizer.decode(&ids).map_err(bad)?;
         Ok(Generation { prompt_ids, ids, text })

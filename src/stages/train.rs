@@ -36,6 +36,9 @@ pub const CURVES_SVG: &str = "curves.svg";
 /// rows again.
 pub const VALIDATION_PROBABILITIES: &str = "validation_probabilities.safetensors";
 
+/// Class probabilities per row, in row order.
+type Probabilities = Vec<Vec<f32>>;
+
 /// Fine-tunes the pretrained model.
 pub struct TrainStage {
     pub(crate) seed: u64,
@@ -77,7 +80,7 @@ impl TrainStage {
         trainer: &Trainer,
         validation: &TokenizedSplit,
         history: &History,
-    ) -> Result<(Evaluation, Option<Vec<Vec<f32>>>), StageError> {
+    ) -> Result<(Evaluation, Option<Probabilities>), StageError> {
         let since = history.evaluations.last().map_or(0, |e| e.step as usize);
         let losses = &history.steps[since.min(history.steps.len())..];
         let train_loss = losses.iter().map(|r| r.loss).sum::<f64>() / losses.len().max(1) as f64;
@@ -94,7 +97,7 @@ impl TrainStage {
                 let (loss, _) =
                     crate::evaluate::lm_loss(model, &validation.ids, &validation.labels, batch_size)?;
                 let metrics = match self.evaluate.metrics.contains(&Metric::Perplexity) {
-                    true => vec![(Metric::Perplexity, loss.exp())],
+                    true => vec![(Metric::Perplexity, libm::exp(loss))],
                     false => Vec::new(),
                 };
                 (Evaluation { step, epoch, train_loss, validation_loss: loss, metrics }, None)

@@ -22,6 +22,9 @@ use crate::store::WorkDir;
 /// Output (prompt/completion data): each validation prompt, its completion and the generation.
 pub const GENERATIONS_FILE: &str = "generations.csv";
 
+/// A split's metrics (a JSON object by name) and, with exact match, each row's generation.
+type Scored = (serde_json::Value, Option<Vec<Vec<u32>>>);
+
 /// Scores the trained causal LM.
 pub struct LmEvaluateStage {
     pub(crate) evaluate: EvaluateConfig,
@@ -30,15 +33,10 @@ pub struct LmEvaluateStage {
 
 impl LmEvaluateStage {
     /// The metrics of `split`, and its greedy generations when exact match is asked for.
-    fn score(
-        &self,
-        model: &CausalLm,
-        split: &TokenizedSplit,
-        stop: &[u32],
-    ) -> Result<(serde_json::Value, Option<Vec<Vec<u32>>>), StageError> {
+    fn score(&self, model: &CausalLm, split: &TokenizedSplit, stop: &[u32]) -> Result<Scored, StageError> {
         let (loss, tokens) =
             crate::evaluate::lm_loss(model, &split.ids, &split.labels, self.evaluate.batch_size)?;
-        let mut report = json!({ "loss": loss, "perplexity": loss.exp(), "sequences": split.ids.len(), "predicted_tokens": tokens });
+        let mut report = json!({ "loss": loss, "perplexity": libm::exp(loss), "sequences": split.ids.len(), "predicted_tokens": tokens });
         let mut generations = None;
         if self.evaluate.metrics.contains(&Metric::ExactMatch) {
             let (matched, rows, generated) =
