@@ -99,9 +99,26 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
     // A causal LM's model and tokenizer may come as one GGUF file.
     let tokenizer_source = resolve_source(&pipeline.tokenizer.source)?;
     let tokenizer = match is_gguf(&tokenizer_source) {
-        true => input(tokenizer_source.clone(), "tokenizer.source")?,
+        true if causal_lm => input(tokenizer_source.clone(), "tokenizer.source")?,
+        true => {
+            return Err(EngineError::Input(format!(
+                "tokenizer.source {}: a GGUF file's tokenizer is a causal LM's (set `model.task = \"causal-lm\"`)",
+                tokenizer_source.display()
+            )));
+        }
         false => input(tokenizer_source.join("tokenizer.json"), "tokenizer.source")?,
     };
+    // A causal LM's end-of-sequence token and chat template come from the files beside
+    // `tokenizer.json`: they are inputs too.
+    let mut tokenizer_files = BTreeMap::new();
+    if causal_lm && !is_gguf(&tokenizer_source) {
+        for name in ["tokenizer_config.json", "chat_template.jinja"] {
+            let path = tokenizer_source.join(name);
+            if path.is_file() {
+                tokenizer_files.insert(format!("tokenizer/{name}"), input(path, "tokenizer.source")?.sha256);
+            }
+        }
+    }
     let model_dir = resolve_source(&pipeline.model.source)?;
     let (model_config, model_weights) = match is_gguf(&model_dir) {
         true if causal_lm => {
@@ -129,6 +146,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             validation_csv,
             test_csv,
             tokenizer: tokenizer.clone(),
+            tokenizer_files: tokenizer_files.clone(),
         }),
         false => {
             let flavor = Flavor::of_dir(&tokenizer_source).map_err(|e| EngineError::Input(e.to_string()))?;
@@ -144,7 +162,11 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
         }
     };
     let evaluate: Box<dyn Stage> = match causal_lm {
-        true => Box::new(LmEvaluateStage { evaluate: pipeline.evaluate.clone(), precision: pipeline.dtype }),
+        true => Box::new(LmEvaluateStage {
+            evaluate: pipeline.evaluate.clone(),
+            precision: pipeline.dtype,
+            pretrained: pipeline.evaluate.baseline.then(|| (model_dir.clone(), model_weights.clone())),
+        }),
         false => Box::new(EvaluateStage { evaluate: pipeline.evaluate.clone(), precision: pipeline.dtype }),
     };
     let stages: Vec<Box<dyn Stage>> = vec![
@@ -162,6 +184,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             model_config,
             model_weights,
             tokenizer,
+            tokenizer_files,
             max_length: pipeline.tokenizer.max_length,
         }),
         evaluate,

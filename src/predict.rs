@@ -132,15 +132,21 @@ impl Generator {
         max_new_tokens: usize,
         sampling: Sampling,
     ) -> Result<Generation, PredictError> {
+        let bad =
+            |message: String| PredictError::BadPrompt(format!("cannot generate from the prompt: {message}"));
         let text = match chat {
+            true if self.tokenizer.chat_template().is_none() => {
+                return Err(bad("--chat: the run's tokenizer has no chat template".into()));
+            }
             true => self.tokenizer.chat_prompt(prompt)?,
             false => prompt.to_string(),
         };
-        let bad =
-            |message: String| PredictError::BadPrompt(format!("cannot generate from the prompt: {message}"));
         let prompt_ids = self.tokenizer.encode(&text, !chat).map_err(bad)?;
         let longest = self.model.config().max_position_embeddings;
-        if prompt_ids.is_empty() || prompt_ids.len() >= longest {
+        if prompt_ids.is_empty() {
+            return Err(bad("it has no tokens".into()));
+        }
+        if prompt_ids.len() >= longest {
             return Err(bad(format!(
                 "it is {} tokens, and the model's longest input is {longest}",
                 prompt_ids.len()

@@ -155,9 +155,15 @@ fn plain_text_is_packed_into_blocks_and_scored_by_perplexity() {
         .replace("epochs = 3", "epochs = 1");
     let dir = tempfile::tempdir().unwrap();
     project(dir.path(), &pipeline);
-    let run = run_json(dir.path(), &[]);
+    let run = run_json(dir.path(), &["--set", "evaluate.baseline=true"]);
     let metrics: Vec<&str> = run.metrics.keys().map(String::as_str).collect();
     assert_eq!(metrics, ["loss", "perplexity"], "a text column's default metrics");
+    let evaluated = dir.path().join("runs/stages/evaluate").join(run.key("evaluate")).join("metrics.json");
+    let evaluated: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(evaluated).unwrap()).unwrap();
+    let (before, after) =
+        (evaluated["baseline"]["loss"].as_f64().unwrap(), evaluated["loss"].as_f64().unwrap());
+    assert!(after < before, "the pretrained model scores {before}, the trained one {after}");
     let data: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             dir.path().join("runs/stages/tokenize").join(run.key("tokenize")).join("data.json"),

@@ -261,6 +261,41 @@ fn every_family_matches_the_cpu() {
     }
 }
 
+/// Every decoder (grouped-query attention: 4 query heads, 2 key/value heads, repeated for the
+/// GPU's attention) gives the CPU's loss and gradients on the GPU.
+#[test]
+fn every_decoder_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for name in ["llama", "qwen2", "qwen3"] {
+        let case = load(&format!("decoders/{name}-case.safetensors"));
+        let ints = |key: &str| case[key].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
+        let ids = case["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+        let rows: Vec<Vec<u32>> =
+            ids.into_iter().zip(ints("lengths")).map(|(row, n)| row[..n as usize].to_vec()).collect();
+        let rows: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let from: Vec<usize> = ints("loss_from").into_iter().map(|v| v as usize).collect();
+        let run = |device: &Device| {
+            let dir = fixture(&format!("decoders/{name}"));
+            let model = pipe::model::CausalLm::from_pretrained(&dir, DType::F32, device).unwrap();
+            let (loss, _) = model.loss(&rows, &from, Mode::Eval).unwrap();
+            let store = loss.backward().unwrap();
+            let grads: Vec<Tensor> = model
+                .params()
+                .iter()
+                .map(|(_, v)| store.get(v.as_tensor()).unwrap().to_device(&Device::Cpu).unwrap())
+                .collect();
+            (scalar(&loss.to_device(&Device::Cpu).unwrap()), grads)
+        };
+        let ((gpu_loss, gpu_grads), (cpu_loss, cpu_grads)) = (run(&gpu), run(&Device::Cpu));
+        assert!((gpu_loss - cpu_loss).abs() / cpu_loss < 1e-5, "{name}: loss {gpu_loss} vs {cpu_loss}");
+        let floor = 1e-3 * scalar(&case["expected.grad_global_norm"]);
+        for (g, c) in gpu_grads.iter().zip(&cpu_grads) {
+            let e = rel_err(g, c, floor);
+            assert!(e < 1e-4, "{name}: gradient, CUDA vs CPU: {e:e}");
+        }
+    }
+}
+
 /// RMSNorm and SiLU (the Llama family's) compute on the GPU what they compute on the CPU, forward
 /// and backward.
 #[test]

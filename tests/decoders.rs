@@ -242,3 +242,22 @@ fn unsupported_decoder_configs_are_refused() {
         assert!(message.contains(expect) && message.contains("config.json"), "{message}");
     }
 }
+
+/// bf16 mixed precision (bf16 products on the CPU, f32 everything else) stays close to f32, and
+/// gives every parameter a finite gradient.
+#[test]
+fn every_decoder_trains_in_bf16_close_to_f32() {
+    for name in DECODERS {
+        let case = case(name);
+        let (full, _) = loss_and_grads(&model(name, DType::F32), &case);
+        let mut bf16 = model(name, DType::F32);
+        bf16.set_precision(pipe::device::Precision::Bf16);
+        let (mixed, grads) = loss_and_grads(&bf16, &case);
+        let (full, mixed) = (scalar(&full), scalar(&mixed));
+        assert!((full - mixed).abs() / full < 2e-2, "{name}: bf16 loss {mixed} vs f32 {full}");
+        for ((param, _), grad) in bf16.params().iter().zip(&grads) {
+            let grad = grad.as_ref().unwrap_or_else(|| panic!("{name}: {param}: no gradient"));
+            assert!(scalar(&grad.sqr().unwrap().sum_all().unwrap()).is_finite(), "{name}: {param}");
+        }
+    }
+}

@@ -274,11 +274,15 @@ pub struct EvaluateConfig {
     /// Metrics to report.
     #[schemars(length(min = 1))]
     pub metrics: Vec<Metric>,
+    /// Causal LM: also score the pretrained model, before fine-tuning, on the validation split
+    /// (`baseline` in the evaluate stage's `metrics.json`), to see what fine-tuning changed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub baseline: bool,
 }
 
 impl Default for EvaluateConfig {
     fn default() -> Self {
-        Self { batch_size: 64, metrics: vec![Metric::Accuracy, Metric::F1] }
+        Self { batch_size: 64, metrics: vec![Metric::Accuracy, Metric::F1], baseline: false }
     }
 }
 

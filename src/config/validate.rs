@@ -163,6 +163,15 @@ fn causal_lm_problem(p: &Pipeline) -> Option<Problem> {
             help: Some(help.into()),
         });
     }
+    if !causal_lm && p.evaluate.baseline {
+        return Some(Problem {
+            path: "evaluate.baseline",
+            message:
+                "`evaluate.baseline` scores a pretrained causal LM; a classifier's head starts untrained"
+                    .into(),
+            help: Some("remove it, or set `model.task = \"causal-lm\"`".into()),
+        });
+    }
     if !causal_lm {
         return [
             ("dataset.prompt_column", &d.prompt_column),

@@ -119,26 +119,41 @@ impl LmTokenizer {
     }
 
     /// `prompt` as a user's message through the chat template, ready for the assistant's answer
-    /// (`add_generation_prompt`), as transformers' `apply_chat_template` renders it.
+    /// (`add_generation_prompt`).
     pub fn chat_prompt(&self, prompt: &str) -> Result<String, TokenizeError> {
+        let chat = self.chat_environment()?;
+        self.render(&chat, prompt).map_err(|message| TokenizeError::Load { path: self.path.clone(), message })
+    }
+
+    /// The chat template in an environment set up as transformers renders templates: blocks trim
+    /// their newline and leading blanks, Python's string and dict methods (`.strip()`,
+    /// `.startswith()`, `.items()`...), loop controls, and `raise_exception`.
+    fn chat_environment(&self) -> Result<minijinja::Environment<'_>, TokenizeError> {
         let load = |message: String| TokenizeError::Load { path: self.path.clone(), message };
-        let template = self.chat_template.as_deref().ok_or_else(|| {
-            load("the tokenizer has no chat template (`tokenizer.chat_template = true` needs one)".into())
-        })?;
+        let template =
+            self.chat_template.as_deref().ok_or_else(|| load("the tokenizer has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
+        env.set_syntax(syntax.map_err(|e| load(e.to_string()))?);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
         env.add_template("chat", template)
             .map_err(|e| load(format!("its chat template does not parse: {e}")))?;
+        Ok(env)
+    }
+
+    /// `prompt` as a user's message through the template of `chat`.
+    fn render(&self, chat: &minijinja::Environment<'_>, prompt: &str) -> Result<String, String> {
         let context = minijinja::context! {
             messages => vec![minijinja::context! { role => "user", content => prompt }],
             add_generation_prompt => true,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone(),
         };
-        let chat = env.get_template("chat").map_err(|e| load(e.to_string()))?;
-        chat.render(context).map_err(|e| load(format!("its chat template fails: {e}")))
+        let template = chat.get_template("chat").map_err(|e| e.to_string())?;
+        template.render(context).map_err(|e| format!("the chat template fails: {e}"))
     }
 
     /// `tokenizer_config.json` for an exported model: the special tokens and chat template, so
@@ -179,8 +194,10 @@ impl LmTokenizer {
 
     /// Prompt/completion pairs: the prompt's ids (through the chat template when `chat`), the
     /// completion's and the end-of-sequence id, the loss from the completion's first token. A pair
-    /// longer than `max_length` loses the end of its completion; a prompt that leaves no room for
-    /// one token of completion is an error naming its row (`lines[row]` of `path`).
+    /// longer than `max_length` loses the end of its completion (and its end-of-sequence id); a
+    /// row whose template fails, whose prompt leaves no room for one token of completion, or that
+    /// predicts nothing (no prompt, no completion) is an error naming its line (`lines[row]` of
+    /// `path`).
     pub fn prompt_completion(
         &self,
         prompts: &[String],
@@ -190,8 +207,20 @@ impl LmTokenizer {
         path: &Path,
         lines: &[u64],
     ) -> Result<(Sequences, usize), TokenizeError> {
+        let bad_row = |row: usize, message: String| TokenizeError::BadRow {
+            path: path.into(),
+            line: lines.get(row).copied().unwrap_or(0),
+            message,
+        };
         let prompts = match chat {
-            true => prompts.iter().map(|p| self.chat_prompt(p)).collect::<Result<Vec<_>, _>>()?,
+            true => {
+                let env = self.chat_environment()?;
+                prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(row, p)| self.render(&env, p).map_err(|message| bad_row(row, message)))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
             false => prompts.to_vec(),
         };
         // A chat template writes any BOS itself (transformers tokenizes its output without adding
@@ -202,16 +231,15 @@ impl LmTokenizer {
         let mut truncated = 0;
         for (row, (prompt, completion)) in prompt_ids.into_iter().zip(completion_ids).enumerate() {
             if prompt.len() + 1 > max_length {
-                return Err(TokenizeError::TooLong {
-                    path: path.into(),
-                    line: lines.get(row).copied().unwrap_or(0),
-                    message: format!(
+                return Err(bad_row(
+                    row,
+                    format!(
                         "the prompt is {} tokens, which leaves no room for its completion within tokenizer.max_length = {max_length}",
                         prompt.len()
                     ),
-                });
+                ));
             }
-            let start = prompt.len() as u32;
+            let start = prompt.len();
             let mut ids = prompt;
             ids.extend(completion);
             ids.push(self.eos);
@@ -219,8 +247,14 @@ impl LmTokenizer {
                 ids.truncate(max_length);
                 truncated += 1;
             }
+            if crate::model::predicted_tokens(ids.len(), start) == 0 {
+                return Err(bad_row(
+                    row,
+                    "an empty prompt and an empty completion leave nothing to predict".into(),
+                ));
+            }
             sequences.ids.push(ids);
-            sequences.loss_from.push(start);
+            sequences.loss_from.push(start as u32);
         }
         Ok((sequences, truncated))
     }

@@ -27,7 +27,7 @@ pub enum TokenizeError {
     #[error("cannot tokenize row {row}: {message}")]
     Encode { row: usize, message: String },
     #[error("{}:{line}: {message}", path.display())]
-    TooLong { path: PathBuf, line: u64, message: String },
+    BadRow { path: PathBuf, line: u64, message: String },
 }
 
 /// How transformers builds the tokenizer of a `tokenizer.json`, where it departs from the file.

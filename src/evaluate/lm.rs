@@ -114,34 +114,35 @@ fn sample(row: &[f32], temperature: f64, top_p: f64, rng: &mut crate::rng::Rng) 
     weights.last().map_or(0, |w| w.0)
 }
 
-/// Exact match of greedy generations: for each row with a prompt (`loss_from[r] > 0`), whether
-/// greedy decoding after `row[..from]` gives exactly `row[from..]` (the completion and its
-/// end-of-sequence token, `stop`), token for token. Returns the fraction matched, the number of
-/// rows scored, and each row's generation. Rows run in parallel; each one's result is its own.
+/// Exact match of greedy generations: for each row with a prompt and a whole completion
+/// (`loss_from[r] > 0`, ending with an id of `stop`; a completion cut at `max_length` is not
+/// scored), whether greedy decoding after `row[..from]` gives exactly `row[from..]` (the
+/// completion and its end-of-sequence token), token for token. Returns the fraction matched, the
+/// number of rows scored, and each row's generation (empty for a row not scored). Rows run in
+/// parallel; each one's result is its own.
 pub fn exact_match(
     model: &CausalLm,
     rows: &[Vec<u32>],
     loss_from: &[u32],
     stop: &[u32],
 ) -> Result<(f64, usize, Vec<Vec<u32>>)> {
+    let scored = |row: &[u32], from: usize| {
+        from > 0 && from < row.len() && row.last().is_some_and(|t| stop.contains(t))
+    };
     let generations: Vec<Vec<u32>> = rows
         .par_iter()
         .zip(loss_from)
-        .map(|(row, &from)| {
-            let from = from as usize;
-            if from == 0 || from >= row.len() {
-                return Ok(Vec::new());
-            }
-            generate(model, &row[..from], row.len() - from, stop, Sampling::Greedy)
+        .map(|(row, &from)| match scored(row, from as usize) {
+            true => generate(model, &row[..from as usize], row.len() - from as usize, stop, Sampling::Greedy),
+            false => Ok(Vec::new()),
         })
         .collect::<Result<_>>()?;
-    let scored: Vec<bool> = rows
-        .iter()
-        .zip(loss_from)
-        .zip(&generations)
-        .filter(|((row, from), _)| **from > 0 && (**from as usize) < row.len())
-        .map(|((row, from), generated)| generated.as_slice() == &row[*from as usize..])
-        .collect();
-    let matched = scored.iter().filter(|&&m| m).count();
-    Ok((matched as f64 / scored.len().max(1) as f64, scored.len(), generations))
+    let (mut rows_scored, mut matched) = (0, 0);
+    for ((row, &from), generated) in rows.iter().zip(loss_from).zip(&generations) {
+        if scored(row, from as usize) {
+            rows_scored += 1;
+            matched += usize::from(generated.as_slice() == &row[from as usize..]);
+        }
+    }
+    Ok((matched as f64 / rows_scored.max(1) as f64, rows_scored, generations))
 }

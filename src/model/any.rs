@@ -69,14 +69,6 @@ impl Model {
         }
     }
 
-    /// The causal LM, if this is one.
-    pub fn as_causal_lm(&self) -> Option<&CausalLm> {
-        match self {
-            Self::Classifier(_) => None,
-            Self::CausalLm(m) => Some(m),
-        }
-    }
-
     /// How many items the loss of `rows` averages over: the rows for a classifier, the predicted
     /// tokens for a causal LM (`targets[r]` is row `r`'s first predicted position).
     pub fn loss_items(&self, rows: &[&[u32]], targets: &[u32]) -> usize {
@@ -85,7 +77,7 @@ impl Model {
             Self::CausalLm(_) => rows
                 .iter()
                 .zip(targets)
-                .map(|(row, &from)| row.len().saturating_sub((from as usize).max(1)))
+                .map(|(row, &from)| super::predicted_tokens(row.len(), from as usize))
                 .sum(),
         }
     }

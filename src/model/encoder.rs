@@ -174,6 +174,17 @@ impl Norm {
     }
 }
 
+/// The activations' dtype and the CPU products' operands of a model whose parameters are `dtype`
+/// on `device`, computing in `precision` (see [`Classifier::set_precision`]).
+pub(super) fn compute_in(precision: Precision, device: &Device, dtype: DType) -> (DType, ops::Products) {
+    let bf16 = precision == Precision::Bf16;
+    match (device.is_cpu(), bf16) {
+        (true, true) => (dtype, ops::Products::Bf16),
+        (false, true) => (DType::BF16, ops::Products::Full),
+        (_, false) => (dtype, ops::Products::Full),
+    }
+}
+
 /// `t` in `dtype`: itself when it already is, else a differentiable cast (its gradient comes back
 /// in `t`'s dtype, so f32 master weights get f32 gradients).
 pub(super) fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -273,14 +284,7 @@ impl Classifier {
     /// else f32 (see `ops::gemm`). Parameters, their gradients and the logits stay in the
     /// parameters' dtype.
     pub fn set_precision(&mut self, precision: Precision) {
-        let bf16 = precision == Precision::Bf16;
-        if self.device().is_cpu() {
-            self.compute = self.dtype();
-            self.products = if bf16 { ops::Products::Bf16 } else { ops::Products::Full };
-        } else {
-            self.compute = if bf16 { DType::BF16 } else { self.dtype() };
-            self.products = ops::Products::Full;
-        }
+        (self.compute, self.products) = compute_in(precision, self.device(), self.dtype());
     }
 
     /// The device the parameters live on.

@@ -16,7 +16,7 @@ mod modernbert;
 pub use any::Model;
 pub use config::EncoderConfig;
 pub use decoder::{
-    CausalLm, DecoderConfig, GgufFile, KvCache, TokenIds, Variant, gguf_config, next_token_labels,
+    CausalLm, DecoderConfig, GgufFile, KvCache, TokenIds, Variant, gguf_config, predicted_tokens,
 };
 pub use encoder::{Batch, Classifier, Dropout, Mode};
 pub use family::Family;

@@ -82,7 +82,7 @@ impl StageError {
         matches!(
             self,
             Self::Data(_)
-                | Self::Tokenize(TokenizeError::Load { .. } | TokenizeError::TooLong { .. })
+                | Self::Tokenize(TokenizeError::Load { .. } | TokenizeError::BadRow { .. })
                 | Self::Invalid(_)
         ) || matches!(self, Self::Model(m) if !matches!(m, ModelError::Candle(_)))
     }

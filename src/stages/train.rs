@@ -58,6 +58,9 @@ pub struct TrainStage {
     pub(crate) model_weights: Input,
     /// `tokenizer.json`, or the GGUF file whose tokenizer a causal LM uses.
     pub(crate) tokenizer: Input,
+    /// A causal LM's files beside `tokenizer.json` (`tokenizer_config.json`, `chat_template.jinja`:
+    /// the saved model's tokenizer config comes from them), by input name.
+    pub(crate) tokenizer_files: BTreeMap<String, String>,
     /// `tokenizer.max_length`: checked against the model's positions before anything runs (not
     /// part of the key: the tokenize output it shapes already is).
     pub(crate) max_length: usize,
@@ -117,10 +120,7 @@ impl TrainStage {
                 Model::Classifier(model)
             }
             Task::CausalLm => {
-                let mut model = match is_gguf(&self.model_dir) {
-                    true => CausalLm::from_gguf(&self.model_dir, DType::F32, device)?,
-                    false => CausalLm::from_pretrained(&self.model_dir, DType::F32, device)?,
-                };
+                let mut model = CausalLm::from_source(&self.model_dir, DType::F32, device)?;
                 if let Some(p) = self.model.attention_dropout {
                     model.set_attention_dropout(p);
                 }
@@ -260,12 +260,13 @@ impl TrainStage {
             params["evaluate"] =
                 json!({ "batch_size": self.evaluate.batch_size, "metrics": self.evaluate.metrics });
         }
-        let inputs = BTreeMap::from([
+        let mut inputs = BTreeMap::from([
             ("tokenize".to_string(), upstream_digest(upstream, StageKind::Tokenize)),
             ("model.config".to_string(), self.model_config.sha256.clone()),
             ("model.weights".to_string(), self.model_weights.sha256.clone()),
             ("tokenizer".to_string(), self.tokenizer.sha256.clone()),
         ]);
+        inputs.extend(self.tokenizer_files.clone());
         KeyFields { kind: StageKind::Train, version: StageKind::Train.version(), params, inputs }
     }
 }

@@ -50,7 +50,7 @@ pub fn schema_json() -> String {
             "description": "What the sweep optimises.",
             "properties": {
                 "metric": { "type": "string", "description": "One of the pipeline's evaluate.metrics (default: the first)." },
-                "direction": { "enum": ["maximize", "minimize"], "description": "Default: minimize loss, maximize the rest." }
+                "direction": { "enum": ["maximize", "minimize"], "description": "Default: minimize loss and perplexity, maximize the rest." }
             }
         },
         "pruner": {

@@ -11,7 +11,7 @@
 //!
 //! [objective]
 //! metric = "accuracy"                         # default: the first of evaluate.metrics
-//! direction = "maximize"                      # default: minimise loss, maximise the rest
+//! direction = "maximize"                      # default: minimise loss and perplexity, maximise the rest
 //!
 //! [pruner]                                    # optional: stop poor trials early
 //! method = "asha"                             # "none" | "median" | "asha"
@@ -322,7 +322,9 @@ fn objective(
         });
     }
     let maximize = match raw.get("direction").map(|d| d.as_str()) {
-        None => metric != "loss",
+        None => !toml::Value::String(metric.clone())
+            .try_into::<crate::config::Metric>()
+            .is_ok_and(crate::config::Metric::lower_is_better),
         Some(Some("maximize")) => true,
         Some(Some("minimize")) => false,
         Some(_) => {

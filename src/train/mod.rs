@@ -43,7 +43,7 @@ pub struct StepReport {
     pub step: u64,
     /// Optimizer steps in the whole run.
     pub total_steps: u64,
-    /// Mean training loss over the step's rows.
+    /// Mean training loss over the step's rows (a classifier) or predicted tokens (a causal LM).
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
@@ -219,6 +219,13 @@ impl Trainer {
                 Model::Classifier(_) => 1.0 / micro.len() as f64,
                 Model::CausalLm(_) => items as f64 / step_items.max(1) as f64,
             };
+            rows += row_ids.len();
+            real_tokens += row_ids.iter().map(|r| r.len()).sum::<usize>();
+            if items == 0 {
+                // Nothing to predict (a causal LM's micro-batch of prompts only; the tokenize
+                // stage does not make one): no loss, no gradient, no NaN from an empty mean.
+                continue;
+            }
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
             let loss = self.model.loss(
                 &row_ids,
@@ -226,24 +233,7 @@ impl Trainer {
                 self.class_weights.as_deref(),
                 Mode::Train(&mut dropout_rng),
             )?;
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            loss_sum += match &self.model {
-                Model::Classifier(_) => value * items as f64,
-                Model::CausalLm(_) => {
-                    if items == 0 {
-                        0.0
-                    } else {
-                        value * items as f64
-                    }
-                }
-            };
-            rows += row_ids.len();
-            real_tokens += row_ids.iter().map(|r| r.len()).sum::<usize>();
-            if items == 0 {
-                // Nothing to predict in this micro-batch (a causal LM's rows all truncated to their
-                // prompts): no gradient, and no NaN from an empty mean.
-                continue;
-            }
+            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * items as f64;
             let store = loss.affine(weight, 0.0)?.backward()?;
             for (sum, (_, var)) in grads.iter_mut().zip(&params) {
                 if let Some(g) = store.get(var.as_tensor()) {

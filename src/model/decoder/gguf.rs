@@ -146,8 +146,11 @@ pub fn gguf_config(
             config[field] = id.into();
         }
     }
-    if gguf.get(&key("rope.scaling.type")).is_some() {
-        return Err(unsupported("rotary scaling (`rope.scaling.type`) is not supported".into()));
+    // Llama 3.1+ files carry their rotary scaling as a `rope_freqs` tensor, others as metadata.
+    if gguf.get(&key("rope.scaling.type")).is_some() || gguf.has_tensor("rope_freqs.weight") {
+        return Err(unsupported(
+            "scaled rotary positions (`rope.scaling.type`, `rope_freqs`) are not supported".into(),
+        ));
     }
     match config {
         serde_json::Value::Object(map) => Ok(map),

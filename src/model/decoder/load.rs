@@ -12,6 +12,14 @@ use crate::model::ModelError;
 use crate::model::checkpoint::{CONFIG_FILE, Loader, WEIGHTS_FILE};
 
 impl CausalLm {
+    /// Loads a GGUF file (`*.gguf`) or a checkpoint directory, its parameters converted to `dtype`.
+    pub fn from_source(source: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        match source.extension().is_some_and(|e| e == "gguf") && source.is_file() {
+            true => Self::from_gguf(source, dtype, device),
+            false => Self::from_pretrained(source, dtype, device),
+        }
+    }
+
     /// Loads a checkpoint directory, its parameters converted to `dtype`.
     pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = DecoderConfig::from_file(&dir.join(CONFIG_FILE))?;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng as _;
 
-use super::encoder::{Linear, Mode, cast};
+use super::encoder::{Linear, Mode, cast, compute_in};
 use crate::device::Precision;
 use crate::ops::{self, Activation, AttentionShape};
 
@@ -114,11 +114,6 @@ impl CausalLm {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Training dropout on attention probabilities.
-    pub fn attention_dropout(&self) -> f64 {
-        self.attention_dropout
-    }
-
     /// Replaces the training dropout on attention probabilities.
     pub fn set_attention_dropout(&mut self, p: f64) {
         self.attention_dropout = p;
@@ -126,14 +121,7 @@ impl CausalLm {
 
     /// Computes in `precision` from now on (see `Classifier::set_precision`).
     pub fn set_precision(&mut self, precision: Precision) {
-        let bf16 = precision == Precision::Bf16;
-        if self.device().is_cpu() {
-            self.compute = self.dtype();
-            self.products = if bf16 { ops::Products::Bf16 } else { ops::Products::Full };
-        } else {
-            self.compute = if bf16 { DType::BF16 } else { self.dtype() };
-            self.products = ops::Products::Full;
-        }
+        (self.compute, self.products) = compute_in(precision, self.device(), self.dtype());
     }
 
     fn attention_shape(&self) -> AttentionShape {
@@ -276,9 +264,20 @@ impl CausalLm {
                     Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
                     _ => 0,
                 };
+                let mut shape = self.attention_shape();
+                let (k, v) = match x.device().is_cpu() || kv_heads == heads {
+                    true => (k, v),
+                    // The GPU's fused attention does not share key/value heads yet: there, each
+                    // group's keys and values are repeated for its query heads (transformers'
+                    // `repeat_kv`), whose gradients candle sums back into the group's.
+                    false => {
+                        shape.kv_heads = heads;
+                        let group = heads / kv_heads;
+                        (repeat_heads(&k, kv_heads, group, d)?, repeat_heads(&v, kv_heads, group, d)?)
+                    }
+                };
                 let qkv = Tensor::cat(&[&q, &k, &v], 1)?;
-                let context =
-                    ops::attention(&qkv, Arc::clone(segments), self.attention_shape(), p, key, products)?;
+                let context = ops::attention(&qkv, Arc::clone(segments), shape, p, key, products)?;
                 (context, None)
             }
             Attend::Cached(cached) => {
@@ -318,6 +317,16 @@ impl CausalLm {
     }
 }
 
+/// `t` `(tokens, kv_heads * d)` with each head repeated `group` times in place:
+/// `(tokens, kv_heads * group * d)`.
+fn repeat_heads(t: &Tensor, kv_heads: usize, group: usize, d: usize) -> Result<Tensor> {
+    let tokens = t.dim(0)?;
+    t.reshape((tokens, kv_heads, 1, d))?
+        .broadcast_as((tokens, kv_heads, group, d))?
+        .contiguous()?
+        .reshape((tokens, kv_heads * group * d))
+}
+
 /// What a layer's queries attend to.
 enum Attend<'a> {
     /// Their own rows, causally (training, evaluation, a full pass).
@@ -326,9 +335,15 @@ enum Attend<'a> {
     Cached(Option<&'a Tensor>),
 }
 
+/// How many tokens of a row of `len` tokens the loss predicts when it counts from position
+/// `loss_from`: every token from there on but the row's first, which nothing precedes.
+pub fn predicted_tokens(len: usize, loss_from: usize) -> usize {
+    len.saturating_sub(loss_from.max(1))
+}
+
 /// The label of each packed token: the next token of its row where that one counts (row `r`'s
 /// tokens from `loss_from[r]` on, never position 0), else [`ops::IGNORE`].
-pub fn next_token_labels(rows: &[&[u32]], loss_from: &[usize]) -> Vec<u32> {
+fn next_token_labels(rows: &[&[u32]], loss_from: &[usize]) -> Vec<u32> {
     let mut labels = Vec::with_capacity(rows.iter().map(|r| r.len()).sum());
     for (row, &from) in rows.iter().zip(loss_from) {
         for t in 0..row.len() {

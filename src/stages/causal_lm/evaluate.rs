@@ -1,9 +1,10 @@
 //! The evaluate stage of a causal LM: the trained model's loss and perplexity on the validation
 //! split and, for prompt/completion data, the exact match of its greedy generations against the
-//! completions (each generation kept in `generations.csv`); the same on the test split.
+//! completions (each generation kept in `generations.csv`); the same on the test split; and with
+//! `evaluate.baseline`, the pretrained model's scores beside them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use serde_json::json;
@@ -14,8 +15,8 @@ use crate::device::Precision;
 use crate::model::CausalLm;
 use crate::plan::{KeyFields, StageKind};
 use crate::stages::{
-    METRICS_FILE, MODEL_DIR, Observer, Stage, StageError, TEST_METRICS_FILE, TOKENS_FILE, Upstream, io_error,
-    upstream_digest,
+    Input, METRICS_FILE, MODEL_DIR, Observer, Stage, StageError, TEST_METRICS_FILE, TOKENS_FILE, Upstream,
+    io_error, upstream_digest,
 };
 use crate::store::WorkDir;
 
@@ -29,6 +30,9 @@ type Scored = (serde_json::Value, Option<Vec<Vec<u32>>>);
 pub struct LmEvaluateStage {
     pub(crate) evaluate: EvaluateConfig,
     pub(crate) precision: Precision,
+    /// With `evaluate.baseline`: the pretrained model (a directory or a GGUF file) and its
+    /// weights' digest, scored too.
+    pub(crate) pretrained: Option<(PathBuf, Input)>,
 }
 
 impl LmEvaluateStage {
@@ -66,6 +70,11 @@ impl Stage for LmEvaluateStage {
         if self.precision != Precision::F32 {
             params["dtype"] = json!(self.precision.name());
         }
+        let mut inputs = inputs;
+        if let Some((_, weights)) = &self.pretrained {
+            params["evaluate"]["baseline"] = json!(true);
+            inputs.insert("baseline".into(), weights.sha256.clone());
+        }
         KeyFields { kind: StageKind::Evaluate, version: StageKind::Evaluate.version(), params, inputs }
     }
 
@@ -85,7 +94,12 @@ impl Stage for LmEvaluateStage {
         model.set_precision(self.precision);
         let tokenizer = LmTokenizer::load(&model_dir.join("tokenizer.json"))?;
         let stop = [tokenizer.eos()];
-        let (report, generations) = self.score(&model, validation, &stop)?;
+        let (mut report, generations) = self.score(&model, validation, &stop)?;
+        if let Some((source, _)) = &self.pretrained {
+            let mut pretrained = CausalLm::from_source(source, DType::F32, &Device::Cpu)?;
+            pretrained.set_precision(self.precision);
+            report["baseline"] = self.score(&pretrained, validation, &stop)?.0;
+        }
         write_json(&work.out().join(METRICS_FILE), &report)?;
         if let Some(generations) = generations {
             write_generations(&work.out().join(GENERATIONS_FILE), &tokenizer, validation, &generations)?;
@@ -120,7 +134,8 @@ fn write_generations(
         .map_err(|e| bad(e.to_string()))?;
     for (row, ((ids, &from), generated)) in split.ids.iter().zip(&split.labels).zip(generations).enumerate() {
         let from = from as usize;
-        if from == 0 || from >= ids.len() {
+        if generated.is_empty() {
+            // Not scored: no prompt, or a completion cut at max_length.
             continue;
         }
         let text = |ids: &[u32]| tokenizer.decode(ids).map_err(&bad);

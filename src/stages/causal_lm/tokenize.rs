@@ -28,6 +28,9 @@ pub struct LmTokenizeStage {
     pub(crate) test_csv: Option<Input>,
     /// `tokenizer.json` or a GGUF file.
     pub(crate) tokenizer: Input,
+    /// The digests of the files beside `tokenizer.json` that the tokenizer reads
+    /// (`tokenizer_config.json`, `chat_template.jinja`), by input name.
+    pub(crate) tokenizer_files: BTreeMap<String, String>,
 }
 
 /// One split's rows as read: the texts (or prompts) and completions, with their lines.
@@ -133,6 +136,7 @@ impl Stage for LmTokenizeStage {
         if let Some(t) = &self.test_csv {
             inputs.insert("dataset.test".into(), t.sha256.clone());
         }
+        inputs.extend(self.tokenizer_files.clone());
         KeyFields { kind: StageKind::Tokenize, version: StageKind::Tokenize.version(), params, inputs }
     }
 
@@ -227,7 +231,11 @@ impl Stage for LmTokenizeStage {
         splits.extend(test.as_ref().map(|t| ("test", t)));
         data::save_tokens(&work.out().join(TOKENS_FILE), &splits)?;
         let predicted = |s: &TokenizedSplit| -> usize {
-            s.ids.iter().zip(&s.labels).map(|(ids, &from)| ids.len() - (from as usize).max(1)).sum()
+            s.ids
+                .iter()
+                .zip(&s.labels)
+                .map(|(ids, &from)| crate::model::predicted_tokens(ids.len(), from as usize))
+                .sum()
         };
         summary["train_sequences"] = json!(train.ids.len());
         summary["validation_sequences"] = json!(validation.ids.len());
