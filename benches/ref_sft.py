@@ -8,7 +8,9 @@ What a speed-minded PyTorch user writes: transformers' `AutoModelForCausalLM` lo
 GGUF file (`gguf_file=`, dequantised to float32), `torch.optim.AdamW`, the loss on the completion
 only (labels -100 on the prompt and the padding), each batch padded to its longest row
 (DataCollatorForSeq2Seq's dynamic padding) and, with --group-by-length, rows grouped by length as
-Trainer's `group_by_length` does (megabatches of 50 batches sorted longest first). The rows are
+Trainer's `group_by_length` does (megabatches of 50 batches sorted longest first; the grouped batches
+are then run in a seeded random order, so that a short timed run samples the whole epoch rather than
+its longest rows). The rows are
 pipe's own: the `train` split of a pipe tokenize stage's `tokens.safetensors` (`TOKENS`), so both
 see the same token ids and lengths. Times `--steps` optimizer steps after one warm-up step and
 prints one JSON line: real (non-pad) tokens per second, rows per second, the mean loss.
@@ -38,7 +40,13 @@ def batches(data, batch_size, group_by_length, seed):
     if group_by_length:
         mega = 50 * batch_size
         order = [i for m in range(0, len(order), mega) for i in sorted(order[m : m + mega], key=lambda i: -len(data[i][0]))]
-    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    plan = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    if group_by_length:
+        # Within a megabatch the batches run longest first: timing the first few would time only
+        # the longest rows. A seeded shuffle of the grouped batches keeps their padding and makes
+        # a short run a fair sample of the epoch.
+        random.Random(seed + 1).shuffle(plan)
+    return plan
 
 
 def collate(data, batch, pad):

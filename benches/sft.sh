@@ -22,11 +22,15 @@ gguf=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 out=bench-results/sft-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 cargo build --release --locked --quiet
+# The evaluate stage is not measured: a 16-row validation file keeps it short.
+"$python" -c 'import csv,sys; rows=list(csv.reader(open(sys.argv[1], newline=""))); csv.writer(open(sys.argv[2], "w", newline="")).writerows(rows[:17])' \
+  data/sst2-sft/validation.csv "$out/validation-16.csv"
 for r in $(seq 1 "$repeats"); do
   store=$out/store
   rm -rf "$store"
   RAYON_NUM_THREADS=2 target/release/pipe run pipelines/smollm2-sst2.toml --store "$store" \
-    --set train.max_steps="$steps" --set train.eval_every_epoch=false --json > "$out/pipe-$r.json"
+    --set train.max_steps="$steps" --set train.eval_every_epoch=false --set dataset.validation="$out/validation-16.csv" \
+    --set evaluate.baseline=false --json > "$out/pipe-$r.json"
   train=$(ls -d "$store"/stages/train/*/)
   "$python" -c 'import json,sys; f=json.load(open(sys.argv[1]))["facts"]; print(json.dumps({"tokens_per_second": f["tokens_per_second"], "rows_per_second": f["samples_per_second"], "final_loss": f.get("final_loss")}))' \
     "$train/MANIFEST.json" > "$out/pipe-$r.tps"

@@ -93,6 +93,10 @@ fn supervised_fine_tuning_learns_generates_and_reproduces_across_thread_counts()
         .collect();
     assert_eq!(losses.len(), 3, "one evaluation per epoch: {log}");
     assert!(losses[2] < losses[0], "the validation loss falls: {losses:?}");
+    // The evaluate stage reads the last evaluation's loss (the saved weights') instead of
+    // computing it again: the same number.
+    assert_eq!(metric("loss"), losses[2]);
+    assert!(store.join("stages/train").join(one.key("train")).join("validation_loss.json").is_file());
     let generations = std::fs::read_to_string(
         store.join("stages/evaluate").join(one.key("evaluate")).join("generations.csv"),
     )

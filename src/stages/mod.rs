@@ -17,7 +17,9 @@ use std::path::PathBuf;
 pub use causal_lm::{DATA_FILE, GENERATIONS_FILE, LmEvaluateStage, LmTokenizeStage};
 pub use evaluate::{EvaluateStage, METRICS_FILE, PREDICTIONS_FILE, TEST_METRICS_FILE};
 pub use tokenize::{LABELS_FILE, TOKENS_FILE, TokenizeStage, TokenizerFile};
-pub use train::{CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage, is_gguf};
+pub use train::{
+    CURVES_PNG, CURVES_SVG, METRICS_LOG, MODEL_DIR, TRAIN_LOG, TrainStage, VALIDATION_LOSS, is_gguf,
+};
 
 use crate::data::{DataError, TokenizeError, TokensError};
 use crate::model::ModelError;

@@ -35,9 +35,18 @@ pub const CURVES_SVG: &str = "curves.svg";
 /// stage would (on the CPU): the evaluate stage then reads them instead of predicting the same
 /// rows again.
 pub const VALIDATION_PROBABILITIES: &str = "validation_probabilities.safetensors";
+/// A causal LM's validation loss under the saved model (`{"loss", "predicted_tokens"}`), written
+/// under the same conditions as [`VALIDATION_PROBABILITIES`], for the same reason.
+pub const VALIDATION_LOSS: &str = "validation_loss.json";
 
-/// Class probabilities per row, in row order.
-type Probabilities = Vec<Vec<f32>>;
+/// What an evaluation during training computed that the evaluate stage would compute again for
+/// the same weights.
+enum Scores {
+    /// A classifier's class probabilities per row, in row order.
+    Probabilities(Vec<Vec<f32>>),
+    /// A causal LM's mean validation loss and the tokens it averages over.
+    LmLoss { loss: f64, predicted_tokens: usize },
+}
 
 /// Fine-tunes the pretrained model.
 pub struct TrainStage {
@@ -77,13 +86,13 @@ impl TrainStage {
     }
 
     /// Scores the model as it is after the last step of `history` on `validation`: the evaluation
-    /// and, for a classifier, the probabilities it came from.
+    /// and the scores it came from.
     fn evaluate(
         &self,
         trainer: &Trainer,
         validation: &TokenizedSplit,
         history: &History,
-    ) -> Result<(Evaluation, Option<Probabilities>), StageError> {
+    ) -> Result<(Evaluation, Scores), StageError> {
         let since = history.evaluations.last().map_or(0, |e| e.step as usize);
         let losses = &history.steps[since.min(history.steps.len())..];
         let train_loss = losses.iter().map(|r| r.loss).sum::<f64>() / losses.len().max(1) as f64;
@@ -94,16 +103,17 @@ impl TrainStage {
                 let scored = crate::evaluate::score(model, &validation.ids, &validation.labels, batch_size)?;
                 let evaluation =
                     Evaluation::new(step, epoch, train_loss, &scored.report, &self.evaluate.metrics);
-                (evaluation, Some(scored.probabilities))
+                (evaluation, Scores::Probabilities(scored.probabilities))
             }
             Model::CausalLm(model) => {
-                let (loss, _) =
+                let (loss, predicted_tokens) =
                     crate::evaluate::lm_loss(model, &validation.ids, &validation.labels, batch_size)?;
                 let metrics = match self.evaluate.metrics.contains(&Metric::Perplexity) {
                     true => vec![(Metric::Perplexity, libm::exp(loss))],
                     false => Vec::new(),
                 };
-                (Evaluation { step, epoch, train_loss, validation_loss: loss, metrics }, None)
+                let evaluation = Evaluation { step, epoch, train_loss, validation_loss: loss, metrics };
+                (evaluation, Scores::LmLoss { loss, predicted_tokens })
             }
         })
     }
@@ -384,9 +394,9 @@ impl Stage for TrainStage {
         let mut evaluating = Duration::ZERO;
         let mut last_checkpoint = Instant::now();
         let (mut rows, mut tokens) = (0usize, 0usize);
-        // The latest evaluation's index and probabilities while the weights are still the ones it
-        // scored (cleared by the next step).
-        let mut latest: Option<(usize, Vec<Vec<f32>>)> = None;
+        // The latest evaluation's index and scores while the weights are still the ones it scored
+        // (cleared by the next step).
+        let mut latest: Option<(usize, Scores)> = None;
         while !trainer.finished() && !stop_early(&stopping) {
             let report = trainer.step(data)?;
             latest = None;
@@ -397,8 +407,8 @@ impl Stage for TrainStage {
             history.steps.push(report);
             if trainer.evaluation_due() {
                 let evaluation_start = Instant::now();
-                let (evaluation, probabilities) = self.evaluate(&trainer, &validation, &history)?;
-                latest = probabilities.map(|p| (history.evaluations.len(), p));
+                let (evaluation, scores) = self.evaluate(&trainer, &validation, &history)?;
+                latest = Some((history.evaluations.len(), scores));
                 evaluating += evaluation_start.elapsed();
                 observe(Event::Evaluated(&evaluation));
                 if let Some(stopping) = &mut stopping
@@ -452,15 +462,26 @@ impl Stage for TrainStage {
             (Some(_), None) => None,
             (None, _) => history.evaluations.len().checked_sub(1),
         };
-        if let (Some((index, probabilities)), Some(classifier)) = (latest, model.as_classifier())
+        if let Some((index, scores)) = latest
             && Some(index) == saved
             && self.evaluates_as_the_evaluate_stage()
         {
-            write_probabilities(
-                &out.join(VALIDATION_PROBABILITIES),
-                probabilities,
-                classifier.labels().len(),
-            )?;
+            match (scores, &model) {
+                (Scores::Probabilities(probabilities), Model::Classifier(classifier)) => write_probabilities(
+                    &out.join(VALIDATION_PROBABILITIES),
+                    probabilities,
+                    classifier.labels().len(),
+                )?,
+                (Scores::LmLoss { loss, predicted_tokens }, _) => {
+                    let path = out.join(VALIDATION_LOSS);
+                    let json =
+                        json!({ "loss": loss, "predicted_tokens": predicted_tokens }).to_string() + "\n";
+                    std::fs::write(&path, json).map_err(io_error(&path))?;
+                }
+                (Scores::Probabilities(_), Model::CausalLm(_)) => {
+                    unreachable!("a causal LM has no class probabilities")
+                }
+            }
         }
         self.save_tokenizer(&model_dir)?;
         let mut facts = json!({

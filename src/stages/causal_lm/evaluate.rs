@@ -16,7 +16,7 @@ use crate::model::CausalLm;
 use crate::plan::{KeyFields, StageKind};
 use crate::stages::{
     Input, METRICS_FILE, MODEL_DIR, Observer, Stage, StageError, TEST_METRICS_FILE, TOKENS_FILE, Upstream,
-    io_error, upstream_digest,
+    VALIDATION_LOSS, io_error, upstream_digest,
 };
 use crate::store::WorkDir;
 
@@ -36,10 +36,19 @@ pub struct LmEvaluateStage {
 }
 
 impl LmEvaluateStage {
-    /// The metrics of `split`, and its greedy generations when exact match is asked for.
-    fn score(&self, model: &CausalLm, split: &TokenizedSplit, stop: &[u32]) -> Result<Scored, StageError> {
-        let (loss, tokens) =
-            crate::evaluate::lm_loss(model, &split.ids, &split.labels, self.evaluate.batch_size)?;
+    /// The metrics of `split`, and its greedy generations when exact match is asked for. `known`:
+    /// the loss and predicted tokens, when the train stage already computed them for this model.
+    fn score(
+        &self,
+        model: &CausalLm,
+        split: &TokenizedSplit,
+        stop: &[u32],
+        known: Option<(f64, usize)>,
+    ) -> Result<Scored, StageError> {
+        let (loss, tokens) = match known {
+            Some(known) => known,
+            None => crate::evaluate::lm_loss(model, &split.ids, &split.labels, self.evaluate.batch_size)?,
+        };
         let mut report = json!({ "loss": loss, "perplexity": libm::exp(loss), "sequences": split.ids.len(), "predicted_tokens": tokens });
         let mut generations = None;
         if self.evaluate.metrics.contains(&Metric::ExactMatch) {
@@ -94,25 +103,49 @@ impl Stage for LmEvaluateStage {
         model.set_precision(self.precision);
         let tokenizer = LmTokenizer::load(&model_dir.join("tokenizer.json"))?;
         let stop = [tokenizer.eos()];
-        let (mut report, generations) = self.score(&model, validation, &stop)?;
+        // The train stage's last evaluation already computed the validation loss with these
+        // weights, as `lm_loss` does here (it writes it only then): the same bits, not recomputed.
+        let reused = upstream[&StageKind::Train].file(VALIDATION_LOSS);
+        let known = match reused.exists() {
+            true => Some(read_validation_loss(&reused)?),
+            false => None,
+        };
+        let (mut report, generations) = self.score(&model, validation, &stop, known)?;
         if let Some((source, _)) = &self.pretrained {
             let mut pretrained = CausalLm::from_source(source, DType::F32, &Device::Cpu)?;
             pretrained.set_precision(self.precision);
-            report["baseline"] = self.score(&pretrained, validation, &stop)?.0;
+            report["baseline"] = self.score(&pretrained, validation, &stop, None)?.0;
         }
         write_json(&work.out().join(METRICS_FILE), &report)?;
         if let Some(generations) = generations {
             write_generations(&work.out().join(GENERATIONS_FILE), &tokenizer, validation, &generations)?;
         }
-        let mut facts =
-            json!({ "seconds": start.elapsed().as_secs_f64(), "sequences": validation.ids.len() });
+        let mut facts = json!({
+            "seconds": start.elapsed().as_secs_f64(),
+            "sequences": validation.ids.len(),
+            "validation_loss_from": if known.is_some() { "train" } else { "evaluate" },
+        });
         if let Some(test) = splits.get("test") {
-            let (report, _) = self.score(&model, test, &stop)?;
+            let (report, _) = self.score(&model, test, &stop, None)?;
             write_json(&work.out().join(TEST_METRICS_FILE), &report)?;
             facts["test_sequences"] = json!(test.ids.len());
             facts["seconds"] = json!(start.elapsed().as_secs_f64());
         }
         Ok(facts)
+    }
+}
+
+/// Reads the train stage's [`VALIDATION_LOSS`]: the loss and the tokens it averages over.
+fn read_validation_loss(path: &Path) -> Result<(f64, usize), StageError> {
+    let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))?;
+    match (value["loss"].as_f64(), value["predicted_tokens"].as_u64()) {
+        (Some(loss), Some(tokens)) => Ok((loss, tokens as usize)),
+        _ => Err(StageError::Invalid(format!(
+            "{}: expected {{\"loss\", \"predicted_tokens\"}}",
+            path.display()
+        ))),
     }
 }
 
