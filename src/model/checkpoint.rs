@@ -164,18 +164,21 @@ impl Classifier {
         let json = serde_json::to_string_pretty(&config).expect("a JSON map serialises") + "\n";
         std::fs::write(&config_path, json).map_err(|source| ModelError::Io { path: config_path, source })?;
 
-        let tensors = self
-            .params
-            .iter()
-            .map(|(name, var)| {
-                Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let weights_path = dir.join(WEIGHTS_FILE);
-        safetensors::serialize_to_file(tensors, Some(metadata), &weights_path)
-            .map_err(|source| ModelError::Safetensors { path: weights_path, source })
+        save_weights(&self.params, dir)
     }
+}
+
+/// Writes `params` to `dir/model.safetensors` as f32 on the CPU, with the `{"format": "pt"}`
+/// metadata transformers expects.
+pub(super) fn save_weights(params: &[(String, Var)], dir: &Path) -> Result<(), ModelError> {
+    let tensors = params
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights_path = dir.join(WEIGHTS_FILE);
+    safetensors::serialize_to_file(tensors, Some(metadata), &weights_path)
+        .map_err(|source| ModelError::Safetensors { path: weights_path, source })
 }
 
 /// Takes tensors out of a checkpoint into `Var`s, recording each parameter's name in order.

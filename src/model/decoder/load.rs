@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{CausalLm, DecoderConfig, DecoderLayer, RmsNorm};
 use crate::model::ModelError;
-use crate::model::checkpoint::{CONFIG_FILE, Loader, WEIGHTS_FILE};
+use crate::model::checkpoint::{CONFIG_FILE, Loader, WEIGHTS_FILE, save_weights};
 
 impl CausalLm {
     /// Loads a GGUF file (`*.gguf`) or a checkpoint directory, its parameters converted to `dtype`.
@@ -139,16 +139,6 @@ impl CausalLm {
         generation.insert("do_sample".into(), false.into());
         write_json("generation_config.json", &serde_json::Value::Object(generation))?;
 
-        let tensors = self
-            .params
-            .iter()
-            .map(|(name, var)| {
-                Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let weights_path = dir.join(WEIGHTS_FILE);
-        safetensors::serialize_to_file(tensors, Some(metadata), &weights_path)
-            .map_err(|source| ModelError::Safetensors { path: weights_path, source })
+        save_weights(&self.params, dir)
     }
 }
