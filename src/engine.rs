@@ -147,6 +147,7 @@ pub(crate) fn build_stages(pipeline: &Pipeline) -> Result<(Vec<Box<dyn Stage>>, 
             test_csv,
             tokenizer: tokenizer.clone(),
             tokenizer_files: tokenizer_files.clone(),
+            prepared: None,
         }),
         false => {
             let flavor = Flavor::of_dir(&tokenizer_source).map_err(|e| EngineError::Input(e.to_string()))?;

@@ -155,20 +155,35 @@ impl TrainStage {
             }
         };
         let tokens = LmTokenizer::load(&self.tokenizer.path)?.vocab_size();
-        if tokens > config.vocab_size {
+        self.check_fit(
+            tokens,
+            config.vocab_size,
+            config.max_position_embeddings,
+            config.max_position_embeddings,
+        )?;
+        Ok(())
+    }
+
+    /// Checks that the tokenizer's `tokens` ids fit the model's `vocab_size` embeddings and that
+    /// `tokenizer.max_length` fits its `longest` input (of `positions` position embeddings).
+    fn check_fit(
+        &self,
+        tokens: usize,
+        vocab_size: usize,
+        longest: usize,
+        positions: usize,
+    ) -> Result<(), StageError> {
+        let model = self.model_config.path.display();
+        if tokens > vocab_size {
             return Err(StageError::Invalid(format!(
-                "{}: the tokenizer has {tokens} tokens, more than the model's embeddings hold (vocab_size = {} in {})",
+                "{}: the tokenizer has {tokens} tokens, more than the model's embeddings hold (vocab_size = {vocab_size} in {model})",
                 self.tokenizer.path.display(),
-                config.vocab_size,
-                self.model_config.path.display()
             )));
         }
-        if self.max_length > config.max_position_embeddings {
+        if self.max_length > longest {
             return Err(StageError::Invalid(format!(
-                "tokenizer.max_length = {} exceeds the model's longest input, {} tokens (max_position_embeddings, {})",
+                "tokenizer.max_length = {} exceeds the model's longest input, {longest} tokens (max_position_embeddings = {positions}, {model})",
                 self.max_length,
-                config.max_position_embeddings,
-                self.model_config.path.display()
             )));
         }
         Ok(())
@@ -305,23 +320,7 @@ impl Stage for TrainStage {
         crate::model::check_safetensors(&self.model_weights.path)?;
         let tokens =
             TextEncoder::from_file(&self.tokenizer.path, self.max_length, Flavor::AsFile)?.vocab_size();
-        if tokens > config.vocab_size {
-            return Err(StageError::Invalid(format!(
-                "{}: the tokenizer has {tokens} tokens, more than the model's embeddings hold (vocab_size = {} in {})",
-                self.tokenizer.path.display(),
-                config.vocab_size,
-                self.model_config.path.display()
-            )));
-        }
-        if self.max_length > config.max_length() {
-            return Err(StageError::Invalid(format!(
-                "tokenizer.max_length = {} exceeds the model's longest input, {} tokens (max_position_embeddings = {}, {})",
-                self.max_length,
-                config.max_length(),
-                config.max_position_embeddings,
-                self.model_config.path.display()
-            )));
-        }
+        self.check_fit(tokens, config.vocab_size, config.max_length(), config.max_position_embeddings)?;
         Ok(())
     }
 

@@ -31,6 +31,16 @@ pub struct LmTokenizeStage {
     /// The digests of the files beside `tokenizer.json` that the tokenizer reads
     /// (`tokenizer_config.json`, `chat_template.jinja`), by input name.
     pub(crate) tokenizer_files: BTreeMap<String, String>,
+    /// What `preflight` read and checked, for `run`.
+    pub(crate) prepared: Option<Prepared>,
+}
+
+/// The tokenizer and the splits as read (validation and test, when they are files).
+pub(crate) struct Prepared {
+    tokenizer: LmTokenizer,
+    train: Rows,
+    validation: Option<Rows>,
+    test: Option<Rows>,
 }
 
 /// One split's rows as read: the texts (or prompts) and completions, with their lines.
@@ -148,10 +158,13 @@ impl Stage for LmTokenizeStage {
                 self.tokenizer.path.display()
             )));
         }
-        Rows::read(&self.train_csv.path, &self.dataset)?;
-        for input in self.validation_csv.iter().chain(&self.test_csv) {
-            Rows::read(&input.path, &self.dataset)?;
-        }
+        let read = |input: &Input| Rows::read(&input.path, &self.dataset);
+        self.prepared = Some(Prepared {
+            train: read(&self.train_csv)?,
+            validation: self.validation_csv.as_ref().map(read).transpose()?,
+            test: self.test_csv.as_ref().map(read).transpose()?,
+            tokenizer,
+        });
         Ok(())
     }
 
@@ -162,11 +175,14 @@ impl Stage for LmTokenizeStage {
         observe: Observer<'_>,
     ) -> Result<serde_json::Value, StageError> {
         let start = std::time::Instant::now();
+        if self.prepared.is_none() {
+            self.preflight()?;
+        }
+        let Prepared { tokenizer, train: all, validation, test } =
+            self.prepared.take().expect("prepared above");
         let d = &self.dataset;
-        let tokenizer = LmTokenizer::load(&self.tokenizer.path)?;
-        let all = Rows::read(&self.train_csv.path, d)?;
-        let (train, mut validation) = match &self.validation_csv {
-            Some(v) => (all, Rows::read(&v.path, d)?),
+        let (train, mut validation) = match validation {
+            Some(validation) => (all, validation),
             None => {
                 // One class: a seeded random split.
                 let (t, v) =
@@ -208,10 +224,7 @@ impl Stage for LmTokenizeStage {
             Ok(())
         };
         held_out("validation", &mut validation, &mut summary)?;
-        let mut test = match &self.test_csv {
-            Some(t) => Some(Rows::read(&t.path, d)?),
-            None => None,
-        };
+        let mut test = test;
         if let Some(test) = &mut test {
             held_out("test", test, &mut summary)?;
         }
