@@ -7,6 +7,8 @@ mod common;
 
 use std::path::Path;
 
+use pipe::plan::StageKind;
+
 use common::{
     describe, fixture, pipe, pipe_ok, recorded_digest, run_json, run_json_env, tiny_csv, tiny_tokenizer_json,
 };
@@ -148,17 +150,60 @@ fn supervised_fine_tuning_learns_generates_and_reproduces_across_thread_counts()
     assert_eq!(again.statuses(), ["cached", "cached", "cached"]);
 }
 
-#[test]
-fn plain_text_is_packed_into_blocks_and_scored_by_perplexity() {
-    let pipeline = SFT_PIPELINE
+/// The tiny causal-LM pipelines' output digests (supervised fine-tuning through the chat template,
+/// and packed plain text), pinned with the stage versions that produced them: see
+/// `golden_digests_of_the_tiny_pipeline` in tests/determinism.rs for what to do when they change.
+const GOLDEN: [(&str, &str, u32, &str); 4] = [
+    ("sft", "train", 7, "ca9d09ccf75b593eb5961b56c6b9cda675d965a1120923dab5163ebecc3f5978"),
+    ("sft", "evaluate", 4, "b191d484791a5274db75bb7d971fa7b95f20bf175d9ec58e135acf211c3c8312"),
+    ("text", "train", 7, "03347441400e1a61624b0a16a7fa9e29810ddd4ddfbe517f162a1def0a99c94d"),
+    ("text", "evaluate", 4, "3a22fd92eacd6719fcbff8ebad3f1f66c821c066067021e89b3a057b0f12b68d"),
+];
+
+/// [`SFT_PIPELINE`] on a text column: plain language modelling, one epoch.
+fn text_pipeline() -> String {
+    SFT_PIPELINE
         .replace(
             "prompt_column = \"prompt\"\ncompletion_column = \"completion\"\n",
             "text_column = \"prompt\"\n",
         )
         .replace("chat_template = true\n", "")
-        .replace("epochs = 3", "epochs = 1");
+        .replace("epochs = 3", "epochs = 1")
+}
+
+#[test]
+fn golden_digests_of_the_tiny_causal_lm_pipelines() {
+    let mut failures = Vec::new();
+    for (name, pipeline) in
+        [("sft", SFT_PIPELINE.replace("epochs = 3", "epochs = 1")), ("text", text_pipeline())]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        project(dir.path(), &pipeline);
+        let run = run_json(dir.path(), &[]);
+        for &(_, stage, version, digest) in GOLDEN.iter().filter(|g| g.0 == name) {
+            let kind = StageKind::ALL.into_iter().find(|k| k.name() == stage).unwrap();
+            let got = recorded_digest(&dir.path().join("runs"), &run.run, stage);
+            if got != digest || kind.version() != version {
+                failures.push(format!(
+                    "{name} {stage}: version {} with digest {got}; pinned: version {version} with digest {digest}",
+                    kind.version()
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the tiny causal-LM pipelines' outputs changed:\n  {}\nIf the change is intended, bump the stage \
+         version in StageKind::version (src/plan/mod.rs) in the same commit and pin the new pairs in GOLDEN \
+         (tests/causal_lm.rs).",
+        failures.join("\n  ")
+    );
+}
+
+#[test]
+fn plain_text_is_packed_into_blocks_and_scored_by_perplexity() {
     let dir = tempfile::tempdir().unwrap();
-    project(dir.path(), &pipeline);
+    project(dir.path(), &text_pipeline());
     let run = run_json(dir.path(), &["--set", "evaluate.baseline=true"]);
     let metrics: Vec<&str> = run.metrics.keys().map(String::as_str).collect();
     assert_eq!(metrics, ["loss", "perplexity"], "a text column's default metrics");
