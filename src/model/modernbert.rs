@@ -63,7 +63,7 @@ pub(super) fn encode(
     products: ops::Products,
     mode: &mut Mode<'_>,
 ) -> Result<Tensor> {
-    let (eps, h, heads) = (c.layer_norm_eps, c.hidden_size, c.num_attention_heads);
+    let (eps, heads) = (c.layer_norm_eps, c.num_attention_heads);
     // ModernBERT drops out attention probabilities and the attention output at one rate, and the
     // GeGLU's output at another.
     let (p_attention, p_mlp) = (rates.attention, rates.hidden);
@@ -76,9 +76,8 @@ pub(super) fn encode(
         };
         let qkv = layer.qkv.forward(&normed, products)?;
         let (cos, sin) = if layer.window.is_some() { &rotary.local } else { &rotary.global };
-        let q = ops::rope(&qkv.narrow(1, 0, h)?, cos, sin, heads)?;
-        let k = ops::rope(&qkv.narrow(1, h, h)?, cos, sin, heads)?;
-        let qkv = Tensor::cat(&[&q, &k, &qkv.narrow(1, 2 * h, h)?], 1)?;
+        // Queries and keys rotated, values as they are.
+        let qkv = ops::rope(&qkv, cos, sin, 2 * heads)?;
         let p = if training { p_attention } else { 0.0 };
         let key = match mode {
             Mode::Train(rng) if p > 0.0 => rng.random::<u64>(),
@@ -89,8 +88,7 @@ pub(super) fn encode(
         let attended = dropout(&layer.attention_out.forward(&context, products)?, p_attention, mode)?;
         x = (x + attended)?;
         let z = layer.mlp_in.forward(&layer.mlp_norm.forward(&x, eps)?, products)?;
-        let inner = z.dim(1)? / 2;
-        let gated = (ops::activation(&z.narrow(1, 0, inner)?, activation)? * z.narrow(1, inner, inner)?)?;
+        let gated = ops::gated(&z, activation)?;
         let gated = dropout(&gated, p_mlp, mode)?;
         x = (x + layer.mlp_out.forward(&gated, products)?)?;
     }

@@ -31,7 +31,7 @@ mod rope;
 pub use attention::{AttentionShape, attention, first_token_attention};
 pub use dropout::dropout;
 pub use embedding::embedding;
-pub use gelu::{Activation, activation};
+pub use gelu::{Activation, activation, gated};
 pub use gemm::Products;
 pub use layer_norm::{layer_norm, residual_layer_norm, rms_norm};
 pub use linear::{activated_linear, linear};

@@ -261,18 +261,19 @@ impl CausalLm {
         let tokens = x.dim(0)?;
         let normed = layer.input_norm.forward(x, eps)?;
         let qkv = Linear::side_by_side(&[&layer.query, &layer.key, &layer.value], &normed, products)?;
-        let mut q = qkv.narrow(1, 0, heads * d)?;
-        let mut k = qkv.narrow(1, heads * d, kv_heads * d)?;
-        let v = qkv.narrow(1, (heads + kv_heads) * d, kv_heads * d)?;
-        if let Some((q_norm, k_norm)) = &layer.qk_norms {
-            let per_head = |t: &Tensor, norm: &RmsNorm, n: usize| {
-                norm.forward(&t.contiguous()?.reshape((tokens * n, d))?, eps)?.reshape((tokens, n * d))
-            };
-            q = per_head(&q, q_norm, heads)?;
-            k = per_head(&k, k_norm, kv_heads)?;
-        }
-        let q = ops::rope(&q, cos, sin, heads)?;
-        let k = ops::rope(&k, cos, sin, kv_heads)?;
+        // Queries and keys rotated, values as they are: `(tokens, q + k + v)`.
+        let qkv = match &layer.qk_norms {
+            None => ops::rope(&qkv, cos, sin, heads + kv_heads)?,
+            Some((q_norm, k_norm)) => {
+                let per_head = |t: &Tensor, norm: &RmsNorm, n: usize| {
+                    let t = norm.forward(&t.contiguous()?.reshape((tokens * n, d))?, eps)?;
+                    ops::rope(&t.reshape((tokens, n * d))?, cos, sin, n)
+                };
+                let q = per_head(&qkv.narrow(1, 0, heads * d)?, q_norm, heads)?;
+                let k = per_head(&qkv.narrow(1, heads * d, kv_heads * d)?, k_norm, kv_heads)?;
+                Tensor::cat(&[&q, &k, &qkv.narrow(1, (heads + kv_heads) * d, kv_heads * d)?], 1)?
+            }
+        };
         let (context, kv) = match attend {
             Attend::Rows(segments) => {
                 let p = if matches!(mode, Mode::Train(_)) { self.attention_dropout } else { 0.0 };
@@ -281,23 +282,29 @@ impl CausalLm {
                     _ => 0,
                 };
                 let mut shape = self.attention_shape();
-                let (k, v) = match x.device().is_cpu() || kv_heads == heads {
-                    true => (k, v),
+                let qkv = match x.device().is_cpu() || kv_heads == heads {
+                    true => qkv,
                     // The GPU's fused attention does not share key/value heads yet: there, each
                     // group's keys and values are repeated for its query heads (transformers'
                     // `repeat_kv`), whose gradients candle sums back into the group's.
                     false => {
                         shape.kv_heads = heads;
                         let group = heads / kv_heads;
-                        (repeat_heads(&k, kv_heads, group, d)?, repeat_heads(&v, kv_heads, group, d)?)
+                        let (q_width, kv_width) = (heads * d, kv_heads * d);
+                        let q = qkv.narrow(1, 0, q_width)?;
+                        let (k, v) =
+                            (qkv.narrow(1, q_width, kv_width)?, qkv.narrow(1, q_width + kv_width, kv_width)?);
+                        let (k, v) =
+                            (repeat_heads(&k, kv_heads, group, d)?, repeat_heads(&v, kv_heads, group, d)?);
+                        Tensor::cat(&[&q, &k, &v], 1)?
                     }
                 };
-                let qkv = Tensor::cat(&[&q, &k, &v], 1)?;
                 let context = ops::attention(&qkv, Arc::clone(segments), shape, p, key, products)?;
                 (context, None)
             }
             Attend::Cached(cached) => {
-                let new = Tensor::cat(&[&k, &v], 1)?;
+                let q = qkv.narrow(1, 0, heads * d)?;
+                let new = qkv.narrow(1, heads * d, 2 * kv_heads * d)?;
                 let kv = match cached {
                     Some(old) => Tensor::cat(&[old, &new], 0)?,
                     None => new,
@@ -325,9 +332,7 @@ impl CausalLm {
         let x = (x + layer.output.forward(&context, products)?)?;
         let normed = layer.post_attention_norm.forward(&x, eps)?;
         let gate_up = Linear::side_by_side(&[&layer.gate, &layer.up], &normed, products)?;
-        let inner = gate_up.dim(1)? / 2;
-        let gated = (ops::activation(&gate_up.narrow(1, 0, inner)?, Activation::Silu)?
-            * gate_up.narrow(1, inner, inner)?)?;
+        let gated = ops::gated(&gate_up, Activation::Silu)?;
         let x = (x + layer.down.forward(&gated, products)?)?;
         Ok((x, kv))
     }
