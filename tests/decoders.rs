@@ -162,6 +162,41 @@ fn every_decoder_generates_transformers_greedy_tokens_with_the_full_pass_bits() 
     }
 }
 
+/// Several sequences generated together (their steps packed into each product, prompts of
+/// different lengths, one finishing early, one sampled) get the tokens each gets alone.
+#[test]
+fn generating_many_sequences_at_once_gives_each_its_own_tokens() {
+    use pipe::evaluate::{Sampling, generate, generate_many};
+    for name in DECODERS {
+        let model = model(name, DType::F32);
+        let prompts: [Vec<u32>; 4] =
+            [vec![3, 17, 9], vec![40, 2, 2, 8, 61, 5, 11], vec![7], vec![12, 30, 4, 4]];
+        let limits = [6, 4, 1, 9];
+        let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+        let steps: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let packed = model.extend_many(&mut caches, &steps).unwrap().to_vec2::<f32>().unwrap();
+        for (prompt, row) in prompts.iter().zip(&packed) {
+            let alone = model.extend(&mut model.new_cache(), prompt).unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                row.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: packed logits differ"
+            );
+        }
+        for sampling in [Sampling::Greedy, Sampling::Sample { temperature: 0.9, top_p: 0.95, seed: 3 }] {
+            let requests: Vec<(&[u32], usize)> = prompts.iter().map(Vec::as_slice).zip(limits).collect();
+            let together = generate_many(&model, &requests, &[], sampling).unwrap();
+            for ((prompt, limit), got) in requests.iter().zip(&together) {
+                assert_eq!(got.len(), *limit, "{name}: no stop token, so every request runs to its limit");
+                assert_eq!(
+                    got,
+                    &generate(&model, prompt, *limit, &[], sampling).unwrap(),
+                    "{name} {sampling:?}"
+                );
+            }
+        }
+    }
+}
+
 /// A saved directory reloads to the same logits and declares the variant's transformers class;
 /// where PyTorch and transformers are importable, `AutoModelForCausalLM` loads it and computes
 /// pipe's logits.

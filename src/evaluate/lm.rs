@@ -3,9 +3,8 @@
 //! generations against completions.
 
 use candle_core::Result;
-use rayon::prelude::*;
 
-use crate::model::{CausalLm, Mode};
+use crate::model::{CausalLm, KvCache, Mode};
 
 /// The mean next-token loss over `rows`, each predicted from position `loss_from[r]` on, in
 /// batches of `batch_size` rows (in row order): every predicted token counts once. Also returns
@@ -50,27 +49,44 @@ pub fn generate(
     stop: &[u32],
     sampling: Sampling,
 ) -> Result<Vec<u32>> {
-    let mut cache = model.new_cache();
-    let mut out = Vec::new();
-    if max_new_tokens == 0 {
-        return Ok(out);
-    }
-    let mut logits = model.extend(&mut cache, prompt)?;
-    loop {
-        let row = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let next = match sampling {
-            Sampling::Greedy => argmax(&row),
-            Sampling::Sample { temperature, top_p, seed } => {
-                let mut rng = crate::rng::stream(seed, "generate", out.len() as u64);
-                sample(&row, temperature, top_p, &mut rng)
-            }
-        };
-        out.push(next);
-        if out.len() >= max_new_tokens || stop.contains(&next) {
-            return Ok(out);
+    Ok(generate_many(model, &[(prompt, max_new_tokens)], stop, sampling)?.remove(0))
+}
+
+/// [`generate`] for several `(prompt, max_new_tokens)` requests at once, their steps packed into
+/// each product: each request's tokens are those it gets alone.
+pub fn generate_many(
+    model: &CausalLm,
+    requests: &[(&[u32], usize)],
+    stop: &[u32],
+    sampling: Sampling,
+) -> Result<Vec<Vec<u32>>> {
+    let mut out = vec![Vec::new(); requests.len()];
+    let mut active: Vec<usize> = (0..requests.len()).filter(|&i| requests[i].1 > 0).collect();
+    let mut caches: Vec<KvCache> = active.iter().map(|_| model.new_cache()).collect();
+    let mut inputs: Vec<Vec<u32>> = active.iter().map(|&i| requests[i].0.to_vec()).collect();
+    while !active.is_empty() {
+        let steps: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let logits =
+            model.extend_many(&mut caches, &steps)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let mut going = Vec::with_capacity(active.len());
+        for (&i, row) in active.iter().zip(&logits) {
+            let next = match sampling {
+                Sampling::Greedy => argmax(row),
+                Sampling::Sample { temperature, top_p, seed } => {
+                    let mut rng = crate::rng::stream(seed, "generate", out[i].len() as u64);
+                    sample(row, temperature, top_p, &mut rng)
+                }
+            };
+            out[i].push(next);
+            going.push(out[i].len() < requests[i].1 && !stop.contains(&next));
         }
-        logits = model.extend(&mut cache, &[next])?;
+        let mut keep = going.iter().copied();
+        caches.retain(|_| keep.next() == Some(true));
+        let mut keep = going.iter().copied();
+        active.retain(|_| keep.next() == Some(true));
+        inputs = active.iter().map(|&i| vec![*out[i].last().expect("a token was chosen")]).collect();
     }
+    Ok(out)
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -118,25 +134,31 @@ fn sample(row: &[f32], temperature: f64, top_p: f64, rng: &mut crate::rng::Rng) 
 /// (`loss_from[r] > 0`, ending with an id of `stop`; a completion cut at `max_length` is not
 /// scored), whether greedy decoding after `row[..from]` gives exactly `row[from..]` (the
 /// completion and its end-of-sequence token), token for token. Returns the fraction matched, the
-/// number of rows scored, and each row's generation (empty for a row not scored). Rows run in
-/// parallel; each one's result is its own.
+/// number of rows scored, and each row's generation (empty for a row not scored). Rows run
+/// `batch_size` at a time (see [`generate_many`]); each one's result is its own.
 pub fn exact_match(
     model: &CausalLm,
     rows: &[Vec<u32>],
     loss_from: &[u32],
     stop: &[u32],
+    batch_size: usize,
 ) -> Result<(f64, usize, Vec<Vec<u32>>)> {
     let scored = |row: &[u32], from: usize| {
         from > 0 && from < row.len() && row.last().is_some_and(|t| stop.contains(t))
     };
-    let generations: Vec<Vec<u32>> = rows
-        .par_iter()
+    // A row not scored asks for no tokens.
+    let requests: Vec<(&[u32], usize)> = rows
+        .iter()
         .zip(loss_from)
         .map(|(row, &from)| match scored(row, from as usize) {
-            true => generate(model, &row[..from as usize], row.len() - from as usize, stop, Sampling::Greedy),
-            false => Ok(Vec::new()),
+            true => (&row[..from as usize], row.len() - from as usize),
+            false => (&row[..0], 0),
         })
-        .collect::<Result<_>>()?;
+        .collect();
+    let mut generations = Vec::with_capacity(rows.len());
+    for batch in requests.chunks(batch_size.max(1)) {
+        generations.extend(generate_many(model, batch, stop, Sampling::Greedy)?);
+    }
     let (mut rows_scored, mut matched) = (0, 0);
     for ((row, &from), generated) in rows.iter().zip(loss_from).zip(&generations) {
         if scored(row, from as usize) {

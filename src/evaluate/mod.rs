@@ -8,6 +8,6 @@ mod lm;
 mod metrics;
 mod predict;
 
-pub use lm::{Sampling, exact_match, generate, lm_loss};
+pub use lm::{Sampling, exact_match, generate, generate_many, lm_loss};
 pub use metrics::{ClassMetrics, ClassificationReport};
 pub use predict::{Scored, argmax, mean_log_loss, predict_probabilities, score};

@@ -216,35 +216,58 @@ impl CausalLm {
     /// to it, and returns the logits `(vocab,)` of the last one: the bits of [`Self::logits`] over
     /// the whole sequence at that position. CPU only (inference).
     pub fn extend(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Tensor> {
-        let c = &self.config;
-        if tokens.is_empty() {
-            candle_core::bail!("no tokens to run");
-        }
-        let end = cache.len + tokens.len();
-        if end > c.max_position_embeddings {
-            candle_core::bail!(
-                "the sequence reaches {end} tokens, more than the model's longest input ({})",
-                c.max_position_embeddings
-            );
-        }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-            candle_core::bail!("token id {bad} is outside the vocabulary ({} ids)", c.vocab_size);
-        }
-        let positions: Vec<u32> = (cache.len as u32..end as u32).collect();
-        let mut x = cast(&ops::embedding(&self.embed, Arc::new(tokens.to_vec()))?, self.compute)?;
-        let (cos, sin) = ops::rotary_tables(&positions, c.head_dim(), c.rope_base(), x.dtype(), x.device())?;
-        let mut mode = Mode::Infer;
-        for (layer, cached) in self.layers.iter().zip(&mut cache.layers) {
-            let (out, kv) = self.layer(layer, &x, &cos, &sin, Attend::Cached(cached.as_ref()), &mut mode)?;
-            *cached = kv;
-            x = out;
-        }
-        cache.len = end;
-        let last = x.narrow(0, tokens.len() - 1, 1)?;
-        self.output(&self.norm.forward(&last, c.rms_norm_eps)?)?.squeeze(0)
+        self.extend_many(std::slice::from_mut(cache), &[tokens])?.squeeze(0)
     }
 
-    /// One layer over `x` `(tokens, hidden)`. Returns its output and, with a cache, the whole
+    /// [`Self::extend`] for several sequences at once: `tokens[i]` after `caches[i]`, their rows
+    /// packed into each product (so a step of many sequences reads the weights once). Returns the
+    /// logits `(sequences, vocab)` of each one's last new token, each row the bits that
+    /// [`Self::extend`] gives that sequence alone (a product computes each row in one order,
+    /// however many rows it has).
+    pub fn extend_many(&self, caches: &mut [KvCache], tokens: &[&[u32]]) -> Result<Tensor> {
+        let c = &self.config;
+        if caches.len() != tokens.len() || tokens.is_empty() {
+            candle_core::bail!("{} caches for {} sequences", caches.len(), tokens.len());
+        }
+        let (mut ids, mut positions, mut last) = (Vec::new(), Vec::new(), Vec::with_capacity(tokens.len()));
+        for (cache, new) in caches.iter().zip(tokens) {
+            if new.is_empty() {
+                candle_core::bail!("no tokens to run");
+            }
+            let end = cache.len + new.len();
+            if end > c.max_position_embeddings {
+                candle_core::bail!(
+                    "the sequence reaches {end} tokens, more than the model's longest input ({})",
+                    c.max_position_embeddings
+                );
+            }
+            if let Some(&bad) = new.iter().find(|&&id| id as usize >= c.vocab_size) {
+                candle_core::bail!("token id {bad} is outside the vocabulary ({} ids)", c.vocab_size);
+            }
+            ids.extend_from_slice(new);
+            positions.extend(cache.len as u32..end as u32);
+            last.push(ids.len() as u32 - 1);
+        }
+        let mut x = cast(&ops::embedding(&self.embed, Arc::new(ids))?, self.compute)?;
+        let (cos, sin) = ops::rotary_tables(&positions, c.head_dim(), c.rope_base(), x.dtype(), x.device())?;
+        let mut mode = Mode::Infer;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let sequences: Vec<(Option<&Tensor>, usize)> =
+                caches.iter().zip(tokens).map(|(cache, new)| (cache.layers[l].as_ref(), new.len())).collect();
+            let (out, kvs) = self.layer(layer, &x, &cos, &sin, Attend::Cached(&sequences), &mut mode)?;
+            for (cache, kv) in caches.iter_mut().zip(kvs) {
+                cache.layers[l] = Some(kv);
+            }
+            x = out;
+        }
+        for (cache, new) in caches.iter_mut().zip(tokens) {
+            cache.len += new.len();
+        }
+        let last = ops::embedding(&x, Arc::new(last))?;
+        self.output(&self.norm.forward(&last, c.rms_norm_eps)?)
+    }
+
+    /// One layer over `x` `(tokens, hidden)`. Returns its output and, with caches, each
     /// sequence's keys and values so far, side by side.
     fn layer(
         &self,
@@ -254,7 +277,7 @@ impl CausalLm {
         sin: &Tensor,
         attend: Attend<'_>,
         mode: &mut Mode<'_>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let c = &self.config;
         let (eps, products) = (c.rms_norm_eps, self.products);
         let (heads, kv_heads, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -300,33 +323,37 @@ impl CausalLm {
                     }
                 };
                 let context = ops::attention(&qkv, Arc::clone(segments), shape, p, key, products)?;
-                (context, None)
+                (context, Vec::new())
             }
-            Attend::Cached(cached) => {
-                let q = qkv.narrow(1, 0, heads * d)?;
+            Attend::Cached(sequences) => {
+                let q = qkv.narrow(1, 0, heads * d)?.contiguous()?;
                 let new = qkv.narrow(1, heads * d, 2 * kv_heads * d)?;
-                let kv = match cached {
-                    Some(old) => Tensor::cat(&[old, &new], 0)?,
-                    None => new,
-                };
-                let len = kv.dim(0)?;
-                // Each new token sees every key up to its own: a "first token" query over the
-                // sequence's prefix that ends at it (the causal row's bits; see
-                // `ops::first_token_attention`).
-                let q = q.contiguous()?;
-                let mut rows = Vec::with_capacity(tokens);
-                for t in 0..tokens {
-                    let seen = len - tokens + t + 1;
-                    let shape = AttentionShape { causal: false, ..self.attention_shape() };
-                    rows.push(ops::first_token_attention(
-                        &q.narrow(0, t, 1)?,
-                        &kv.narrow(0, 0, seen)?,
-                        Arc::new(vec![(0, seen)]),
-                        shape,
-                        products,
-                    )?);
+                let shape = AttentionShape { causal: false, ..self.attention_shape() };
+                let (mut rows, mut kvs, mut start) = (Vec::with_capacity(tokens), Vec::new(), 0);
+                for &(cached, n) in sequences {
+                    let new = new.narrow(0, start, n)?;
+                    let kv = match cached {
+                        Some(old) => Tensor::cat(&[old, &new], 0)?,
+                        None => new.contiguous()?,
+                    };
+                    // Each new token sees every key up to its own: a "first token" query over
+                    // the sequence's prefix that ends at it (the causal row's bits; see
+                    // `ops::first_token_attention`).
+                    let len = kv.dim(0)?;
+                    for t in 0..n {
+                        let seen = len - n + t + 1;
+                        rows.push(ops::first_token_attention(
+                            &q.narrow(0, start + t, 1)?,
+                            &kv.narrow(0, 0, seen)?,
+                            Arc::new(vec![(0, seen)]),
+                            shape,
+                            products,
+                        )?);
+                    }
+                    kvs.push(kv);
+                    start += n;
                 }
-                (Tensor::cat(&rows, 0)?, Some(kv))
+                (Tensor::cat(&rows, 0)?, kvs)
             }
         };
         let x = (x + layer.output.forward(&context, products)?)?;
@@ -352,8 +379,9 @@ fn repeat_heads(t: &Tensor, kv_heads: usize, group: usize, d: usize) -> Result<T
 enum Attend<'a> {
     /// Their own rows, causally (training, evaluation, a full pass).
     Rows(&'a Arc<Vec<(usize, usize)>>),
-    /// A cached sequence's keys and values, which the new tokens extend (generation).
-    Cached(Option<&'a Tensor>),
+    /// Cached sequences' keys and values (none yet for a new one), which their new tokens extend
+    /// (generation): each sequence's cache and its number of new tokens, which lie in that order.
+    Cached(&'a [(Option<&'a Tensor>, usize)]),
 }
 
 /// How many tokens of a row of `len` tokens the loss predicts when it counts from position

@@ -52,8 +52,13 @@ impl LmEvaluateStage {
         let mut report = json!({ "loss": loss, "perplexity": libm::exp(loss), "sequences": split.ids.len(), "predicted_tokens": tokens });
         let mut generations = None;
         if self.evaluate.metrics.contains(&Metric::ExactMatch) {
-            let (matched, rows, generated) =
-                crate::evaluate::exact_match(model, &split.ids, &split.labels, stop)?;
+            let (matched, rows, generated) = crate::evaluate::exact_match(
+                model,
+                &split.ids,
+                &split.labels,
+                stop,
+                self.evaluate.batch_size,
+            )?;
             report["exact_match"] = json!(matched);
             report["exact_match_rows"] = json!(rows);
             generations = Some(generated);
