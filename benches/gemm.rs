@@ -1,9 +1,10 @@
 //! pipe's GEMM against candle's matmul (the `gemm` crate) on the products of a MiniLM training step.
 //!
-//! `cargo bench --bench gemm [-- ROWS]` (default 2048 = batch 32 x len 64, dense). For each product
-//! of a layer (forward `x W^T`, input gradient `g W`, weight gradient `g^T x`), the median of 15
-//! runs of each, interleaved, in GFLOP/s. pipe's kernel path is the CPU's best unless
-//! `PIPE_KERNEL` forces one.
+//! `cargo bench --bench gemm [-- ROWS [INxOUT ...]]` (default 2048 = batch 32 x len 64, dense, and
+//! MiniLM's layers 384x384 384x1536 1536x384; SmolLM2's are 576x960 576x576 576x3072 1536x576).
+//! For each product of a layer (forward `x W^T`, input gradient `g W`, weight gradient `g^T x`),
+//! the median of 15 runs of each, interleaved, in GFLOP/s. pipe's kernel path is the CPU's best
+//! unless `PIPE_KERNEL` forces one.
 
 #![allow(clippy::disallowed_methods)] // candle's matmul is the comparison
 
@@ -20,6 +21,16 @@ fn main() -> candle_core::Result<()> {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { pipe::runtime::configure() }.map_err(candle_core::Error::wrap)?;
     let rows: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(2048);
+    let mut layers: Vec<(usize, usize)> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            let (inp, out) = a.split_once('x')?;
+            Some((inp.parse().ok()?, out.parse().ok()?))
+        })
+        .collect();
+    if layers.is_empty() {
+        layers = vec![(384, 384), (384, 1536), (1536, 384)];
+    }
     println!(
         "kernel path {}, {} threads, {rows} rows",
         pipe::ops::cpu::kernel_path(),
@@ -30,7 +41,7 @@ fn main() -> candle_core::Result<()> {
         (0..n).map(|i| ((i * 7919 + salt) % 1000) as f32 / 1000.0 - 0.5).collect()
     };
     let (mut pipe_total, mut candle_total) = (0.0, 0.0);
-    for (inp, out) in [(384, 384), (384, 1536), (1536, 384)] {
+    for &(inp, out) in &layers {
         let x = fill(rows * inp, 1);
         let w = fill(out * inp, 2);
         let g = fill(rows * out, 3);
@@ -88,7 +99,8 @@ fn main() -> candle_core::Result<()> {
         }
     }
     println!(
-        "all nine products: pipe {:.1} ms, candle {:.1} ms, candle/pipe {:.3}",
+        "all {} products: pipe {:.1} ms, candle {:.1} ms, candle/pipe {:.3}",
+        3 * layers.len(),
         pipe_total * 1e3,
         candle_total * 1e3,
         candle_total / pipe_total
