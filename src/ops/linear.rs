@@ -72,12 +72,12 @@ impl CustomOp3 for ActivatedLinear {
         &self,
         z: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (da, dw, db) = gradients(&self.activation.forward(z)?, weight, grad, self.products)?;
-        Ok((Some(self.activation.backward(z, &da)?), Some(dw), Some(db)))
+        let (da, dw, db) = gradients(&self.activation.forward(z)?, weight, bias, grad, self.products)?;
+        Ok((Some(self.activation.backward(z, &da)?), Some(dw), db))
     }
 }
 
@@ -164,26 +164,31 @@ impl CustomOp3 for Linear {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = gradients(x, weight, grad, self.0)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, dw, db) = gradients(x, weight, bias, grad, self.0)?;
+        Ok((Some(dx), Some(dw), db))
     }
 }
 
-/// The gradients of `x W^T + b` for the output's gradient `grad`: `(dx, dW, db)`.
+/// The gradients of `x W^T + b` for the output's gradient `grad`: `(dx, dW, db)`, without `db`
+/// when the bias is a constant (a layer without one, as the Llama family's, passes zeros).
 fn gradients(
     x: &Tensor,
     weight: &Tensor,
+    bias: &Tensor,
     grad: &Tensor,
     products: Products,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let grad = grad.contiguous()?;
     let dx = grad.apply_op2_no_bwd(weight, &GradInput(products))?;
     let dw = grad.apply_op2_no_bwd(x, &GradWeight(products))?;
-    let db = grad.apply_op1_no_bwd(&GradBias)?;
+    let db = match bias.track_op() {
+        true => Some(grad.apply_op1_no_bwd(&GradBias)?),
+        false => None,
+    };
     Ok((dx, dw, db))
 }
 
