@@ -10,8 +10,9 @@
 # accelerate: $PYTHON, default .venv/bin/python. Each repeat runs pipe (a fresh store, the first
 # STEPS steps of the pipeline, no evaluation) and then the reference twice: dynamic padding, and
 # dynamic padding with batches grouped by length (its strongest CPU setting). The figure is
-# training tokens per second (real tokens, padding excluded; model loading excluded on both sides:
-# pipe's is the train stage's `tokens_per_second`, which leaves out loading and evaluation).
+# training tokens per second (real tokens, padding excluded) over every step from the first (model
+# loading excluded on both sides: pipe's is the train stage's `tokens_per_second`, which leaves
+# out loading and evaluation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
