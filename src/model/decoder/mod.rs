@@ -8,7 +8,7 @@
 //! after another, attention kept within each row and causal. The loss never holds more than a
 //! block of the vocabulary's logits at once ([`ops::lm_cross_entropy`]). Generation keeps each
 //! layer's keys and values ([`KvCache`]) and computes one new token at a time with the same bits
-//! as a full pass over the sequence.
+//! as a full pass over the sequence, for one sequence or many packed into each product.
 
 mod config;
 mod gguf;
@@ -226,7 +226,10 @@ impl CausalLm {
     /// however many rows it has).
     pub fn extend_many(&self, caches: &mut [KvCache], tokens: &[&[u32]]) -> Result<Tensor> {
         let c = &self.config;
-        if caches.len() != tokens.len() || tokens.is_empty() {
+        if tokens.is_empty() {
+            candle_core::bail!("no sequences to run");
+        }
+        if caches.len() != tokens.len() {
             candle_core::bail!("{} caches for {} sequences", caches.len(), tokens.len());
         }
         let (mut ids, mut positions, mut last) = (Vec::new(), Vec::new(), Vec::with_capacity(tokens.len()));
