@@ -94,9 +94,9 @@ struct Rope {
 }
 
 impl Rope {
-    /// Each row of `x` (`width` wide) rotated by its tables' row: forward (`sign` 1) or, for the
-    /// gradient, by the opposite angle (`sign` -1, the transposed rotation), as the composed ops'
-    /// backward sums it: `g * cos + rotate_half^T(g * sin)`.
+    /// Each row of `x` (`width` wide) with its first heads rotated by its tables' row: forward,
+    /// or with `backward` by the opposite angle (the transposed rotation, for the gradient), as
+    /// the composed ops' backward sums it: `g * cos + rotate_half^T(g * sin)`.
     fn rotate<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], width: usize, backward: bool) -> Vec<T> {
         let (d, half) = (self.head_dim, self.head_dim / 2);
         let mut out = x.to_vec();
