@@ -19,6 +19,8 @@
 //! | `checkpoint.saved` | a checkpoint is in place |
 //! | `record.written` | a run record's temporary file is written; not yet renamed into place |
 //! | `atomic.before-rename` | any atomic write (manifests, refs, records), just before its rename |
+//! | `remote.part-pushed` | one part of a multipart upload to the remote is handed over |
+//! | `remote.blobs-pushed` | a stage's blobs are in the remote; its manifest is not yet written |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +42,9 @@ pub const POINTS: [&str; 7] = [
     "atomic.before-rename",
 ];
 
+/// The points only a push to a remote reaches.
+pub const REMOTE_POINTS: [&str; 2] = ["remote.part-pushed", "remote.blobs-pushed"];
+
 /// Aborts the process if `PIPE_FAULT` names `name`.
 pub fn point(name: &str) {
     point_in(name, "");
@@ -48,7 +53,7 @@ pub fn point(name: &str) {
 /// Aborts the process if `PIPE_FAULT` names `name`, or `name:stage`.
 pub fn point_in(name: &str, stage: &str) {
     static TARGET: OnceLock<Option<String>> = OnceLock::new();
-    debug_assert!(POINTS.contains(&name), "unknown fault point {name}");
+    debug_assert!(POINTS.contains(&name) || REMOTE_POINTS.contains(&name), "unknown fault point {name}");
     static HITS: AtomicU64 = AtomicU64::new(0);
     let Some(target) = TARGET.get_or_init(|| std::env::var(FAULT_ENV).ok()) else { return };
     let (at, nth) = match target.split_once('#') {

@@ -32,10 +32,15 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest;
+
+pub mod remote;
+
+pub use remote::{Remote, RemoteError};
 
 /// The manifest's file name inside a finished stage directory.
 pub const MANIFEST: &str = "MANIFEST.json";
@@ -92,6 +97,38 @@ pub struct Manifest {
     pub facts: serde_json::Value,
 }
 
+impl Manifest {
+    /// Checks that the manifest belongs to stage `kind`/`key`, that its digest is the one its
+    /// file list gives, and that every path stays inside the stage directory; the reason if not.
+    /// (The files themselves are checked against it by whoever holds them.)
+    pub fn check(&self, kind: &str, key: &str) -> Result<(), String> {
+        if self.key != key || self.kind != kind {
+            return Err("manifest belongs to another stage".into());
+        }
+        if self.files.is_empty() {
+            return Err("the manifest lists no files".into());
+        }
+        // The digest downstream keys are made of must be the one these files give.
+        if self.digest != listing_digest(&self.files) {
+            return Err("the manifest's digest does not match its file list".into());
+        }
+        for (rel, entry) in &self.files {
+            if !is_safe_relative(rel) || rel == MANIFEST {
+                return Err(format!("the manifest lists an invalid path {rel:?}"));
+            }
+            if !is_digest(&entry.sha256) {
+                return Err(format!("{rel}: `{}` is not a SHA-256 digest", entry.sha256));
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest as stored: pretty JSON (the same text locally and in a remote).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("manifests serialise")
+    }
+}
+
 /// A finished stage in the store.
 #[derive(Debug, Clone)]
 pub struct StageOutput {
@@ -117,16 +154,30 @@ pub enum Lookup {
     Corrupt(String),
 }
 
-/// A store rooted at a directory (which need not exist until something is written).
+/// A store rooted at a directory (which need not exist until something is written), with an
+/// optional remote behind it.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    remote: Option<Arc<Remote>>,
 }
 
 impl Store {
     /// The store at `root`. Creates nothing.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), remote: None }
+    }
+
+    /// This store with `remote` as its second tier: stages missing here are looked for there
+    /// before they run (and pushed there after, when the remote says so).
+    pub fn with_remote(mut self, remote: Remote) -> Self {
+        self.remote = Some(Arc::new(remote));
+        self
+    }
+
+    /// The remote behind this store, if any.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_deref()
     }
 
     /// The store's directory.
@@ -137,6 +188,19 @@ impl Store {
     /// Where a finished stage lives.
     pub fn stage_dir(&self, kind: &str, key: &str) -> PathBuf {
         self.root.join("stages").join(kind).join(key)
+    }
+
+    /// The `(kind, key)` of every stage directory named by a key, sorted (finished or corrupt:
+    /// a lookup tells which).
+    pub fn stage_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut keys = Vec::new();
+        let stages = self.root.join("stages");
+        for kind in read_dir_names(&stages)? {
+            for key in read_dir_names(&stages.join(&kind))?.into_iter().filter(|k| is_digest(k)) {
+                keys.push((kind.clone(), key));
+            }
+        }
+        Ok(keys)
     }
 
     /// Looks a stage up and verifies its files against the manifest.
@@ -165,20 +229,10 @@ impl Store {
             Ok(m) => m,
             Err(e) => return Ok(Lookup::Corrupt(format!("unreadable manifest: {e}"))),
         };
-        if manifest.key != key || manifest.kind != kind {
-            return Ok(Lookup::Corrupt("manifest belongs to another stage".into()));
-        }
-        if manifest.files.is_empty() {
-            return Ok(Lookup::Corrupt("the manifest lists no files".into()));
-        }
-        // The digest downstream keys are made of must be the one these files give.
-        if manifest.digest != listing_digest(&manifest.files) {
-            return Ok(Lookup::Corrupt("the manifest's digest does not match its file list".into()));
+        if let Err(why) = manifest.check(kind, key) {
+            return Ok(Lookup::Corrupt(why));
         }
         for (rel, entry) in &manifest.files {
-            if !is_safe_relative(rel) || rel == MANIFEST {
-                return Ok(Lookup::Corrupt(format!("the manifest lists an invalid path {rel:?}")));
-            }
             let path = dir.join(rel);
             match fs::symlink_metadata(&path) {
                 Ok(meta) if meta.is_file() => {}
@@ -422,8 +476,19 @@ impl WorkDir {
             files,
             facts,
         };
-        let text = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
-        write_atomic(&self.out.join(MANIFEST), text.as_bytes())?;
+        self.install(manifest)
+    }
+
+    /// Commits outputs that were downloaded into [`WorkDir::out`] and checked, file by file,
+    /// against `manifest` (a remote's copy of the stage): writes that manifest last and moves the
+    /// directory into place, as [`WorkDir::commit`] does.
+    pub fn commit_checked(self, manifest: Manifest) -> Result<StageOutput, StoreError> {
+        debug_assert!(manifest.check(&self.kind, &self.key).is_ok());
+        self.install(manifest)
+    }
+
+    fn install(self, manifest: Manifest) -> Result<StageOutput, StoreError> {
+        write_atomic(&self.out.join(MANIFEST), manifest.to_json().as_bytes())?;
         crate::fault::point_in("store.manifest-written", &self.kind);
         let dest = self.store.stage_dir(&self.kind, &self.key);
         let parent = dest.parent().expect("stage dirs have a parent");
@@ -436,6 +501,21 @@ impl WorkDir {
         }
         Ok(StageOutput { dir: dest, manifest })
     }
+}
+
+/// The names in a directory, sorted (none if it does not exist).
+fn read_dir_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        names.push(entry.map_err(io(dir))?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// Writes a file through a temporary sibling and a rename, synced, so readers never see half of it.
