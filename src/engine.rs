@@ -11,10 +11,12 @@ use crate::config::{ConfigError, Pipeline, Task, resolve_source};
 use crate::data::Flavor;
 use crate::device::Target;
 use crate::plan::{KeyFields, StageKind, run_id};
+use crate::share;
 use crate::stages::{
     EvaluateStage, Event, Input, LmEvaluateStage, LmTokenizeStage, Observer, Stage, StageError,
     TEST_METRICS_FILE, TokenizeStage, TokenizerFile, TrainStage, Upstream, is_gguf,
 };
+use crate::store::remote::Pushed;
 use crate::store::{Begin, Lookup, Store, StoreError, short};
 
 /// Errors from planning or running a pipeline.
@@ -29,6 +31,10 @@ pub enum EngineError {
     Stage { kind: StageKind, source: StageError },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Remote(#[from] crate::store::RemoteError),
+    #[error(transparent)]
+    Record(#[from] crate::records::RecordError),
     /// Ctrl-C or SIGTERM arrived between stages; the finished stages are kept.
     #[error("interrupted before the {0} stage; finished stages are kept, the next run goes on from there")]
     Interrupted(StageKind),
@@ -43,6 +49,8 @@ impl EngineError {
                 crate::interrupt::EXIT_CODE
             }
             Self::Stage { source, .. } if source.is_bad_input() => 2,
+            Self::Remote(e) => i32::from(e.exit_code()),
+            Self::Record(e) => i32::from(e.exit_code()),
             _ => 1,
         }
     }
@@ -55,8 +63,12 @@ pub struct StageOutcome {
     pub key: String,
     /// The key of the complete computation it is a prefix of (see [`Store::begin`]).
     pub lineage: String,
-    /// Reused from the store rather than run.
+    /// Reused from the store rather than run (found locally, or pulled).
     pub cached: bool,
+    /// Downloaded from the remote (and verified) rather than run.
+    pub pulled: bool,
+    /// Pushed to the remote by this run (its manifest written by this process).
+    pub pushed: bool,
     /// Wall-clock seconds this invocation spent on it.
     pub seconds: f64,
 }
@@ -279,6 +291,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         let lineage = stage.lineage(&upstream);
         let stage_err = |source| EngineError::Stage { kind, source };
         // A stage the probe above found done is not hashed a second time.
+        let mut pulled = false;
         let found = match probe.remove(&kind).filter(|out| out.manifest.key == key) {
             Some(out) => Lookup::Hit(out),
             None => store.lookup(kind.name(), &key)?,
@@ -298,17 +311,27 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
                 }
                 match store.begin(kind.name(), &key, &lineage, || observe(Event::Waiting { kind }))? {
                     Begin::Done(out) => (out, true),
-                    Begin::Work(work) => {
-                        observe(Event::StageStart { kind, key: &key, cached: false });
-                        let facts = stage.run(&work, &upstream, observe).map_err(stage_err)?;
-                        (work.commit(facts)?, false)
-                    }
+                    Begin::Work(work) => match share::pull_stage(store, kind, work, observe)? {
+                        share::Pulled::Done(out) => {
+                            pulled = true;
+                            (out, true)
+                        }
+                        share::Pulled::Compute(work) => {
+                            observe(Event::StageStart { kind, key: &key, cached: false });
+                            let facts = stage.run(&work, &upstream, observe).map_err(stage_err)?;
+                            (work.commit(facts)?, false)
+                        }
+                    },
                 }
             }
         };
         if cached {
             observe(Event::StageStart { kind, key: &key, cached: true });
         }
+        let pushed = match pulled {
+            true => false,
+            false => share::push_stage(store, kind, &output, observe)? == Some(Pushed::Written),
+        };
         store.write_ref(
             &pipeline.name,
             kind.name(),
@@ -318,7 +341,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         if !cached {
             observe(Event::StageEnd { kind, seconds, summary: summarize(kind, &output) });
         }
-        outcomes.push(StageOutcome { kind, key, lineage, cached, seconds });
+        outcomes.push(StageOutcome { kind, key, lineage, cached, pulled, pushed, seconds });
         upstream.insert(kind, output);
         inputs.insert(kind, fields.inputs);
     }
@@ -335,6 +358,7 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         let text = record_toml(pipeline, &target, &run, &upstream, &inputs, &metrics, &test_metrics);
         store.write_record(&run, &text)?;
     }
+    share::push_record(store, &run, observe)?;
     Ok(RunOutcome { run, record, stages: outcomes, metrics, test_metrics })
 }
 

@@ -10,10 +10,13 @@
 //! - [`config`]: pipeline files, layered (defaults < file < `PIPE_*` < `--set`), with exact error
 //!   positions; JSON Schema; hub ids through the Hugging Face cache.
 //! - [`plan`]: stage keys (what is hashed and why) and why a stage is dirty.
-//! - [`store`]: outputs committed by a manifest written last, verified on reuse, locked per key.
+//! - [`store`]: outputs committed by a manifest written last, verified on reuse, locked per key;
+//!   its remote tier (S3 or a shared directory) and [`share`]: pulling stages before they would
+//!   run, pushing them after, `pipe push`/`pipe pull` of whole runs.
 //! - [`engine`]: plan and run a pipeline; [`stages`]: tokenize, train, evaluate behind one trait.
 //! - [`records`], [`reproduce`], [`predict`], [`verify`]: run records, `pipe diff`/`reproduce`/
 //!   `predict`, and `pipe verify` (re-hash the whole store, set aside what is corrupt).
+//! - [`gc`]: `pipe gc`, deleting stage outputs no recent run record refers to.
 //! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
 //! - [`sweep`]: hyperparameter search (`pipe sweep`): sweep files, grid/random/TPE, median and
 //!   ASHA pruning, trials as ordinary runs, sweep records and plots.
@@ -43,6 +46,7 @@ pub mod engine;
 pub mod environment;
 pub mod evaluate;
 pub mod fault;
+pub mod gc;
 pub mod interrupt;
 pub mod model;
 pub mod ops;
@@ -54,6 +58,7 @@ pub mod records;
 pub mod reproduce;
 pub mod rng;
 pub mod runtime;
+pub mod share;
 pub mod stages;
 pub mod store;
 pub mod sweep;

@@ -13,9 +13,40 @@ use pipe::engine::{self, EngineError};
 use pipe::predict::{Generator, PredictError, Predictor};
 use pipe::records::{self, Record, RecordError};
 use pipe::reproduce;
-use pipe::store::{Store, StoreError, short};
+use pipe::store::remote::RemoteOptions;
+use pipe::store::{Remote, RemoteError, Store, StoreError, short};
 
-use cli::{Cli, Command, SweepAction};
+use cli::{Cli, Command, StoreArgs, SweepAction};
+
+/// The store the arguments name, with its remote when one is given (checked to answer).
+fn open(args: StoreArgs) -> Result<Store, Failure> {
+    let store = Store::new(args.store);
+    Ok(match args.remote.as_deref().filter(|url| !url.is_empty()) {
+        Some(url) => {
+            let options = RemoteOptions { push: args.push, required: args.remote_required };
+            store.with_remote(Remote::open(url, options)?)
+        }
+        None => store,
+    })
+}
+
+/// With a remote, makes sure the run's trained model is in the local store (pulling it when not).
+fn pull_model(store: &Store, record: &Record) -> Result<(), Failure> {
+    if store.remote().is_some() {
+        let mut renderer = render::Progress::new(std::io::stderr().is_terminal(), false);
+        let pulled = pipe::share::pull_stages(store, record, &[pipe::plan::StageKind::Train], &mut |e| {
+            renderer.event(e)
+        });
+        renderer.finish();
+        pulled?;
+    }
+    Ok(())
+}
+
+/// The local store the arguments name, for commands that never touch the remote.
+fn local(args: StoreArgs) -> Store {
+    Store::new(args.store)
+}
 
 /// A failure, with the exit code it maps to.
 struct Failure {
@@ -37,13 +68,18 @@ impl From<ConfigError> for Failure {
 
 impl From<RecordError> for Failure {
     fn from(e: RecordError) -> Self {
-        let code = if matches!(e, RecordError::Store(_)) { 1 } else { 2 };
-        Self { code, message: e.to_string() }
+        Self { code: e.exit_code(), message: e.to_string() }
     }
 }
 
 impl From<PredictError> for Failure {
     fn from(e: PredictError) -> Self {
+        Self { code: e.exit_code(), message: e.to_string() }
+    }
+}
+
+impl From<RemoteError> for Failure {
+    fn from(e: RemoteError) -> Self {
         Self { code: e.exit_code(), message: e.to_string() }
     }
 }
@@ -77,7 +113,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { pipeline, store, json } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
-            let store = Store::new(store.store);
+            let store = open(store)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let outcome = engine::run(&p, &store, &mut |e| renderer.event(e));
             renderer.finish();
@@ -99,8 +135,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             };
             match action {
                 Some(SweepAction::Show { sweep, store, json }) => {
-                    let record = pipe::sweep::run::read_record(&Store::new(store.store), &sweep, &env)
-                        .map_err(sweep_failure)?;
+                    let record =
+                        pipe::sweep::run::read_record(&local(store), &sweep, &env).map_err(sweep_failure)?;
                     let (metric, maximize, outcome) = (&record.metric, record.maximize, &record.outcome);
                     if json {
                         println!("{}", render::sweep_json(metric, maximize, outcome));
@@ -113,7 +149,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
                     let id = pipe::sweep::trials::sweep_id(&spec);
                     // What the store has of the sweep so far, if it ran.
-                    let store = Store::new(store.store);
+                    let store = local(store);
                     let recorded = pipe::sweep::run::read_record(&store, &id[..12], &env).ok();
                     let planned = pipe::sweep::trials::plan(&spec);
                     let recorded = recorded.map(|r| r.outcome.trials).unwrap_or_default();
@@ -125,8 +161,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     return Ok(());
                 }
                 Some(SweepAction::Best { sweep, store }) => {
-                    let record = pipe::sweep::run::read_record(&Store::new(store.store), &sweep, &env)
-                        .map_err(sweep_failure)?;
+                    let record =
+                        pipe::sweep::run::read_record(&local(store), &sweep, &env).map_err(sweep_failure)?;
                     let best = record.outcome.best(record.maximize).and_then(|t| t.run.clone());
                     let best = best.ok_or_else(|| Failure {
                         code: 1,
@@ -145,7 +181,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 });
             };
             let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
-            let store = Store::new(store.store);
+            let store = open(store)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::sweep::run::run(&spec, &store, &env, &mut |event| {
                 render::sweep_event(&mut renderer, &spec, event, json);
@@ -162,12 +198,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Plan { pipeline, store } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
-            let planned = engine::plan(&p, &Store::new(store.store))?;
+            let planned = engine::plan(&p, &local(store))?;
             print!("{}", render::plan(&planned));
             Ok(())
         }
         Command::Show { run, config, store } => {
-            let store = Store::new(store.store);
+            let store = open(store)?;
             let record = Record::find(&store, &run)?;
             if config {
                 print!("{}", record.config_toml());
@@ -177,7 +213,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Reproduce { run, store } => {
-            let store = Store::new(store.store);
+            let store = open(store)?;
             let record = Record::find(&store, &run)?;
             let mut renderer = render::Progress::new(std::io::stderr().is_terminal(), false);
             let result = reproduce::reproduce(&store, &record, &mut |e| renderer.event(e));
@@ -190,19 +226,62 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 Err(Failure { code: 1, message: format!("run {} did not reproduce", record.id) })
             }
         }
-        Command::Verify { drop_checkpoints, store } => {
-            let store = Store::new(store.store);
+        Command::Verify { drop_checkpoints, repair, store } => {
+            let store = open(store)?;
             let v = pipe::verify::verify(&store, drop_checkpoints)?;
             print!("{}", render::verification(&store, &v));
-            if v.clean() {
+            let remote = match store.remote() {
+                Some(remote) => {
+                    let checked = remote.verify(repair.then_some(&store), &mut |_, _| {})?;
+                    print!("{}", render::remote_verification(remote, &checked));
+                    Some(checked)
+                }
+                None => None,
+            };
+            let remote_bad = remote.map_or(0, |r| {
+                let repaired: std::collections::BTreeSet<_> = r.repaired.iter().collect();
+                r.problems.iter().filter(|p| p.blob.as_ref().is_none_or(|b| !repaired.contains(b))).count()
+            });
+            if v.clean() && remote_bad == 0 {
                 Ok(())
             } else {
-                Err(Failure { code: 1, message: format!("{} corrupt item(s) set aside", v.corrupt.len()) })
+                let message = match remote_bad {
+                    0 => format!("{} corrupt item(s) set aside", v.corrupt.len()),
+                    n => format!("{} corrupt item(s) set aside, {n} remote problem(s) left", v.corrupt.len()),
+                };
+                Err(Failure { code: 1, message })
             }
         }
-        Command::Predict { run, texts, input, output, text_column, label_column, store } => {
-            let store = Store::new(store.store);
+        Command::Push { run, json, store } => {
+            let store = open(store)?;
             let record = Record::find(&store, &run)?;
+            let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
+            let result = pipe::share::push_run(&store, &record, &mut |e| renderer.event(e));
+            renderer.finish();
+            let transfer = result?;
+            print!("{}", render::run_transfer(&transfer, json));
+            Ok(())
+        }
+        Command::Pull { run, json, store } => {
+            let store = open(store)?;
+            let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
+            let result = pipe::share::pull_run(&store, &run, &mut |e| renderer.event(e));
+            renderer.finish();
+            let transfer = result?;
+            print!("{}", render::run_transfer(&transfer, json));
+            Ok(())
+        }
+        Command::Gc { older_than, dry_run, store } => {
+            let age = pipe::gc::parse_age(&older_than).map_err(|message| Failure { code: 2, message })?;
+            let store = local(store);
+            let collection = pipe::gc::collect(&store, age, dry_run)?;
+            print!("{}", render::collection(&collection, dry_run));
+            Ok(())
+        }
+        Command::Predict { run, texts, input, output, text_column, label_column, store } => {
+            let store = open(store)?;
+            let record = Record::find(&store, &run)?;
+            pull_model(&store, &record)?;
             let predictor = Predictor::for_run(&store, &record)?;
             let (texts, predictions) = match &input {
                 Some(path) => predictor.predict_csv(
@@ -259,8 +338,9 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 Some(temperature) => pipe::evaluate::Sampling::Sample { temperature, top_p, seed },
                 None => pipe::evaluate::Sampling::Greedy,
             };
-            let store = Store::new(store.store);
+            let store = open(store)?;
             let record = Record::find(&store, &run)?;
+            pull_model(&store, &record)?;
             let generator = Generator::for_run(&store, &record)?;
             let chat = (generator.chat_template() || chat) && !no_chat;
             let generation = generator.generate(&prompt, chat, max_new_tokens, sampling)?;
@@ -278,7 +358,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Diff { a, b, store } => {
-            let store = Store::new(store.store);
+            let store = open(store)?;
             let (a, b) = (Record::find(&store, &a)?, Record::find(&store, &b)?);
             println!("{} -> {}", a.id, b.id);
             for line in records::diff(&a, &b) {
@@ -287,7 +367,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Ls { store } => {
-            let store = Store::new(store.store);
+            let store = local(store);
             let records =
                 store.record_ids()?.iter().filter_map(|id| Record::read(&store, id).ok()).collect::<Vec<_>>();
             print!("{}", render::runs_table(&records));

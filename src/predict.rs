@@ -53,7 +53,8 @@ impl PredictError {
     /// Exit code for the CLI: 2 for a missing run or model, or bad input; 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Record(RecordError::Store(_)) | Self::Candle(_) | Self::Store(_) | Self::Write { .. } => 1,
+            Self::Record(e) => e.exit_code(),
+            Self::Candle(_) | Self::Store(_) | Self::Write { .. } => 1,
             Self::Model(ModelError::Candle(_)) | Self::Tokenize(TokenizeError::Encode { .. }) => 1,
             _ => 2,
         }

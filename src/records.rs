@@ -17,6 +17,20 @@ pub enum RecordError {
     Invalid { path: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Remote(#[from] crate::store::RemoteError),
+}
+
+impl RecordError {
+    /// Exit code for the CLI: 1 when the store or the remote failed, 2 for a missing or bad
+    /// record (or a misconfigured remote).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Store(_) => 1,
+            Self::Remote(e) => e.exit_code(),
+            _ => 2,
+        }
+    }
 }
 
 /// A run record, parsed.
@@ -35,6 +49,7 @@ impl Record {
         let ids: Vec<String> = store.record_ids()?.into_iter().filter(|id| id.starts_with(prefix)).collect();
         match ids.as_slice() {
             [id] => Self::read(store, id),
+            [] if store.remote().is_some() => Self::fetch(store, prefix),
             [] => Err(RecordError::NotFound {
                 store: store.root().display().to_string(),
                 prefix: prefix.into(),
@@ -43,12 +58,43 @@ impl Record {
         }
     }
 
+    /// The record whose id starts with `prefix` from the store's remote, checked and then kept
+    /// in the local store.
+    fn fetch(store: &Store, prefix: &str) -> Result<Self, RecordError> {
+        let remote = store.remote().expect("called with a remote");
+        let ids = remote.record_ids(prefix)?;
+        let id = match ids.as_slice() {
+            [id] => id,
+            [] => {
+                return Err(RecordError::NotFound {
+                    store: format!("{} or the remote {}", store.root().display(), remote.url()),
+                    prefix: prefix.into(),
+                });
+            }
+            many => return Err(RecordError::Ambiguous { prefix: prefix.into(), candidates: many.to_vec() }),
+        };
+        let origin = format!("{}/records/{id}.toml", remote.url());
+        let text = remote.record(id)?.ok_or_else(|| RecordError::Invalid {
+            path: origin.clone(),
+            message: "deleted while read".into(),
+        })?;
+        let record = Self::parse(id, &text, &origin)?;
+        store.write_record(id, &text)?;
+        Ok(record)
+    }
+
     /// Reads the record of run `id`.
     pub fn read(store: &Store, id: &str) -> Result<Self, RecordError> {
         let path = store.record_path(id);
-        let invalid = |message: String| RecordError::Invalid { path: path.display().to_string(), message };
-        let text = std::fs::read_to_string(&path).map_err(|e| invalid(e.to_string()))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| RecordError::Invalid { path: path.display().to_string(), message: e.to_string() })?;
+        Self::parse(id, &text, &path.display().to_string())
+    }
+
+    /// Parses and checks the text of record `id`, read from `origin` (for messages).
+    pub fn parse(id: &str, text: &str, origin: &str) -> Result<Self, RecordError> {
+        let invalid = |message: String| RecordError::Invalid { path: origin.to_string(), message };
+        let table: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if !table.get("config").is_some_and(toml::Value::is_table) {
             return Err(invalid("it has no [config] table".into()));
         }

@@ -23,11 +23,21 @@ pub struct Progress {
     train_started: Option<Instant>,
     last_line: Option<Instant>,
     rows: usize,
+    /// When the transfer being shown started.
+    transfer_started: Option<Instant>,
 }
 
 impl Progress {
     pub fn new(terminal: bool, quiet: bool) -> Self {
-        Self { terminal, quiet, bar: None, train_started: None, last_line: None, rows: 0 }
+        Self {
+            terminal,
+            quiet,
+            bar: None,
+            train_started: None,
+            last_line: None,
+            rows: 0,
+            transfer_started: None,
+        }
     }
 
     pub fn event(&mut self, event: Event<'_>) {
@@ -90,6 +100,48 @@ impl Progress {
                 self.finish();
                 self.line(&format!("  {kind:<9} done in {seconds:.1}s  ({summary})"), false);
             }
+            Event::Transfer { kind, direction, done, total } => self.transfer(kind, direction, done, total),
+        }
+    }
+
+    /// Bytes moving to or from the remote: a bar on a terminal, one line when done.
+    fn transfer(
+        &mut self,
+        kind: pipe::plan::StageKind,
+        direction: pipe::share::Direction,
+        done: u64,
+        total: u64,
+    ) {
+        let started = *self.transfer_started.get_or_insert_with(Instant::now);
+        if self.quiet {
+        } else if self.terminal && done < total {
+            let bar = self.bar.get_or_insert_with(|| {
+                let bar = ProgressBar::new(total);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "  {msg:<9} [{bar:30}] {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                bar
+            });
+            bar.set_message(kind.name());
+            bar.set_position(done);
+        }
+        if done >= total {
+            self.finish();
+            let seconds = started.elapsed().as_secs_f64();
+            let rate = total as f64 / seconds.max(1e-9) / 1e6;
+            self.line(
+                &format!(
+                    "  {kind:<9} {} {:.1} MB in {seconds:.2}s ({rate:.0} MB/s)",
+                    direction.past(),
+                    total as f64 / 1e6
+                ),
+                false,
+            );
+            self.transfer_started = None;
         }
     }
 
@@ -122,7 +174,8 @@ pub fn run_json(outcome: &RunOutcome) -> String {
             serde_json::json!({
                 "name": s.kind.name(),
                 "key": s.key,
-                "status": if s.cached { "cached" } else { "ran" },
+                "status": if s.pulled { "pulled" } else if s.cached { "cached" } else { "ran" },
+                "pushed": s.pushed,
                 "seconds": s.seconds,
             })
         })
@@ -139,9 +192,24 @@ pub fn run_summary(outcome: &RunOutcome) -> String {
     let mut out = String::new();
     let mut metrics: Vec<String> = outcome.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
     metrics.extend(outcome.test_metrics.iter().map(|(k, v)| format!("test {k} {v:.4}")));
-    let ran: Vec<&str> = outcome.stages.iter().filter(|s| !s.cached).map(|s| s.kind.name()).collect();
-    let ran =
-        if ran.is_empty() { "all stages cached".to_string() } else { format!("ran {}", ran.join(", ")) };
+    let names = |keep: &dyn Fn(&pipe::engine::StageOutcome) -> bool| -> Vec<&str> {
+        outcome.stages.iter().filter(|s| keep(s)).map(|s| s.kind.name()).collect()
+    };
+    let (ran, pulled, pushed) = (names(&|s| !s.cached), names(&|s| s.pulled), names(&|s| s.pushed));
+    let mut done = Vec::new();
+    if !ran.is_empty() {
+        done.push(format!("ran {}", ran.join(", ")));
+    }
+    if !pulled.is_empty() {
+        done.push(format!("pulled {}", pulled.join(", ")));
+    }
+    if ran.is_empty() && pulled.is_empty() {
+        done.push("all stages cached".into());
+    }
+    if !pushed.is_empty() {
+        done.push(format!("pushed {}", pushed.join(", ")));
+    }
+    let ran = done.join("; ");
     let _ = writeln!(
         out,
         "run {}  {}  ({ran}; record: {})",
@@ -238,6 +306,9 @@ pub fn reproduction(id: &str, r: &Reproduction) -> String {
     for line in &r.stored_copies {
         let _ = writeln!(out, "  stored copy: {line}");
     }
+    if r.remote_matches > 0 {
+        let _ = writeln!(out, "  remote copy: {} stage(s) identical to the record", r.remote_matches);
+    }
     if !r.environment.is_empty() {
         let heading = if r.identical() {
             "environment differences (the bits did not depend on them):"
@@ -271,6 +342,67 @@ pub fn verification(store: &pipe::store::Store, v: &pipe::verify::Verification) 
         v.stages_ok,
         v.records_ok,
         v.corrupt.len()
+    );
+    out
+}
+
+/// What `pipe verify` found in the remote.
+pub fn remote_verification(
+    remote: &pipe::store::Remote,
+    v: &pipe::store::remote::RemoteVerification,
+) -> String {
+    let mut out = String::new();
+    for p in &v.problems {
+        let _ = writeln!(out, "CORRUPT  remote {}: {}", p.stage, p.problem);
+    }
+    for blob in &v.repaired {
+        let _ = writeln!(out, "repaired remote blob {} from a good local copy", short(blob));
+    }
+    let _ = writeln!(
+        out,
+        "{}: {} stage(s) verified, {} problem(s), {} blob(s) repaired",
+        remote.url(),
+        v.good,
+        v.problems.len(),
+        v.repaired.len()
+    );
+    out
+}
+
+/// What `pipe push` or `pipe pull` did.
+pub fn run_transfer(t: &pipe::share::RunTransfer, json: bool) -> String {
+    if json {
+        let stages: Vec<_> = t
+            .stages
+            .iter()
+            .map(|(kind, status)| serde_json::json!({"name": kind.name(), "status": status}))
+            .collect();
+        return format!("{}\n", serde_json::json!({"run": t.run, "record": t.record, "stages": stages}));
+    }
+    let mut out = String::new();
+    for (kind, status) in &t.stages {
+        let _ = writeln!(out, "  {:<9} {status}", kind.name());
+    }
+    let _ = writeln!(out, "run {}  record {}", t.run, t.record);
+    out
+}
+
+/// What `pipe gc` deleted.
+pub fn collection(c: &pipe::gc::Collection, dry_run: bool) -> String {
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    let mut out = String::new();
+    for (kind, key, bytes) in &c.deleted {
+        let _ = writeln!(out, "{verb} {kind:<9} {}  {:.1} MB", short(key), *bytes as f64 / 1e6);
+    }
+    for (kind, key) in &c.locked {
+        let _ = writeln!(out, "kept   {kind:<9} {}  (a run holds its lock)", short(key));
+    }
+    let _ = writeln!(
+        out,
+        "{verb} {} stage(s), {:.1} MB; kept {}",
+        c.deleted.len(),
+        c.bytes() as f64 / 1e6,
+        c.kept + c.locked.len()
     );
     out
 }

@@ -33,8 +33,10 @@ pub struct Reproduction {
     pub changed_inputs: Vec<String>,
     /// Per stage, in order (empty when inputs changed).
     pub stages: Vec<StageVerdict>,
-    /// Problems with the outputs kept in the record's store.
+    /// Problems with the outputs kept in the record's store (and in its remote, if any).
     pub stored_copies: Vec<String>,
+    /// Stages whose copy in the store's remote matches the record, file for file.
+    pub remote_matches: usize,
     /// `field: recorded -> now` for environment facts that differ.
     pub environment: Vec<String>,
 }
@@ -93,9 +95,15 @@ fn reproduce_in(
         }
     }
     changed_inputs.dedup();
-    let stored_copies = check_stored_copies(store, record)?;
+    let (stored_copies, remote_matches) = check_stored_copies(store, record)?;
     if !changed_inputs.is_empty() {
-        return Ok(Reproduction { changed_inputs, stages: Vec::new(), stored_copies, environment });
+        return Ok(Reproduction {
+            changed_inputs,
+            stages: Vec::new(),
+            stored_copies,
+            remote_matches,
+            environment,
+        });
     }
 
     let scratch = Store::new(scratch_root.join("store"));
@@ -134,7 +142,7 @@ fn reproduce_in(
         }
         stages.push(StageVerdict { kind, differences });
     }
-    Ok(Reproduction { changed_inputs, stages, stored_copies, environment })
+    Ok(Reproduction { changed_inputs, stages, stored_copies, remote_matches, environment })
 }
 
 /// The stage's input digests as recorded.
@@ -154,9 +162,11 @@ fn string_map(value: Option<&toml::Value>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Stage outputs kept in the record's store that no longer match the record.
-fn check_stored_copies(store: &Store, record: &Record) -> Result<Vec<String>, StoreError> {
+/// Stage outputs kept in the record's store (and its remote) that no longer match the record,
+/// and how many of the remote's copies match it.
+fn check_stored_copies(store: &Store, record: &Record) -> Result<(Vec<String>, usize), EngineError> {
     let mut problems = Vec::new();
+    let mut remote_matches = 0;
     for kind in StageKind::ALL {
         let Some(key) = record.stage(kind.name()).and_then(|s| s.get("key")).and_then(|k| k.as_str()) else {
             continue;
@@ -174,8 +184,27 @@ fn check_stored_copies(store: &Store, record: &Record) -> Result<Vec<String>, St
                 }
             }
         }
+        let Some(remote) = store.remote() else { continue };
+        match remote.manifest(kind.name(), key)? {
+            Ok(manifest) => {
+                let files: BTreeMap<String, String> =
+                    manifest.files.into_iter().map(|(path, e)| (path, e.sha256)).collect();
+                if files == recorded_files(record, kind) {
+                    remote_matches += 1;
+                } else {
+                    problems.push(format!(
+                        "{kind}: the copy in the remote {} differs from the record",
+                        remote.url()
+                    ));
+                }
+            }
+            Err(crate::store::remote::Download::Invalid(why)) => {
+                problems.push(format!("{kind}: the copy in the remote {}: {why}", remote.url()))
+            }
+            Err(_) => {}
+        }
     }
-    Ok(problems)
+    Ok((problems, remote_matches))
 }
 
 /// Environment facts that differ between the record and this process, as `field: then -> now`

@@ -48,6 +48,8 @@ pub enum Event<'a> {
     StageEnd { kind: StageKind, seconds: f64, summary: String },
     /// Something the user should know (a stored stage failed verification, data leakage, ...).
     Warning(String),
+    /// Bytes of a stage moving to or from the remote: `done` of `total` so far.
+    Transfer { kind: StageKind, direction: crate::share::Direction, done: u64, total: u64 },
 }
 
 /// Where events go.

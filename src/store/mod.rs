@@ -330,6 +330,28 @@ impl Store {
         }
     }
 
+    /// Deletes a finished stage, unless a run holds its lock: whether it was deleted. It leaves
+    /// `stages/` in one rename, so a reader never sees half of it.
+    pub fn remove_stage(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
+        if !is_digest(key) {
+            return Err(StoreError::InvalidKey(key.into()));
+        }
+        let locks = self.root.join("locks");
+        fs::create_dir_all(&locks).map_err(io(&locks))?;
+        let lock_path = locks.join(format!("{kind}-{key}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Ok(false);
+        }
+        self.set_aside(&self.stage_dir(kind, key))?;
+        Ok(true)
+    }
+
     /// Moves a corrupt stage directory out of the way (into `tmp/`, then deletes it).
     fn set_aside(&self, dir: &Path) -> Result<(), StoreError> {
         let trash = self.root.join("tmp").join(format!("corrupt-{}", std::process::id()));
@@ -441,6 +463,11 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
+    /// The key of the stage being worked on.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Where the stage writes its outputs.
     pub fn out(&self) -> &Path {
         &self.out

@@ -49,9 +49,11 @@ use sha2::{Digest, Sha256};
 
 use super::{MANIFEST, Manifest, StageOutput, short};
 
-/// Files at least this large are uploaded in parts.
+/// Files at least this large are uploaded in parts (`PIPE_MULTIPART_THRESHOLD`, in bytes, as the
+/// AWS CLI's `multipart_threshold`).
 const MULTIPART_THRESHOLD: u64 = 16 << 20;
-/// The size of one part of a multipart upload.
+/// The size of one part of a multipart upload (`PIPE_MULTIPART_CHUNKSIZE`, in bytes; S3 wants at
+/// least 5 MiB for every part but the last).
 const PART_BYTES: usize = 8 << 20;
 /// Parts of one file in flight at once.
 const PARTS_IN_FLIGHT: usize = 8;
@@ -159,6 +161,9 @@ pub struct Remote {
     /// The path under the bucket or directory, without slashes at its ends.
     prefix: String,
     options: RemoteOptions,
+    /// Files at least this large go up in parts of `part_bytes`.
+    multipart_threshold: u64,
+    part_bytes: usize,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -209,7 +214,27 @@ impl Remote {
         if prefix.split('/').any(|part| part == "." || part == "..") {
             return Err(config("the prefix may not contain `.` or `..`".into()));
         }
-        let remote = Self { url: url.into(), location, objects, prefix, options, runtime };
+        let size = |name: &str, default: u64| match std::env::var(name) {
+            Err(_) => Ok(default),
+            Ok(v) => v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| config(format!("{name}={v}: expected a positive number of bytes"))),
+        };
+        let multipart_threshold = size("PIPE_MULTIPART_THRESHOLD", MULTIPART_THRESHOLD)?;
+        let part_bytes = size("PIPE_MULTIPART_CHUNKSIZE", PART_BYTES as u64)? as usize;
+        let remote = Self {
+            url: url.into(),
+            location,
+            objects,
+            prefix,
+            options,
+            multipart_threshold,
+            part_bytes,
+            runtime,
+        };
         remote.probe()?;
         Ok(remote)
     }
@@ -417,7 +442,7 @@ impl Remote {
             }
         }
         let io = |source| RemoteError::Io { path: file.to_path_buf(), source };
-        if bytes < MULTIPART_THRESHOLD {
+        if bytes < self.multipart_threshold {
             let data = fs::read(file).map_err(io)?;
             let opts = PutOptions { mode: PutMode::Overwrite, ..Default::default() };
             self.objects
@@ -428,10 +453,10 @@ impl Remote {
             return Ok(());
         }
         let upload = self.objects.put_multipart(&path).await.map_err(self.transfer(action()))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_bytes);
         let mut reader = File::open(file).map_err(io)?;
         loop {
-            let mut part = vec![0u8; PART_BYTES];
+            let mut part = vec![0u8; self.part_bytes];
             let n = match read_full(&mut reader, &mut part) {
                 Ok(n) => n,
                 Err(e) => {
@@ -674,6 +699,16 @@ fn message(e: &object_store::Error) -> String {
         }
         source = cause.source();
     }
+    // An S3 error body is XML: its code and message say it, the rest is noise.
+    let tag = |name: &str| {
+        let start = text.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + text[start..].find(&format!("</{name}>"))?;
+        Some(text[start..end].to_string())
+    };
+    if let (Some(code), Some(said), Some(xml)) = (tag("Code"), tag("Message"), text.find("<?xml")) {
+        text.truncate(xml);
+        text.push_str(&format!("{code}: {said}"));
+    }
     text.replace('\n', " ")
 }
 
@@ -742,23 +777,25 @@ fn s3(url: &str, bucket: &str) -> Result<(Arc<dyn ObjectStore>, String), RemoteE
     let endpoint = var("AWS_ENDPOINT_URL_S3")
         .or_else(|| var("AWS_ENDPOINT_URL"))
         .or_else(|| settings.get("endpoint_url").cloned());
-    if let Some(endpoint) = &endpoint {
-        builder = builder.with_endpoint(endpoint);
-        // Plain http only where nothing can listen in: the loopback address.
-        if is_loopback_http(endpoint) {
-            builder = builder.with_allow_http(true);
-        }
-    }
-    let client = ClientOptions::new()
+    let mut client = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(120));
-    let mut retry = RetryConfig::default();
-    retry.max_retries = 4;
-    retry.retry_timeout = Duration::from_secs(60);
-    retry.backoff = BackoffConfig {
-        init_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(4),
-        base: 2.0,
+    if let Some(endpoint) = &endpoint {
+        builder = builder.with_endpoint(endpoint);
+        // Plain http only where nothing can listen in (the loopback address), or when asked for
+        // as the SDKs' AWS_ALLOW_HTTP does.
+        if is_loopback_http(endpoint) || var("AWS_ALLOW_HTTP").is_some_and(|v| v == "true" || v == "1") {
+            client = client.with_allow_http(true);
+        }
+    }
+    let retry = RetryConfig {
+        max_retries: 4,
+        retry_timeout: Duration::from_secs(60),
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(4),
+            base: 2.0,
+        },
     };
     let objects = builder
         .with_checksum_algorithm(Checksum::SHA256)
