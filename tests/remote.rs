@@ -357,6 +357,78 @@ fn a_misconfigured_remote_exits_2_naming_it_and_leaves_the_local_store_alone() {
     assert!(snapshot(&a.path().join("runs")) == before, "the local store is untouched");
 }
 
+/// A TCP proxy in front of the S3 server that forwards the first `budget` bytes its clients send,
+/// then drops every connection and refuses new ones: a remote that answers at first, then fails.
+fn flaky_proxy(budget: usize) -> String {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let target = std::env::var("AWS_ENDPOINT_URL").unwrap().trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for client in listener.incoming().filter_map(Result::ok) {
+            if sent.load(Ordering::SeqCst) >= budget {
+                continue; // dropped: the connection is closed at once
+            }
+            let Ok(server) = TcpStream::connect(&target) else { continue };
+            let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut from_server, mut to_client) = (server, client);
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                while let Ok(n @ 1..) = from_client.read(&mut buf) {
+                    if sent.fetch_add(n, Ordering::SeqCst) + n > budget
+                        || to_server.write_all(&buf[..n]).is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = to_server.shutdown(Shutdown::Both);
+                let _ = from_client.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[test]
+fn a_remote_that_fails_mid_run_is_a_warning_unless_required() {
+    let Some(remote) = s3_remote("flaky") else { return };
+    let a = project();
+    let pushed = json(&pipe_remote_ok(a.path(), &["run", "pipeline.toml", "--json", "--push"], &remote));
+    let run = pushed["run"].as_str().unwrap().to_string();
+    // Enough for the listing that opens the remote, not for the stages.
+    let budget = 1500;
+    let b = project();
+    let proxy = flaky_proxy(budget);
+    let output =
+        pipe_remote(b.path(), &["run", "pipeline.toml", "--json"], &remote, &[("AWS_ENDPOINT_URL", &proxy)]);
+    assert!(output.status.success(), "{}", describe(&["run"], &output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning") && stderr.contains("runs here"), "{stderr}");
+    let report = json(&String::from_utf8_lossy(&output.stdout));
+    let statuses: Vec<&str> =
+        report["stages"].as_array().unwrap().iter().map(|s| s["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["ran"; 3]);
+    assert_eq!(digests(b.path(), &run), digests(a.path(), &run));
+
+    let c = project();
+    let proxy = flaky_proxy(budget);
+    let args = ["run", "pipeline.toml", "--remote-required"];
+    let output = pipe_remote(c.path(), &args, &remote, &[("AWS_ENDPOINT_URL", &proxy)]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&args, &output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&proxy));
+    let verified = pipe(c.path(), &["verify"]);
+    assert!(verified.status.success(), "nothing half-pulled is left: {}", describe(&["verify"], &verified));
+}
+
 #[test]
 fn gc_deletes_only_stages_no_recent_record_refers_to() {
     let dir = project();
@@ -389,4 +461,43 @@ fn gc_deletes_only_stages_no_recent_record_refers_to() {
     assert_eq!(stages(), 0);
     let bad = pipe(dir.path(), &["gc", "--older-than", "soon"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn a_sweep_pushes_its_trials_and_record_and_a_colleague_reuses_them() {
+    let shared = tempfile::tempdir().unwrap();
+    let remote = format!("file://{}", shared.path().display());
+    let sweep = "pipeline = \"pipeline.toml\"\nmethod = \"random\"\nn_trials = 2\nseed = 7\n\n\
+                 [params]\n\"optimizer.lr\" = { log_uniform = [1e-4, 1e-2] }\n";
+    let a = project();
+    std::fs::write(a.path().join("sweep.toml"), sweep).unwrap();
+    pipe_remote_ok(a.path(), &["sweep", "sweep.toml", "--json", "--push"], &remote);
+    let records: Vec<_> = std::fs::read_dir(a.path().join("runs/sweeps"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+        .collect();
+    assert_eq!(records.len(), 1);
+    let name = records[0].file_name();
+    assert_eq!(
+        std::fs::read(shared.path().join("sweeps").join(&name)).unwrap(),
+        std::fs::read(records[0].path()).unwrap(),
+        "the sweep record is in the remote"
+    );
+    let b = project();
+    std::fs::write(b.path().join("sweep.toml"), sweep).unwrap();
+    pipe_remote_ok(b.path(), &["sweep", "sweep.toml", "--json"], &remote);
+    assert_eq!(
+        std::fs::read(b.path().join("runs/sweeps").join(&name)).unwrap(),
+        std::fs::read(records[0].path()).unwrap()
+    );
+    // Pulled stages carry the pusher's manifests verbatim (their timings included): nothing ran.
+    let manifests = |dir: &Path| -> Vec<Vec<u8>> {
+        let store = pipe::store::Store::new(dir.join("runs"));
+        let keys = store.stage_keys().unwrap();
+        keys.iter()
+            .map(|(kind, key)| std::fs::read(store.stage_dir(kind, key).join("MANIFEST.json")).unwrap())
+            .collect()
+    };
+    assert_eq!(manifests(b.path()), manifests(a.path()));
 }

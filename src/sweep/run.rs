@@ -121,6 +121,8 @@ pub enum SweepError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Plot(#[from] crate::plot::PlotError),
+    #[error(transparent)]
+    Remote(#[from] crate::store::RemoteError),
     #[error("cannot start the trials' thread pools: {0}")]
     Threads(String),
     #[error("no trial of sweep {id} completed (first failure: {first})")]
@@ -132,6 +134,7 @@ impl SweepError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) | Self::Invalid(_) => 2,
+            Self::Remote(e) => i32::from(e.exit_code()),
             Self::Interrupted(e) => e.exit_code(),
             Self::Store(_) | Self::Plot(_) | Self::Threads(_) | Self::NothingCompleted { .. } => 1,
         }
@@ -346,7 +349,33 @@ pub fn run(
             first: first.unwrap_or_else(|| "no objective value".into()),
         });
     }
+    push_record(store, &id, &outcome, &emit)?;
     Ok(outcome)
+}
+
+/// Pushes the sweep's record when the store's remote is set to push and no trial failed (a
+/// rerun could still change the record; the remote keeps the first one pushed).
+fn push_record(
+    store: &Store,
+    id: &str,
+    outcome: &SweepOutcome,
+    emit: &dyn Fn(SweepEvent<'_>),
+) -> Result<(), SweepError> {
+    let Some(remote) = store.remote().filter(|r| r.push()) else { return Ok(()) };
+    if outcome.trials.iter().any(|t| matches!(t.status, Status::Failed(_))) {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&outcome.record)
+        .map_err(|source| StoreError::Io { path: outcome.record.clone(), source })?;
+    match remote.push_sweep_record(&id[..12], &text) {
+        Ok(_) => Ok(()),
+        Err(e) if remote.required() => Err(SweepError::Remote(e)),
+        Err(e) => {
+            let warning = Event::Warning(format!("{e}; the sweep record stays local only"));
+            emit(SweepEvent::Stage { trial: 0, event: warning });
+            Ok(())
+        }
+    }
 }
 
 /// Whether the next trial's proposal can be made now: its sampler reads earlier trials'
