@@ -5,7 +5,7 @@
 #
 #   benches/remote.sh [REPEATS]     (default 5; results under bench-results/remote-<time>/)
 #
-# Uses the S3 server of the environment (AWS_ENDPOINT_URL, AWS credentials, PIPE_TEST_BUCKET) or
+# Uses the S3 server of the environment (AWS_ENDPOINT_URL, AWS credentials, TEST_S3_BUCKET) or
 # starts one on the loopback address (scripts/s3-server.sh) and stops it afterwards. Needs the AWS
 # CLI (`pip install awscli`) and the quick start's run in runs/ (run scripts/quickstart.sh first;
 # this script runs pipelines/quickstart.toml, which is cached once done). Every repeat uses fresh
@@ -17,7 +17,7 @@ repeats=${1:-5}
 out=bench-results/remote-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 command -v aws >/dev/null || { echo "error: the AWS CLI is needed (pip install awscli)" >&2; exit 2; }
-if [ -z "${AWS_ENDPOINT_URL:-}" ] || [ -z "${PIPE_TEST_BUCKET:-}" ]; then
+if [ -z "${AWS_ENDPOINT_URL:-}" ] || [ -z "${TEST_S3_BUCKET:-}" ]; then
   server=$(mktemp -d)
   trap 'scripts/s3-server.sh stop "$server"; rm -rf "$server"' EXIT
   eval "$(scripts/s3-server.sh start "$server")"
@@ -40,7 +40,7 @@ done
 bytes=$(du -sLb "$files" | cut -f1)
 echo "run $run: $((bytes / 1000000)) MB in $(find -L "$files" -type f | wc -l) files; $repeats repeats" | tee "$out/summary.txt"
 seconds() { local start end; start=$(date +%s.%N); "$@" >/dev/null 2>>"$out/stderr.log"; end=$(date +%s.%N); echo "$end - $start" | bc; }
-bucket=s3://$PIPE_TEST_BUCKET/bench-$(date +%s)
+bucket=s3://$TEST_S3_BUCKET/bench-$(date +%s)
 for r in $(seq 1 "$repeats"); do
   push_pipe=$(seconds $pipe push "$run" --remote "$bucket/$r/pipe")
   push_aws=$(seconds aws s3 cp --recursive --quiet "$files" "$bucket/$r/aws")

@@ -5,7 +5,7 @@
 #   eval "$(scripts/s3-server.sh start DIR)"   # starts it; prints the variables to export
 #   scripts/s3-server.sh stop DIR              # stops it by its PID
 # The exported variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
-# PIPE_TEST_BUCKET and PIPE_TEST_S3_PID.
+# TEST_S3_BUCKET and TEST_S3_PID.
 set -euo pipefail
 action=${1:?usage: s3-server.sh start|stop DIR}
 dir=${2:?usage: s3-server.sh start|stop DIR}
@@ -62,6 +62,6 @@ export AWS_ENDPOINT_URL=$endpoint
 export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
 export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY
 export AWS_REGION=us-east-1
-export PIPE_TEST_BUCKET=pipe-test
-export PIPE_TEST_S3_PID=$(cat "$dir/pid")
+export TEST_S3_BUCKET=pipe-test
+export TEST_S3_PID=$(cat "$dir/pid")
 VARS

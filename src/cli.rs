@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 /// Fine-tune transformer models from declarative TOML pipelines, with cached, content-hashed
@@ -256,9 +257,9 @@ pub struct StoreArgs {
     #[arg(long, env = "PIPE_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
     /// Push every stage a run finishes (or finds locally), and its record, to the remote.
-    #[arg(long, env = "PIPE_PUSH", requires = "remote")]
+    #[arg(long, env = "PIPE_PUSH", requires = "remote", value_parser = BoolishValueParser::new())]
     pub push: bool,
     /// Fail when a transfer with the remote fails, instead of warning and computing locally.
-    #[arg(long, env = "PIPE_REMOTE_REQUIRED", requires = "remote")]
+    #[arg(long, env = "PIPE_REMOTE_REQUIRED", requires = "remote", value_parser = BoolishValueParser::new())]
     pub remote_required: bool,
 }

@@ -443,8 +443,12 @@ pub fn sweep_event(progress: &mut Progress, spec: &SweepSpec, event: SweepEvent<
             let to = stop_after_epoch.map(|e| format!("  (to epoch {e})")).unwrap_or_default();
             eprintln!("trial {}/{of}  {}{to}", number + 1, overrides.join(" "));
         }
-        // Several trials' step progress would interleave: with `parallel > 1`, trial lines only.
+        // Several trials' step progress would interleave: with `parallel > 1`, trial lines (and
+        // warnings) only.
         SweepEvent::Stage { event, .. } if spec.parallel == 1 => progress.event(event),
+        SweepEvent::Stage { trial, event: Event::Warning(message) } => {
+            eprintln!("warning: trial {}: {message}", trial + 1)
+        }
         SweepEvent::TrialDone { trial, best } if !json => {
             let metric = &spec.objective.metric;
             let this = match (&trial.status, trial.objective) {

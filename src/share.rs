@@ -50,7 +50,7 @@ pub fn pull_stage(
     let mut progress =
         |done, total| observe(Event::Transfer { kind, direction: Direction::Pull, done, total });
     match remote.download(kind.name(), &key, work.out(), &mut progress) {
-        Ok(Download::Hit(manifest)) => Ok(Pulled::Done(work.commit_checked(manifest)?)),
+        Ok(Download::Hit(manifest, text)) => Ok(Pulled::Done(work.commit_checked(manifest, &text)?)),
         Ok(Download::Miss) => Ok(Pulled::Compute(work)),
         Ok(Download::Invalid(why)) => {
             observe(Event::Warning(format!(

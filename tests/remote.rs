@@ -2,7 +2,7 @@
 //! `scripts/test.sh` runs) and against a shared directory: round trips by run id, races between
 //! pushers, kills, corruption on the server, and misconfiguration.
 //!
-//! The S3 tests need `AWS_ENDPOINT_URL`, the AWS credentials and `PIPE_TEST_BUCKET`; without them
+//! The S3 tests need `AWS_ENDPOINT_URL`, the AWS credentials and `TEST_S3_BUCKET`; without them
 //! they print SKIPPED, except under CI (`CI` set), where they fail.
 
 mod common;
@@ -14,7 +14,7 @@ use common::*;
 
 /// A fresh prefix in the test bucket, or `None` (SKIPPED) when no server is configured.
 fn s3_remote(test: &str) -> Option<String> {
-    match (std::env::var("AWS_ENDPOINT_URL"), std::env::var("PIPE_TEST_BUCKET")) {
+    match (std::env::var("AWS_ENDPOINT_URL"), std::env::var("TEST_S3_BUCKET")) {
         (Ok(_), Ok(bucket)) => {
             let nanos =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
@@ -25,7 +25,7 @@ fn s3_remote(test: &str) -> Option<String> {
         }
         _ => {
             eprintln!(
-                "SKIPPED: no S3 server (set AWS_ENDPOINT_URL and PIPE_TEST_BUCKET; see scripts/s3-server.sh)"
+                "SKIPPED: no S3 server (set AWS_ENDPOINT_URL and TEST_S3_BUCKET; see scripts/s3-server.sh)"
             );
             None
         }
@@ -133,8 +133,12 @@ fn round_trip(remote: &str) {
     assert!(reproduced.contains("reproduced bit for bit"), "{reproduced}");
     assert!(reproduced.contains("remote copy: 3 stage(s) identical"), "{reproduced}");
 
+    // The variables do what the flags do (and are not taken for pipeline keys).
     let c = project();
-    let out = pipe_remote_ok(c.path(), &["run", "pipeline.toml", "--json"], remote);
+    let mut command = pipe_command(c.path(), &["run", "pipeline.toml", "--json"]);
+    let output = command.env("PIPE_REMOTE", remote).env("PIPE_REMOTE_REQUIRED", "1").output().unwrap();
+    assert!(output.status.success(), "{}", describe(&["run"], &output));
+    let out = String::from_utf8(output.stdout).unwrap();
     let statuses: Vec<String> = json(&out)["stages"]
         .as_array()
         .unwrap()
@@ -492,12 +496,13 @@ fn a_sweep_pushes_its_trials_and_record_and_a_colleague_reuses_them() {
         std::fs::read(records[0].path()).unwrap()
     );
     // Pulled stages carry the pusher's manifests verbatim (their timings included): nothing ran.
-    let manifests = |dir: &Path| -> Vec<Vec<u8>> {
+    let manifests = |dir: &Path| -> Vec<(String, String)> {
         let store = pipe::store::Store::new(dir.join("runs"));
         let keys = store.stage_keys().unwrap();
-        keys.iter()
-            .map(|(kind, key)| std::fs::read(store.stage_dir(kind, key).join("MANIFEST.json")).unwrap())
-            .collect()
+        let read = |kind: &str, key: &str| {
+            std::fs::read_to_string(store.stage_dir(kind, key).join("MANIFEST.json")).unwrap()
+        };
+        keys.iter().map(|(kind, key)| (format!("{kind}/{key}"), read(kind, key))).collect()
     };
     assert_eq!(manifests(b.path()), manifests(a.path()));
 }

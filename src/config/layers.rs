@@ -10,9 +10,19 @@ use toml::de::{DeTable, DeValue};
 
 use super::error::{ConfigError, Origin, Snippet};
 
-/// Environment variables with the `PIPE_` prefix that are not pipeline keys: they belong to the CLI.
-pub const RESERVED_ENV_VARS: &[&str] =
-    &["PIPE_STORE", crate::ops::cpu::KERNEL_ENV, crate::fault::FAULT_ENV, crate::fault::DELAYS_ENV];
+/// Environment variables with the `PIPE_` prefix that are not pipeline keys: they belong to the CLI
+/// (the store and its remote) or to the process.
+pub const RESERVED_ENV_VARS: &[&str] = &[
+    "PIPE_STORE",
+    "PIPE_REMOTE",
+    "PIPE_PUSH",
+    "PIPE_REMOTE_REQUIRED",
+    crate::store::remote::MULTIPART_THRESHOLD_ENV,
+    crate::store::remote::MULTIPART_CHUNKSIZE_ENV,
+    crate::ops::cpu::KERNEL_ENV,
+    crate::fault::FAULT_ENV,
+    crate::fault::DELAYS_ENV,
+];
 
 const ENV_PREFIX: &str = "PIPE_";
 

@@ -12,8 +12,8 @@
 //! 3. **Environment variables** `PIPE_<KEY>` and `PIPE_<SECTION>__<KEY>`: a double underscore
 //!    separates a section from its key, because keys contain single underscores
 //!    (`PIPE_SEED=7`, `PIPE_TRAIN__BATCH_SIZE=8`, `PIPE_OPTIMIZER__LR=3e-5`). Names are
-//!    case-insensitive after the prefix. Variables in [`RESERVED_ENV_VARS`] (`PIPE_STORE`, `PIPE_KERNEL`, `PIPE_FAULT`, `PIPE_SWEEP_DELAYS`) belong
-//!    to the CLI and are skipped; any other `PIPE_*` variable must name a pipeline key. They apply
+//!    case-insensitive after the prefix. Variables in [`RESERVED_ENV_VARS`] (`PIPE_STORE`, `PIPE_REMOTE`, `PIPE_PUSH`,
+//!    `PIPE_KERNEL`, `PIPE_FAULT`, ...) belong to the CLI and are skipped; any other `PIPE_*` variable must name a pipeline key. They apply
 //!    in name order.
 //! 4. **`--set key=value`** overrides, in command-line order, with a dotted key
 //!    (`--set train.epochs=2`, `--set optimizer.lr=3e-5`).

@@ -123,7 +123,7 @@ impl Manifest {
         Ok(())
     }
 
-    /// The manifest as stored: pretty JSON (the same text locally and in a remote).
+    /// The manifest as pipe writes it: pretty JSON (pushed and pulled byte for byte after that).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("manifests serialise")
     }
@@ -503,19 +503,21 @@ impl WorkDir {
             files,
             facts,
         };
-        self.install(manifest)
+        let text = manifest.to_json();
+        self.install(manifest, text.as_bytes())
     }
 
     /// Commits outputs that were downloaded into [`WorkDir::out`] and checked, file by file,
     /// against `manifest` (a remote's copy of the stage): writes that manifest last and moves the
     /// directory into place, as [`WorkDir::commit`] does.
-    pub fn commit_checked(self, manifest: Manifest) -> Result<StageOutput, StoreError> {
+    /// `text` is the manifest as the remote stores it, written as it is.
+    pub fn commit_checked(self, manifest: Manifest, text: &[u8]) -> Result<StageOutput, StoreError> {
         debug_assert!(manifest.check(&self.kind, &self.key).is_ok());
-        self.install(manifest)
+        self.install(manifest, text)
     }
 
-    fn install(self, manifest: Manifest) -> Result<StageOutput, StoreError> {
-        write_atomic(&self.out.join(MANIFEST), manifest.to_json().as_bytes())?;
+    fn install(self, manifest: Manifest, text: &[u8]) -> Result<StageOutput, StoreError> {
+        write_atomic(&self.out.join(MANIFEST), text)?;
         crate::fault::point_in("store.manifest-written", &self.kind);
         let dest = self.store.stage_dir(&self.kind, &self.key);
         let parent = dest.parent().expect("stage dirs have a parent");

@@ -52,6 +52,10 @@ use super::{MANIFEST, Manifest, StageOutput, short};
 /// Files at least this large are uploaded in parts (`PIPE_MULTIPART_THRESHOLD`, in bytes, as the
 /// AWS CLI's `multipart_threshold`).
 const MULTIPART_THRESHOLD: u64 = 16 << 20;
+/// The variable that sets [`MULTIPART_THRESHOLD`].
+pub const MULTIPART_THRESHOLD_ENV: &str = "PIPE_MULTIPART_THRESHOLD";
+/// The variable that sets [`PART_BYTES`].
+pub const MULTIPART_CHUNKSIZE_ENV: &str = "PIPE_MULTIPART_CHUNKSIZE";
 /// The size of one part of a multipart upload (`PIPE_MULTIPART_CHUNKSIZE`, in bytes; S3 wants at
 /// least 5 MiB for every part but the last).
 const PART_BYTES: usize = 8 << 20;
@@ -98,8 +102,10 @@ pub struct RemoteOptions {
 /// What a remote holds of a stage, after [`Remote::download`].
 #[derive(Debug)]
 pub enum Download {
-    /// Every file is downloaded and matches the manifest, which comes back for the commit.
-    Hit(Manifest),
+    /// Every file is downloaded and matches the manifest, which comes back for the commit, with
+    /// its text as stored (kept verbatim: a parse and print could change how a fact's number is
+    /// written).
+    Hit(Manifest, Vec<u8>),
     /// The remote has no manifest for the stage.
     Miss,
     /// The remote's copy is unusable (a blob missing or corrupt, a bad manifest): why. Nothing
@@ -223,8 +229,8 @@ impl Remote {
                 .filter(|&n| n > 0)
                 .ok_or_else(|| config(format!("{name}={v}: expected a positive number of bytes"))),
         };
-        let multipart_threshold = size("PIPE_MULTIPART_THRESHOLD", MULTIPART_THRESHOLD)?;
-        let part_bytes = size("PIPE_MULTIPART_CHUNKSIZE", PART_BYTES as u64)? as usize;
+        let multipart_threshold = size(MULTIPART_THRESHOLD_ENV, MULTIPART_THRESHOLD)?;
+        let part_bytes = size(MULTIPART_CHUNKSIZE_ENV, PART_BYTES as u64)? as usize;
         let remote = Self {
             url: url.into(),
             location,
@@ -312,6 +318,15 @@ impl Remote {
 
     /// The remote's manifest of a stage, if it has one (checked, but its blobs are not).
     pub fn manifest(&self, kind: &str, key: &str) -> Result<Result<Manifest, Download>, RemoteError> {
+        Ok(self.manifest_text(kind, key)?.map(|(manifest, _)| manifest))
+    }
+
+    /// [`Remote::manifest`], with its text as stored.
+    fn manifest_text(
+        &self,
+        kind: &str,
+        key: &str,
+    ) -> Result<Result<(Manifest, Vec<u8>), Download>, RemoteError> {
         let path = self.manifest_path(kind, key);
         let text = match self.runtime.block_on(async { self.objects.get(&path).await?.bytes().await }) {
             Ok(text) => text,
@@ -322,7 +337,7 @@ impl Remote {
             Ok(m) => m,
             Err(e) => return Ok(Err(Download::Invalid(format!("unreadable manifest: {e}")))),
         };
-        Ok(manifest.check(kind, key).map(|()| manifest).map_err(Download::Invalid))
+        Ok(manifest.check(kind, key).map(|()| (manifest, text.to_vec())).map_err(Download::Invalid))
     }
 
     /// Downloads stage `kind`/`key` into the empty directory `dir`, re-hashing every file. On
@@ -334,8 +349,8 @@ impl Remote {
         dir: &Path,
         progress: Progress<'_>,
     ) -> Result<Download, RemoteError> {
-        let manifest = match self.manifest(kind, key)? {
-            Ok(m) => m,
+        let (manifest, text) = match self.manifest_text(kind, key)? {
+            Ok(found) => found,
             Err(miss) => return Ok(miss),
         };
         let total = manifest.files.values().map(|e| e.bytes).sum();
@@ -346,7 +361,7 @@ impl Remote {
             .try_collect::<Vec<Option<String>>>();
         let outcome = match self.drive(work, &done, total, progress) {
             Ok(faults) => match faults.into_iter().flatten().next() {
-                None => return Ok(Download::Hit(manifest)),
+                None => return Ok(Download::Hit(manifest, text)),
                 Some(why) => Ok(Download::Invalid(why)),
             },
             Err(e) => Err(e),
@@ -416,7 +431,19 @@ impl Remote {
             .try_collect::<Vec<()>>();
         self.drive(work, &done, total, progress)?;
         crate::fault::point_in("remote.blobs-pushed", &manifest.kind);
-        self.put_create(&manifest_path, manifest.to_json().into_bytes())
+        // The local manifest's own bytes (a parse and print could write a fact's number otherwise),
+        // if they still list the files that were verified.
+        let path = out.file(MANIFEST);
+        let text = fs::read(&path).map_err(|source| RemoteError::Io { path: path.clone(), source })?;
+        let same =
+            |m: Manifest| m.kind == manifest.kind && m.key == manifest.key && m.files == manifest.files;
+        if !serde_json::from_slice::<Manifest>(&text).is_ok_and(same) {
+            return Err(RemoteError::Io {
+                path,
+                source: std::io::Error::other("changed since it was verified"),
+            });
+        }
+        self.put_create(&manifest_path, text)
     }
 
     /// Uploads one file as the blob `sha256`, unless the remote has a blob of that name and size
@@ -883,7 +910,7 @@ mod tests {
 
         let into = dir.path().join("into");
         fs::create_dir(&into).unwrap();
-        let Download::Hit(manifest) = remote.download("tokenize", &key, &into, &mut |_, _| {}).unwrap()
+        let Download::Hit(manifest, _) = remote.download("tokenize", &key, &into, &mut |_, _| {}).unwrap()
         else {
             panic!("expected a hit")
         };
