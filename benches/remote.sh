@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of the remote store: pushing and pulling the quick start's stage outputs
 # (tokens, the trained MiniLM, the evaluation: ~90 MB) with `pipe push` / `pipe pull`, against
-# `aws s3 cp --recursive` of the same files to and from the same S3 server, in the same session.
+# `aws s3 cp --recursive` of the same files to and from the same S3 server, in the same session,
+# and against boto3's managed transfers timed inside Python (benches/ref_s3.py: no interpreter
+# start-up counted, the strictest reference; $PYTHON must import boto3).
 #
 #   benches/remote.sh [REPEATS]     (default 5; results under bench-results/remote-<time>/)
 #
@@ -14,6 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-5}
+python=${PYTHON:-python3}
+"$python" -c 'import boto3' || { echo "error: $python cannot import boto3 (pip install boto3; or set PYTHON)" >&2; exit 2; }
 out=bench-results/remote-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 command -v aws >/dev/null || { echo "error: the AWS CLI is needed (pip install awscli)" >&2; exit 2; }
@@ -47,12 +51,17 @@ for r in $(seq 1 "$repeats"); do
   rm -rf "$out/store" "$out/aws"
   pull_pipe=$(seconds $pipe pull "$run" --store "$out/store" --remote "$bucket/$r/pipe")
   pull_aws=$(seconds aws s3 cp --recursive --quiet "$bucket/$r/aws" "$out/aws")
-  echo "$r $push_pipe $push_aws $pull_pipe $pull_aws" | tee -a "$out/times.txt"
+  rm -rf "$out/boto3"
+  push_boto3=$("$python" benches/ref_s3.py push "$files" "$bucket/$r/boto3")
+  pull_boto3=$("$python" benches/ref_s3.py pull "$bucket/$r/boto3" "$out/boto3")
+  echo "$r $push_pipe $push_aws $pull_pipe $pull_aws $push_boto3 $pull_boto3" | tee -a "$out/times.txt"
 done
 python3 - "$out/times.txt" <<'PY' | tee -a "$out/summary.txt"
 import statistics, sys
 rows = [list(map(float, line.split()[1:])) for line in open(sys.argv[1])]
 med = [statistics.median(col) for col in zip(*rows)]
-print(f"push: pipe {med[0]:.2f} s, aws s3 cp {med[1]:.2f} s, ratio {med[0] / med[1]:.2f}")
-print(f"pull: pipe {med[2]:.2f} s, aws s3 cp {med[3]:.2f} s, ratio {med[2] / med[3]:.2f}")
+print(f"push: pipe {med[0]:.3f} s, aws s3 cp {med[1]:.3f} s (pipe/aws {med[0] / med[1]:.2f}), "
+      f"boto3 in-process {med[4]:.3f} s (pipe/boto3 {med[0] / med[4]:.2f})")
+print(f"pull: pipe {med[2]:.3f} s, aws s3 cp {med[3]:.3f} s (pipe/aws {med[2] / med[3]:.2f}), "
+      f"boto3 in-process {med[5]:.3f} s (pipe/boto3 {med[2] / med[5]:.2f})")
 PY

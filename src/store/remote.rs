@@ -134,8 +134,8 @@ impl Pushed {
     }
 }
 
-/// Progress of a transfer: bytes done so far and in all, called a few times a second and once at
-/// the end.
+/// Progress of a transfer: bytes done so far and in all; called at the start, a few times a
+/// second, and at the end, the only call where done can equal all.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// What `pipe verify --remote` found wrong with one stage in the remote.
@@ -301,6 +301,11 @@ impl Remote {
         total: u64,
         progress: Progress<'_>,
     ) -> T {
+        // One call at the start, ticks while bytes remain, and one at the end: the only one that
+        // can say everything is done, so that a renderer can time the transfer and close it once.
+        if total > 0 {
+            progress(0, total);
+        }
         self.runtime.block_on(async {
             let mut work = std::pin::pin!(work);
             loop {
@@ -310,7 +315,9 @@ impl Remote {
                         progress(done.load(Ordering::Relaxed), total);
                         return out;
                     }
-                    futures::future::Either::Right(_) => progress(done.load(Ordering::Relaxed), total),
+                    futures::future::Either::Right(_) => {
+                        progress(done.load(Ordering::Relaxed).min(total.saturating_sub(1)), total)
+                    }
                 }
             }
         })
