@@ -189,7 +189,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the runs in the store with their metrics.
+    /// List the runs in the store with their metrics (and, with a remote, the runs only it has).
     Ls {
         #[command(flatten)]
         store: StoreArgs,

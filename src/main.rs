@@ -367,10 +367,26 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Ls { store } => {
-            let store = local(store);
-            let records =
-                store.record_ids()?.iter().filter_map(|id| Record::read(&store, id).ok()).collect::<Vec<_>>();
+            let store = open(store)?;
+            let local = store.record_ids()?;
+            let records = local.iter().filter_map(|id| Record::read(&store, id).ok()).collect::<Vec<_>>();
             print!("{}", render::runs_table(&records));
+            if let Some(remote) = store.remote() {
+                // The team's runs this store lacks: `pipe pull ID` fetches one.
+                let mut others = Vec::new();
+                for id in remote.record_ids("")?.into_iter().filter(|id| !local.contains(id)) {
+                    let origin = format!("{}/records/{id}.toml", remote.url());
+                    if let Some(text) = remote.record(&id)? {
+                        others.extend(Record::parse(&id, &text, &origin).ok());
+                    }
+                }
+                println!(
+                    "\nin the remote {} only ({}; `pipe pull ID` fetches one):",
+                    remote.url(),
+                    others.len()
+                );
+                print!("{}", render::runs_table(&others));
+            }
             Ok(())
         }
         Command::Schema { sweep } => {

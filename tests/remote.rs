@@ -117,6 +117,8 @@ fn round_trip(remote: &str) {
     let run = pushed["run"].as_str().unwrap().to_string();
 
     let b = project();
+    let listed = pipe_remote_ok(b.path(), &["ls"], remote);
+    assert!(listed.contains("in the remote") && listed.contains(&run[..12]), "{listed}");
     let pulled = json(&pipe_remote_ok(b.path(), &["pull", &run, "--json"], remote));
     assert_eq!(pulled["record"], "pulled");
     for stage in pulled["stages"].as_array().unwrap() {

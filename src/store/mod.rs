@@ -27,6 +27,10 @@
 //!
 //! Nothing is written by lookups: a pipeline that fails its input checks leaves the store as it
 //! was (it may not even exist yet).
+//!
+//! **A remote may stand behind it** ([`remote`]: a bucket or a shared directory): stages the
+//! local store lacks are pulled from it, re-hashed and committed through the same [`WorkDir`]
+//! as computed ones ([`crate::share`]).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -709,6 +713,27 @@ mod tests {
             panic!("expected corrupt")
         };
         assert!(why.contains("symbolic link"), "{why}");
+    }
+
+    #[test]
+    fn removing_a_stage_skips_one_a_run_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        finish(&store, &key(4), b"x");
+        let Begin::Work(work) = store.begin("tokenize", &key(5), &key(5), || {}).unwrap() else { panic!() };
+        fs::write(work.out().join("a.bin"), b"y").unwrap();
+        // Finished, then locked again by a run working on that key.
+        let out = work.commit(serde_json::Value::Null).unwrap();
+        let lock_path = store.root().join("locks").join(format!("tokenize-{}.lock", key(5)));
+        let lock = File::options().write(true).open(lock_path).unwrap();
+        lock.lock().unwrap();
+        assert!(!store.remove_stage("tokenize", &key(5)).unwrap(), "a locked stage stays");
+        assert!(out.dir.exists());
+        drop(lock);
+        assert!(store.remove_stage("tokenize", &key(5)).unwrap());
+        assert!(!out.dir.exists());
+        assert!(store.remove_stage("tokenize", &key(4)).unwrap());
+        assert!(matches!(store.lookup("tokenize", &key(4)).unwrap(), Lookup::Miss));
     }
 
     #[test]
