@@ -43,6 +43,17 @@ fn pull_model(store: &Store, record: &Record) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The end of `pipe push` or `pipe pull`: progress cleared, then the report.
+fn report_transfer(
+    mut renderer: render::Progress,
+    result: Result<pipe::share::RunTransfer, EngineError>,
+    json: bool,
+) -> Result<(), Failure> {
+    renderer.finish();
+    print!("{}", render::run_transfer(&result?, json));
+    Ok(())
+}
+
 /// The local store the arguments name, for commands that never touch the remote.
 fn local(args: StoreArgs) -> Store {
     Store::new(args.store)
@@ -257,19 +268,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let record = Record::find(&store, &run)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::share::push_run(&store, &record, &mut |e| renderer.event(e));
-            renderer.finish();
-            let transfer = result?;
-            print!("{}", render::run_transfer(&transfer, json));
-            Ok(())
+            report_transfer(renderer, result, json)
         }
         Command::Pull { run, json, store } => {
             let store = open(store)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::share::pull_run(&store, &run, &mut |e| renderer.event(e));
-            renderer.finish();
-            let transfer = result?;
-            print!("{}", render::run_transfer(&transfer, json));
-            Ok(())
+            report_transfer(renderer, result, json)
         }
         Command::Gc { older_than, dry_run, store } => {
             let age = pipe::gc::parse_age(&older_than).map_err(|message| Failure { code: 2, message })?;

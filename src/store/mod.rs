@@ -277,16 +277,8 @@ impl Store {
                 return Err(StoreError::InvalidKey(key.into()));
             }
         }
-        let locks = self.root.join("locks");
-        fs::create_dir_all(&locks).map_err(io(&locks))?;
+        let (lock, lock_path) = self.lock_file(kind, lineage)?;
         self.write_gitignore()?;
-        let lock_path = locks.join(format!("{kind}-{lineage}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
         if lock.try_lock().is_err() {
             on_wait();
             lock.lock().map_err(io(&lock_path))?;
@@ -312,6 +304,20 @@ impl Store {
             out,
             _lock: lock,
         }))
+    }
+
+    /// The lock file of a lineage (or key), opened (not yet locked), and its path.
+    fn lock_file(&self, kind: &str, lineage: &str) -> Result<(File, PathBuf), StoreError> {
+        let locks = self.root.join("locks");
+        fs::create_dir_all(&locks).map_err(io(&locks))?;
+        let lock_path = locks.join(format!("{kind}-{lineage}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        Ok((lock, lock_path))
     }
 
     /// Where work on a lineage happens (its partial outputs and checkpoints).
@@ -340,15 +346,7 @@ impl Store {
         if !is_digest(key) {
             return Err(StoreError::InvalidKey(key.into()));
         }
-        let locks = self.root.join("locks");
-        fs::create_dir_all(&locks).map_err(io(&locks))?;
-        let lock_path = locks.join(format!("{kind}-{key}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
+        let (lock, _) = self.lock_file(kind, key)?;
         if lock.try_lock().is_err() {
             return Ok(false);
         }

@@ -363,7 +363,7 @@ impl Remote {
         let total = manifest.files.values().map(|e| e.bytes).sum();
         let done = AtomicU64::new(0);
         let work = futures::stream::iter(&manifest.files)
-            .map(|(rel, entry)| self.download_blob(&entry.sha256, entry.bytes, dir.join(rel), &done))
+            .map(|(rel, entry)| self.fetch_blob(&entry.sha256, entry.bytes, Some(dir.join(rel)), &done))
             .buffer_unordered(FILES_IN_FLIGHT)
             .try_collect::<Vec<Option<String>>>();
         let outcome = match self.drive(work, &done, total, progress) {
@@ -377,39 +377,49 @@ impl Remote {
         outcome
     }
 
-    /// Downloads one blob to `dest`, hashing it on the way: `Some(why)` when it is missing or its
-    /// content does not match `sha256`.
-    async fn download_blob(
+    /// Downloads one blob, hashing it on the way, into `dest` (or nowhere, only to check it):
+    /// `Some(why)` when it is missing or its content does not match `sha256` and `bytes`.
+    async fn fetch_blob(
         &self,
         sha256: &str,
         bytes: u64,
-        dest: PathBuf,
+        dest: Option<PathBuf>,
         done: &AtomicU64,
     ) -> Result<Option<String>, RemoteError> {
         let path = self.blob_path(sha256);
         let got = match self.objects.get(&path).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => {
-                return Ok(Some(format!("blob {} is missing", short(sha256))));
+                return Ok(Some(format!("blob {} is missing (incomplete stage)", short(sha256))));
             }
             Err(e) => return Err(self.transfer(format!("downloading {path}"))(e)),
         };
-        let io = |source| RemoteError::Io { path: dest.clone(), source };
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(io)?;
-        }
-        let mut file = File::create(&dest).map_err(io)?;
+        let mut file = match &dest {
+            Some(dest) => {
+                let io = |source| RemoteError::Io { path: dest.clone(), source };
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(io)?;
+                }
+                Some((File::create(dest).map_err(io)?, dest))
+            }
+            None => None,
+        };
         let mut hasher = Sha256::new();
         let mut received = 0u64;
         let mut stream = got.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(self.transfer(format!("downloading {path}")))?;
             hasher.update(&chunk);
-            file.write_all(&chunk).map_err(io)?;
+            if let Some((file, dest)) = &mut file {
+                file.write_all(&chunk)
+                    .map_err(|source| RemoteError::Io { path: dest.to_path_buf(), source })?;
+            }
             received += chunk.len() as u64;
             done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
-        file.sync_all().map_err(io)?;
+        if let Some((file, dest)) = file {
+            file.sync_all().map_err(|source| RemoteError::Io { path: dest.to_path_buf(), source })?;
+        }
         let actual = hex(&hasher.finalize());
         Ok(if actual != sha256 {
             Some(format!("blob {} is corrupt (its content hashes to {})", short(sha256), short(&actual)))
@@ -630,7 +640,7 @@ impl Remote {
         let done = AtomicU64::new(0);
         let check = futures::stream::iter(&blobs)
             .map(|(sha256, bytes)| async {
-                Ok::<_, RemoteError>((*sha256, self.check_blob(sha256, *bytes, &done).await?))
+                Ok::<_, RemoteError>((*sha256, self.fetch_blob(sha256, *bytes, None, &done).await?))
             })
             .buffer_unordered(FILES_IN_FLIGHT)
             .try_collect::<BTreeMap<&str, Option<String>>>();
@@ -669,35 +679,6 @@ impl Remote {
             }
         }
         Ok(result)
-    }
-
-    /// Downloads and re-hashes one blob without keeping it: `Some(why)` when it is bad.
-    async fn check_blob(
-        &self,
-        sha256: &str,
-        bytes: u64,
-        done: &AtomicU64,
-    ) -> Result<Option<String>, RemoteError> {
-        let path = self.blob_path(sha256);
-        let got = match self.objects.get(&path).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Ok(Some(format!("blob {} is missing (incomplete)", short(sha256))));
-            }
-            Err(e) => return Err(self.transfer(format!("downloading {path}"))(e)),
-        };
-        let mut hasher = Sha256::new();
-        let mut received = 0u64;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(self.transfer(format!("downloading {path}")))?;
-            hasher.update(&chunk);
-            received += chunk.len() as u64;
-            done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        }
-        let actual = hex(&hasher.finalize());
-        Ok((actual != sha256 || received != bytes)
-            .then(|| format!("blob {} is corrupt (its content hashes to {})", short(sha256), short(&actual))))
     }
 }
 
