@@ -325,7 +325,8 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
                 }
             }
         };
-        if cached {
+        // A pulled stage was shown by its transfer.
+        if cached && !pulled {
             observe(Event::StageStart { kind, key: &key, cached: true });
         }
         let pushed = match pulled {

@@ -185,16 +185,24 @@ pub fn pull_stages(
             }
             Begin::Work(work) => work,
         };
-        match pull_stage(store, kind, work, observe)? {
-            Pulled::Done(_) => stages.push((kind, "pulled".to_string())),
-            Pulled::Compute(_) => {
-                return Err(EngineError::Remote(RemoteError::Transfer {
-                    url: store.remote().map_or("", |r| r.url()).to_string(),
-                    action: format!("pulling run {}", record.id),
-                    message: format!("the remote has no verified copy of its {kind} stage {}", short(&key)),
-                }));
+        // Unlike a run's pull, nothing can be computed instead: every failure is an error.
+        let remote = remote_of(store)?;
+        let mut progress =
+            |done, total| observe(Event::Transfer { kind, direction: Direction::Pull, done, total });
+        let why = match remote.download(kind.name(), &key, work.out(), &mut progress)? {
+            Download::Hit(manifest, text) => {
+                work.commit_checked(manifest, &text)?;
+                stages.push((kind, "pulled".to_string()));
+                continue;
             }
-        }
+            Download::Miss => "the remote has no copy of it".to_string(),
+            Download::Invalid(why) => format!("the remote's copy does not verify: {why}"),
+        };
+        return Err(EngineError::Remote(RemoteError::Transfer {
+            url: remote.url().to_string(),
+            action: format!("pulling the {kind} stage {} of run {}", short(&key), record.id),
+            message: why,
+        }));
     }
     Ok(stages)
 }
