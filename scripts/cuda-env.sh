@@ -42,6 +42,9 @@ _pipe_cuda_setup() {
   if [ ! -f "$root/lib/stubs/libcuda.so" ]; then
     mkdir -p "$root/lib/stubs"
     local sys
+    # The `cuda` feature's crates are downloaded only when something builds it: on a fresh machine
+    # cudarc's sources are not there until fetched.
+    ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 >/dev/null 2>&1 || cargo fetch --locked --quiet || return 1
     sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10/src/driver/sys 2>/dev/null | head -1)
     [ -n "$sys" ] || { echo "error: cudarc 0.19.10 sources not found: run 'cargo fetch' first" >&2; return 1; }
     grep -rhoE 'fn cu[A-Za-z0-9_]+' "$sys" | sed 's/^fn //' | sort -u |

@@ -179,6 +179,26 @@ fn the_server_refuses_a_second_create_only_put_with_412() {
 }
 
 #[test]
+fn of_four_create_only_puts_at_once_one_writes_and_three_see_412() {
+    let Some(remote) = s3_remote("put-race") else { return };
+    let remote = std::sync::Arc::new(pipe::store::Remote::open(&remote, Default::default()).unwrap());
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let writers: Vec<_> = (0..4u8)
+        .map(|i| {
+            let (remote, barrier) = (remote.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                remote.put_if_absent("stages/train/MANIFEST.json", vec![b'0' + i; 64]).unwrap()
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    use pipe::store::remote::Pushed;
+    assert_eq!(outcomes.iter().filter(|o| **o == Pushed::Written).count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| **o == Pushed::Raced).count(), 3, "{outcomes:?}");
+}
+
+#[test]
 fn four_pushes_of_one_run_at_once_write_each_manifest_once() {
     let Some(remote) = s3_remote("race") else { return };
     let a = project();

@@ -768,6 +768,7 @@ fn s3(url: &str, bucket: &str) -> Result<(Arc<dyn ObjectStore>, String), RemoteE
     let settings = ini_section(&config_file, &config_section);
 
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let mut credentials_from = "";
     if var("AWS_ACCESS_KEY_ID").is_none() {
         match (credentials.get("aws_access_key_id"), credentials.get("aws_secret_access_key")) {
             (Some(id), Some(secret)) => {
@@ -782,7 +783,12 @@ fn s3(url: &str, bucket: &str) -> Result<(Arc<dyn ObjectStore>, String), RemoteE
                     credentials_file.display()
                 )));
             }
-            _ => {} // instance or container credentials, as the SDKs fall back to
+            // Instance or container credentials, as the SDKs fall back to; said in messages, since
+            // a missing variable is the likelier cause of a failure.
+            _ => {
+                credentials_from =
+                    ", no credentials in AWS_ACCESS_KEY_ID or the profile files (instance credentials tried)"
+            }
         }
     }
     let region =
@@ -819,7 +825,7 @@ fn s3(url: &str, bucket: &str) -> Result<(Arc<dyn ObjectStore>, String), RemoteE
         .build()
         .map_err(|e| config(message(&e)))?;
     let endpoint = endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
-    Ok((Arc::new(objects), format!("endpoint {endpoint}, bucket `{bucket}`")))
+    Ok((Arc::new(objects), format!("endpoint {endpoint}, bucket `{bucket}`{credentials_from}")))
 }
 
 /// Whether `endpoint` is `http://` to a loopback host.
