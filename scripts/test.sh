@@ -6,7 +6,8 @@
 # is compiled and linted (not run: CI has no GPU; scripts/gpu-check.sh runs it where there is one),
 # with the CUDA compiler from PyPI, so that it never rots. The remote-store tests run against a
 # real S3 server (SeaweedFS from PyPI) that this script starts on the loopback address and stops by
-# its PID (scripts/s3-server.sh).
+# its PID (scripts/s3-server.sh); the Slurm executor's tests against a real one-node Slurm cluster
+# (Debian's packages, scripts/slurm-cluster.sh), likewise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.sh models/smollm2; }; then
@@ -17,7 +18,8 @@ if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.s
   echo "warning: no network? the real-model tests will print SKIPPED" >&2
 fi
 s3_dir=$(mktemp -d)
-trap 'scripts/s3-server.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
+slurm_dir=$(mktemp -d)
+trap 'scripts/s3-server.sh stop "$s3_dir"; scripts/slurm-cluster.sh stop "$slurm_dir"; rm -rf "$s3_dir" "$slurm_dir"' EXIT
 if s3_vars=$(scripts/s3-server.sh start "$s3_dir"); then
   eval "$s3_vars"
 elif [ -n "${CI:-}" ]; then
@@ -25,6 +27,14 @@ elif [ -n "${CI:-}" ]; then
   exit 1
 else
   echo "warning: no S3 server (no network?); the remote-store tests will print SKIPPED" >&2
+fi
+if slurm_vars=$(scripts/slurm-cluster.sh start "$slurm_dir"); then
+  eval "$slurm_vars"
+elif [ -n "${CI:-}" ]; then
+  echo "error: CI must run the Slurm tests, and the cluster could not be started" >&2
+  exit 1
+else
+  echo "warning: no Slurm cluster (not root, or no network?); the Slurm tests will print SKIPPED" >&2
 fi
 cargo test --locked
 # shellcheck source=scripts/cuda-env.sh

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::builder::BoolishValueParser;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Fine-tune transformer models from declarative TOML pipelines, with cached, content-hashed
 /// stages.
@@ -25,6 +25,11 @@ pub enum Command {
         /// Print one JSON object (run, stages, metrics) instead of progress and a summary.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        executor: ExecutorArgs,
+        /// Run the stages up to this one and write no record (what an executor's job runs).
+        #[arg(long, hide = true, value_parser = ["tokenize", "train", "evaluate"])]
+        until: Option<String>,
     },
     /// Show each stage's key and whether it would run, and why.
     Plan {
@@ -188,6 +193,8 @@ pub enum Command {
         /// Print one JSON object (sweep, record, best, trials) instead of progress and a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        executor: ExecutorArgs,
     },
     /// List the runs in the store with their metrics (and, with a remote, the runs only it has).
     Ls {
@@ -228,6 +235,22 @@ pub enum SweepAction {
         #[arg(long)]
         json: bool,
     },
+    /// One trial's first run (what an executor's job runs): trial `--trial K`, or the index of
+    /// a Slurm array task.
+    #[command(hide = true)]
+    Trial {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The trial's number [default: $SLURM_ARRAY_TASK_ID].
+        #[arg(long)]
+        trial: Option<u64>,
+        /// Run its stages up to this one only.
+        #[arg(long, value_parser = ["tokenize", "train", "evaluate"])]
+        until: Option<String>,
+    },
     /// The run id of the sweep's best trial (for `pipe reproduce`, `pipe predict`...).
     Best {
         /// The sweep's id (or a unique prefix), or its sweep file.
@@ -244,6 +267,56 @@ pub struct PipelineArgs {
     /// Override a pipeline value, e.g. `--set train.epochs=2` (repeatable; last wins).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+/// Where `pipe run` runs its stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    /// Here, in this process.
+    Local,
+    /// As Slurm batch jobs, one per stage, chained by dependencies (the store must be on a file
+    /// system every node sees); the run is then finished here from the store.
+    Slurm,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecutorArgs {
+    /// Where the stages run.
+    #[arg(long, value_enum, default_value = "local")]
+    pub executor: ExecutorArg,
+    /// Slurm: the partition of the jobs.
+    #[arg(long, help_heading = "Slurm executor")]
+    pub partition: Option<String>,
+    /// Slurm: CPUs per job.
+    #[arg(long, help_heading = "Slurm executor")]
+    pub cpus_per_task: Option<u32>,
+    /// Slurm: memory per job (`16G`).
+    #[arg(long, help_heading = "Slurm executor")]
+    pub mem: Option<String>,
+    /// Slurm: time limit per job (`2:00:00`).
+    #[arg(long, help_heading = "Slurm executor")]
+    pub time: Option<String>,
+    /// Slurm: GPUs per job (`--gres=gpu:N`).
+    #[arg(long, help_heading = "Slurm executor")]
+    pub gpus: Option<u32>,
+    /// Slurm: a further `sbatch` argument, e.g. `--sbatch-arg=--account=ml` (repeatable).
+    #[arg(
+        long = "sbatch-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        help_heading = "Slurm executor"
+    )]
+    pub sbatch_args: Vec<String>,
+    /// Slurm: print the batch scripts that would be submitted, and submit nothing.
+    #[arg(long, help_heading = "Slurm executor")]
+    pub dry_run: bool,
+    /// Slurm: how many times a sweep's trial is submitted again after its job was cancelled,
+    /// pre-empted, out of time, lost its node, or failed on a node then excluded.
+    #[arg(long, default_value_t = 2, help_heading = "Slurm executor")]
+    pub retries: u32,
+    /// Slurm: exclude a node from later submissions after this many failed jobs in a row.
+    #[arg(long, default_value_t = 3, help_heading = "Slurm executor")]
+    pub exclude_after: u32,
 }
 
 #[derive(Debug, Args)]

@@ -256,6 +256,50 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<Vec<PlannedStage>, Eng
 
 /// Runs every stage that is not already in the store and writes the run record.
 pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<RunOutcome, EngineError> {
+    let Executed { target, outcomes, upstream, inputs } = execute(pipeline, store, None, observe)?;
+    let metrics = selected_metrics(pipeline, &upstream, crate::stages::METRICS_FILE)?;
+    let test_metrics = if upstream[&StageKind::Evaluate].manifest.files.contains_key(TEST_METRICS_FILE) {
+        selected_metrics(pipeline, &upstream, TEST_METRICS_FILE)?
+    } else {
+        BTreeMap::new()
+    };
+    let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
+    let run = run_id(&keys);
+    let record = store.record_path(&run);
+    if !record.exists() {
+        let text = record_toml(pipeline, &target, &run, &upstream, &inputs, &metrics, &test_metrics);
+        store.write_record(&run, &text)?;
+    }
+    share::push_record(store, &run, observe)?;
+    Ok(RunOutcome { run, record, stages: outcomes, metrics, test_metrics })
+}
+
+/// Runs the stages up to and including `until` (those before it from the store when done), and
+/// writes no record: a batch job of an executor runs one stage this way.
+pub fn run_until(
+    pipeline: &Pipeline,
+    store: &Store,
+    until: StageKind,
+    observe: Observer<'_>,
+) -> Result<Vec<StageOutcome>, EngineError> {
+    Ok(execute(pipeline, store, Some(until), observe)?.outcomes)
+}
+
+/// What [`execute`] leaves for the record.
+struct Executed {
+    target: Target,
+    outcomes: Vec<StageOutcome>,
+    upstream: Upstream,
+    inputs: BTreeMap<StageKind, BTreeMap<String, String>>,
+}
+
+/// Runs (or reuses, or pulls) the stages in order, up to `until` or to the end.
+fn execute(
+    pipeline: &Pipeline,
+    store: &Store,
+    until: Option<StageKind>,
+    observe: Observer<'_>,
+) -> Result<Executed, EngineError> {
     let (mut stages, target) = build_stages(pipeline)?;
     // Every stage that will run is checked before the first one runs, so that bad input (a
     // max_length the model cannot take, say) exits before anything is written.
@@ -345,22 +389,11 @@ pub fn run(pipeline: &Pipeline, store: &Store, observe: Observer<'_>) -> Result<
         outcomes.push(StageOutcome { kind, key, lineage, cached, pulled, pushed, seconds });
         upstream.insert(kind, output);
         inputs.insert(kind, fields.inputs);
+        if until == Some(kind) {
+            break;
+        }
     }
-    let metrics = selected_metrics(pipeline, &upstream, crate::stages::METRICS_FILE)?;
-    let test_metrics = if upstream[&StageKind::Evaluate].manifest.files.contains_key(TEST_METRICS_FILE) {
-        selected_metrics(pipeline, &upstream, TEST_METRICS_FILE)?
-    } else {
-        BTreeMap::new()
-    };
-    let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
-    let run = run_id(&keys);
-    let record = store.record_path(&run);
-    if !record.exists() {
-        let text = record_toml(pipeline, &target, &run, &upstream, &inputs, &metrics, &test_metrics);
-        store.write_record(&run, &text)?;
-    }
-    share::push_record(store, &run, observe)?;
-    Ok(RunOutcome { run, record, stages: outcomes, metrics, test_metrics })
+    Ok(Executed { target, outcomes, upstream, inputs })
 }
 
 /// One line about a finished stage, from its outputs.

@@ -16,6 +16,7 @@
 //! - [`engine`]: plan and run a pipeline; [`stages`]: tokenize, train, evaluate behind one trait.
 //! - [`records`], [`reproduce`], [`predict`], [`verify`]: run records, `pipe diff`/`reproduce`/
 //!   `predict`, and `pipe verify` (re-hash the whole store, set aside what is corrupt).
+//! - [`executor`]: where stages run: here, or as Slurm batch jobs (`pipe run --executor slurm`).
 //! - [`gc`]: `pipe gc`, deleting stage outputs no recent run record refers to.
 //! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
 //! - [`sweep`]: hyperparameter search (`pipe sweep`): sweep files, grid/random/TPE, median and
@@ -45,6 +46,7 @@ pub mod digest;
 pub mod engine;
 pub mod environment;
 pub mod evaluate;
+pub mod executor;
 pub mod fault;
 pub mod gc;
 pub mod interrupt;

@@ -19,8 +19,8 @@ use pipe::store::{Remote, RemoteError, Store, StoreError, short};
 use cli::{Cli, Command, StoreArgs, SweepAction};
 
 /// The store the arguments name, with its remote when one is given (checked to answer).
-fn open(args: StoreArgs) -> Result<Store, Failure> {
-    let store = Store::new(args.store);
+fn open(args: &StoreArgs) -> Result<Store, Failure> {
+    let store = Store::new(&args.store);
     Ok(match args.remote.as_deref().filter(|url| !url.is_empty()) {
         Some(url) => {
             let options = RemoteOptions { push: args.push, required: args.remote_required };
@@ -54,9 +54,156 @@ fn report_transfer(
     Ok(())
 }
 
+/// `pipe run --executor slurm`: one batch job per stage, chained by dependencies, each running
+/// this binary on the shared store; returns once the last one completed (false for a dry run,
+/// which only prints the scripts). The caller then finishes the run here, every stage done.
+fn run_on_slurm(
+    pipeline: &cli::PipelineArgs,
+    store: &StoreArgs,
+    executor: &cli::ExecutorArgs,
+) -> Result<bool, Failure> {
+    use pipe::executor::slurm::Job;
+    let slurm_failure =
+        |e: pipe::executor::slurm::SlurmError| Failure { code: e.exit_code(), message: e.to_string() };
+    let base = job_command(&["run"], &pipeline.file, &pipeline.overrides, store)?;
+    let slurm = slurm_for(executor, store);
+    let mut jobs: Vec<(String, String)> = Vec::new();
+    for kind in pipe::plan::StageKind::ALL {
+        let mut command = base.clone();
+        command.extend(["--until".into(), kind.name().into()]);
+        let after: Vec<String> = jobs.last().map(|(_, id)| id.clone()).into_iter().collect();
+        let job = Job { name: kind.name().into(), command, after, ..Job::default() };
+        if executor.dry_run {
+            let after = if jobs.is_empty() {
+                String::new()
+            } else {
+                " --dependency=afterok:<the previous job> --kill-on-invalid-dep=yes".into()
+            };
+            println!(
+                "# sbatch --parsable{after}
+{}",
+                slurm.script(&job)
+            );
+            jobs.push((kind.name().into(), "<id>".into()));
+            continue;
+        }
+        let id = slurm.submit(&job).map_err(slurm_failure)?;
+        eprintln!(
+            "  {:<9} submitted as Slurm job {id} (log: {})",
+            kind.name(),
+            slurm.log(kind.name(), &id).display()
+        );
+        jobs.push((kind.name().into(), id));
+    }
+    if executor.dry_run {
+        return Ok(false);
+    }
+    slurm
+        .wait(&jobs, &mut |name, id, state| eprintln!("  {name:<9} job {id} {}", state.to_lowercase()))
+        .map_err(slurm_failure)?;
+    Ok(true)
+}
+
+/// `pipe sweep --executor slurm`: the trials whose values are fixed before any result run as a
+/// Slurm job array (after one tokenize job); returns when they ended (false for a dry run). The
+/// caller then runs the sweep here, which finds them in the store.
+fn sweep_on_slurm(
+    spec: &pipe::sweep::spec::SweepSpec,
+    file: &std::path::Path,
+    sets: &[String],
+    store: &StoreArgs,
+    executor: &cli::ExecutorArgs,
+    env: &[(String, String)],
+) -> Result<bool, Failure> {
+    use pipe::executor::trials::{Retries, run_trials, state_path};
+    let slurm_failure =
+        |e: pipe::executor::slurm::SlurmError| Failure { code: e.exit_code(), message: e.to_string() };
+    let id = pipe::sweep::trials::sweep_id(spec);
+    let runs: Vec<u64> = pipe::sweep::run::first_runs(spec, env)?.into_iter().map(|(k, _)| k).collect();
+    let command = job_command(&["sweep", "trial"], file, sets, store)?;
+    let slurm = slurm_for(executor, store);
+    // The sweep and the store name the jobs: a restarted driver finds its own, not another
+    // store's run of the same sweep.
+    let store_dir = pipe::executor::slurm::absolute(&store.store);
+    let store_digest = pipe::digest::bytes(store_dir.display().to_string().as_bytes());
+    let name = format!("sweep-{}-{}", &id[..12], &store_digest[..8]);
+    if executor.dry_run {
+        use pipe::executor::slurm::Job;
+        let first = runs.first().map_or("0".to_string(), u64::to_string);
+        let mut tokenize = command.clone();
+        tokenize.extend(["--trial".into(), first, "--until".into(), "tokenize".into()]);
+        let indices: Vec<String> = runs.iter().map(u64::to_string).collect();
+        let array = Some(format!("{}%{}", indices.join(","), spec.parallel.max(1)));
+        println!(
+            "# sbatch --parsable\n{}",
+            slurm.script(&Job { name: format!("{name}-tokenize"), command: tokenize, ..Job::default() })
+        );
+        println!(
+            "# sbatch --parsable --dependency=afterok:<the tokenize job> --kill-on-invalid-dep=yes\n{}",
+            slurm.script(&Job { name: format!("{name}-trial"), command, array, ..Job::default() })
+        );
+        return Ok(false);
+    }
+    let retries = Retries { retries: executor.retries, exclude_after: executor.exclude_after.max(1) };
+    let state = state_path(&store_dir.join("slurm"), &id[..12]);
+    run_trials(&slurm, &name, &command, &runs, spec.parallel, retries, &state, &mut |line| {
+        eprintln!("  {line}")
+    })
+    .map_err(slurm_failure)?;
+    Ok(true)
+}
+
+/// The command a job runs: this binary, `subcommand`, the file (absolute), the overrides, and
+/// the store (absolute) with its remote.
+fn job_command(
+    subcommand: &[&str],
+    file: &std::path::Path,
+    overrides: &[String],
+    store: &StoreArgs,
+) -> Result<Vec<String>, Failure> {
+    use pipe::executor::slurm::absolute;
+    let exe = std::env::current_exe()
+        .map_err(|e| Failure { code: 1, message: format!("cannot find pipe's own path: {e}") })?;
+    let mut command = vec![exe.display().to_string()];
+    command.extend(subcommand.iter().map(|s| s.to_string()));
+    command.push(absolute(file).display().to_string());
+    for o in overrides {
+        command.extend(["--set".into(), o.clone()]);
+    }
+    command.extend(["--store".into(), absolute(&store.store).display().to_string()]);
+    if let Some(url) = &store.remote {
+        command.extend(["--remote".into(), url.clone()]);
+    }
+    if store.push {
+        command.push("--push".into());
+    }
+    if store.remote_required {
+        command.push("--remote-required".into());
+    }
+    Ok(command)
+}
+
+/// The cluster the executor options describe, its logs under `<store>/slurm/`.
+fn slurm_for(executor: &cli::ExecutorArgs, store: &StoreArgs) -> pipe::executor::slurm::Slurm {
+    let resources = pipe::executor::slurm::Resources {
+        partition: executor.partition.clone(),
+        cpus_per_task: executor.cpus_per_task,
+        mem: executor.mem.clone(),
+        time: executor.time.clone(),
+        gpus: executor.gpus,
+        extra: executor.sbatch_args.clone(),
+    };
+    pipe::executor::slurm::Slurm::new(resources, pipe::executor::slurm::absolute(&store.store).join("slurm"))
+}
+
+/// The stage named `name`.
+fn stage_named(name: &str) -> Option<pipe::plan::StageKind> {
+    pipe::plan::StageKind::ALL.into_iter().find(|k| k.name() == name)
+}
+
 /// The local store the arguments name, for commands that never touch the remote.
-fn local(args: StoreArgs) -> Store {
-    Store::new(args.store)
+fn local(args: &StoreArgs) -> Store {
+    Store::new(&args.store)
 }
 
 /// A failure, with the exit code it maps to.
@@ -122,9 +269,23 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Run { pipeline, store, json } => {
+        Command::Run { pipeline, store: store_args, json, executor, until } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
-            let store = open(store)?;
+            let store = open(&store_args)?;
+            if let Some(until) = until {
+                // One stage's job for an executor: the pipeline up to that stage, no record.
+                let kind = stage_named(&until).expect("clap allows stage names only");
+                let mut renderer = render::Progress::new(std::io::stderr().is_terminal(), false);
+                let done = engine::run_until(&p, &store, kind, &mut |e| renderer.event(e));
+                renderer.finish();
+                done?;
+                return Ok(());
+            }
+            if executor.executor == cli::ExecutorArg::Slurm
+                && !run_on_slurm(&pipeline, &store_args, &executor)?
+            {
+                return Ok(()); // a dry run
+            }
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let outcome = engine::run(&p, &store, &mut |e| renderer.event(e));
             renderer.finish();
@@ -136,7 +297,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Sweep { action, file, sets, store, json } => {
+        Command::Sweep { action, file, sets, store, json, executor } => {
             let env: Vec<(String, String)> = std::env::vars_os()
                 .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
                 .collect();
@@ -147,7 +308,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             match action {
                 Some(SweepAction::Show { sweep, store, json }) => {
                     let record =
-                        pipe::sweep::run::read_record(&local(store), &sweep, &env).map_err(sweep_failure)?;
+                        pipe::sweep::run::read_record(&local(&store), &sweep, &env).map_err(sweep_failure)?;
                     let (metric, maximize, outcome) = (&record.metric, record.maximize, &record.outcome);
                     if json {
                         println!("{}", render::sweep_json(metric, maximize, outcome));
@@ -160,7 +321,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
                     let id = pipe::sweep::trials::sweep_id(&spec);
                     // What the store has of the sweep so far, if it ran.
-                    let store = local(store);
+                    let store = local(&store);
                     let recorded = pipe::sweep::run::read_record(&store, &id[..12], &env).ok();
                     let planned = pipe::sweep::trials::plan(&spec);
                     let recorded = recorded.map(|r| r.outcome.trials).unwrap_or_default();
@@ -173,13 +334,48 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 }
                 Some(SweepAction::Best { sweep, store }) => {
                     let record =
-                        pipe::sweep::run::read_record(&local(store), &sweep, &env).map_err(sweep_failure)?;
+                        pipe::sweep::run::read_record(&local(&store), &sweep, &env).map_err(sweep_failure)?;
                     let best = record.outcome.best(record.maximize).and_then(|t| t.run.clone());
                     let best = best.ok_or_else(|| Failure {
                         code: 1,
                         message: format!("sweep {} has no completed trial", short(&record.outcome.id)),
                     })?;
                     println!("{best}");
+                    return Ok(());
+                }
+                Some(SweepAction::Trial { file, sets, store, trial, until }) => {
+                    let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
+                    let k = match trial {
+                        Some(k) => k,
+                        None => std::env::var("SLURM_ARRAY_TASK_ID")
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(|| Failure {
+                                code: 2,
+                                message: "no --trial, and no SLURM_ARRAY_TASK_ID to read it from".into(),
+                            })?,
+                    };
+                    let runs = pipe::sweep::run::first_runs(&spec, &env)?;
+                    let Some((_, overrides)) = runs.into_iter().find(|(n, _)| *n == k) else {
+                        return Err(Failure {
+                            code: 2,
+                            message: format!(
+                                "trial {k} has no values before the sweep's results (it runs in the sweep)"
+                            ),
+                        });
+                    };
+                    std::thread::sleep(pipe::fault::trial_delay(k));
+                    let pipeline = spec.trial_pipeline(&overrides, &env)?;
+                    let store = open(&store)?;
+                    let mut renderer = render::Progress::new(std::io::stderr().is_terminal(), false);
+                    let done = match until.as_deref().and_then(stage_named) {
+                        Some(kind) => {
+                            engine::run_until(&pipeline, &store, kind, &mut |e| renderer.event(e)).map(drop)
+                        }
+                        None => engine::run(&pipeline, &store, &mut |e| renderer.event(e)).map(drop),
+                    };
+                    renderer.finish();
+                    done?;
                     return Ok(());
                 }
                 None => {}
@@ -192,7 +388,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 });
             };
             let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
-            let store = open(store)?;
+            if executor.executor == cli::ExecutorArg::Slurm
+                && !sweep_on_slurm(&spec, &file, &sets, &store, &executor, &env)?
+            {
+                return Ok(()); // a dry run
+            }
+            let store = open(&store)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::sweep::run::run(&spec, &store, &env, &mut |event| {
                 render::sweep_event(&mut renderer, &spec, event, json);
@@ -209,12 +410,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::Plan { pipeline, store } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
-            let planned = engine::plan(&p, &local(store))?;
+            let planned = engine::plan(&p, &local(&store))?;
             print!("{}", render::plan(&planned));
             Ok(())
         }
         Command::Show { run, config, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let record = Record::find(&store, &run)?;
             if config {
                 print!("{}", record.config_toml());
@@ -224,7 +425,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Reproduce { run, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let record = Record::find(&store, &run)?;
             let mut renderer = render::Progress::new(std::io::stderr().is_terminal(), false);
             let result = reproduce::reproduce(&store, &record, &mut |e| renderer.event(e));
@@ -238,7 +439,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
         }
         Command::Verify { drop_checkpoints, repair, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let v = pipe::verify::verify(&store, drop_checkpoints)?;
             print!("{}", render::verification(&store, &v));
             let remote = match store.remote() {
@@ -264,27 +465,27 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
         }
         Command::Push { run, json, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let record = Record::find(&store, &run)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::share::push_run(&store, &record, &mut |e| renderer.event(e));
             report_transfer(renderer, result, json)
         }
         Command::Pull { run, json, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::share::pull_run(&store, &run, &mut |e| renderer.event(e));
             report_transfer(renderer, result, json)
         }
         Command::Gc { older_than, dry_run, store } => {
             let age = pipe::gc::parse_age(&older_than).map_err(|message| Failure { code: 2, message })?;
-            let store = local(store);
+            let store = local(&store);
             let collection = pipe::gc::collect(&store, age, dry_run)?;
             print!("{}", render::collection(&collection, dry_run));
             Ok(())
         }
         Command::Predict { run, texts, input, output, text_column, label_column, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let record = Record::find(&store, &run)?;
             pull_model(&store, &record)?;
             let predictor = Predictor::for_run(&store, &record)?;
@@ -343,7 +544,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 Some(temperature) => pipe::evaluate::Sampling::Sample { temperature, top_p, seed },
                 None => pipe::evaluate::Sampling::Greedy,
             };
-            let store = open(store)?;
+            let store = open(&store)?;
             let record = Record::find(&store, &run)?;
             pull_model(&store, &record)?;
             let generator = Generator::for_run(&store, &record)?;
@@ -363,7 +564,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Diff { a, b, store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let (a, b) = (Record::find(&store, &a)?, Record::find(&store, &b)?);
             println!("{} -> {}", a.id, b.id);
             for line in records::diff(&a, &b) {
@@ -372,7 +573,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Ls { store } => {
-            let store = open(store)?;
+            let store = open(&store)?;
             let local = store.record_ids()?;
             let records = local.iter().filter_map(|id| Record::read(&store, id).ok()).collect::<Vec<_>>();
             print!("{}", render::runs_table(&records));

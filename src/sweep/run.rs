@@ -215,6 +215,23 @@ impl Running {
     }
 }
 
+/// The first run of every trial whose values do not depend on results (grid, random, TPE's
+/// start-up trials), as the sweep would start it (to its first rung under a pruner): `(trial
+/// number, the overrides of its pipeline)`. An executor may run these anywhere ahead of the
+/// sweep, which then finds them done in the store.
+pub fn first_runs(
+    spec: &SweepSpec,
+    env: &[(String, String)],
+) -> Result<Vec<(u64, Vec<String>)>, ConfigError> {
+    let mut runs = Vec::new();
+    for (k, values) in super::trials::plan(spec).into_iter().enumerate() {
+        let Some(values) = values else { break };
+        let trial = Running::new(spec, values, env)?;
+        runs.push((k as u64, trial.overrides_to(trial.next_stop())));
+    }
+    Ok(runs)
+}
+
 /// What a worker sends back: a trial's run to a stop epoch, and how it went.
 type Report = (usize, usize, Option<u64>, f64, Result<RunOutcome, EngineError>);
 
