@@ -141,15 +141,16 @@ fn sweep_file(dir: &Path, seed: u64) {
     std::fs::write(dir.join("sweep.toml"), sweep).unwrap();
 }
 
-/// `pipe sweep show sweep.toml --json` and the sweep record's bytes.
+/// `pipe sweep show ID --json` and the bytes of the sweep's record (the only one in the store).
 fn sweep_outcome(dir: &Path) -> (String, Vec<u8>) {
-    let show = pipe_ok(dir, &["sweep", "show", "sweep.toml", "--json"]);
     let records: Vec<_> = std::fs::read_dir(dir.join("runs/sweeps"))
         .unwrap()
         .filter_map(Result::ok)
         .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
         .collect();
     assert_eq!(records.len(), 1);
+    let id = records[0].path().file_stem().unwrap().to_string_lossy().into_owned();
+    let show = pipe_ok(dir, &["sweep", "show", &id, "--json"]);
     (show, std::fs::read(records[0].path()).unwrap())
 }
 
@@ -188,40 +189,52 @@ fn a_random_sweep_on_slurm_gives_the_local_record_byte_for_byte() {
 }
 
 #[test]
-fn a_cancelled_trial_job_is_submitted_again_and_the_record_is_unchanged() {
+fn a_cancelled_trial_job_is_submitted_again_resumes_from_its_checkpoint_and_the_record_is_unchanged() {
     if !cluster() {
         return;
     }
+    // Two trials long enough (4,000 rows, 10 epochs: seconds) to be cancelled while they train.
+    let sweep = "pipeline = \"pipeline.toml\"\nmethod = \"random\"\nn_trials = 2\nseed = 12\nparallel = 2\n\n\
+                 [params]\n\"optimizer.lr\" = { log_uniform = [1e-4, 1e-2] }\n";
+    let setup = |dir: &Path| {
+        std::fs::write(dir.join("data/train.csv"), tiny_csv(4000, 1, false)).unwrap();
+        std::fs::write(dir.join("sweep.toml"), sweep).unwrap();
+    };
     let local = project();
-    sweep_file(local.path(), 12);
-    pipe_ok(local.path(), &["sweep", "sweep.toml"]);
+    setup(local.path());
+    let args = ["sweep", "sweep.toml", "--set", "train.epochs=10"];
+    pipe_ok(local.path(), &args);
     let dir = project();
-    sweep_file(dir.path(), 12);
-    // Trial 0 waits 4 s inside its job: long enough to be cancelled while it runs.
-    let args = ["sweep", "sweep.toml", "--executor", "slurm"];
-    let mut command = pipe_command(dir.path(), &args);
-    let mut driver =
-        command.env("PIPE_SWEEP_DELAYS", "0:4000").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    setup(dir.path());
+    let mut args = args.to_vec();
+    args.extend(["--executor", "slurm"]);
+    let mut driver = pipe_command(dir.path(), &args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Trial 0's task, once it has trained for a while.
+    let mut running_since = None;
     let task = loop {
         let out = std::process::Command::new("squeue").args(["-h", "-o", "%i %T %j"]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let running = text.lines().find(|l| {
-            l.contains("RUNNING") && l.ends_with("-trial") && l.split(' ').next().unwrap().ends_with("_0")
-        });
-        if let Some(line) = running.filter(|l| l.contains("sweep-")) {
-            break line.split(' ').next().unwrap().to_string();
+        let ours = |l: &&str| l.contains("RUNNING") && l.ends_with("-trial") && l.contains("pipe-sweep-");
+        let trial0 = text.lines().filter(ours).find(|l| l.split(' ').next().unwrap().ends_with("_0"));
+        if let Some(line) = trial0 {
+            let since = *running_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > std::time::Duration::from_millis(2500) {
+                break line.split(' ').next().unwrap().to_string();
+            }
         }
-        assert!(driver.try_wait().unwrap().is_none(), "the driver ended before trial 0 ran");
+        assert!(driver.try_wait().unwrap().is_none(), "the driver ended before trial 0 was cancelled");
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(std::process::Command::new("scancel").arg(&task).status().unwrap().success());
     let output = driver.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("trial 0: job {task} ended CANCELLED; submitted again as job")),
-        "{stderr}"
-    );
+    let again = format!("trial 0: job {task} ended CANCELLED; submitted again as job");
+    let line = stderr.lines().find(|l| l.contains(&again)).unwrap_or_else(|| panic!("{stderr}"));
+    // The job that took over went on from the checkpoint the cancelled one left.
+    let log = line.split("(log: ").nth(1).unwrap().trim_end_matches(')');
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("resuming from checkpoint at step"), "{log}");
     assert_eq!(sweep_outcome(dir.path()), sweep_outcome(local.path()));
 }
 
