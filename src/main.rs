@@ -62,45 +62,13 @@ fn run_on_slurm(
     store: &StoreArgs,
     executor: &cli::ExecutorArgs,
 ) -> Result<bool, Failure> {
-    use pipe::executor::slurm::Job;
-    let slurm_failure =
-        |e: pipe::executor::slurm::SlurmError| Failure { code: e.exit_code(), message: e.to_string() };
-    let base = job_command(&["run"], &pipeline.file, &pipeline.overrides, store)?;
+    let command = job_command(&["run"], &pipeline.file, &pipeline.overrides, store)?;
     let slurm = slurm_for(executor, store);
-    let mut jobs: Vec<(String, String)> = Vec::new();
-    for kind in pipe::plan::StageKind::ALL {
-        let mut command = base.clone();
-        command.extend(["--until".into(), kind.name().into()]);
-        let after: Vec<String> = jobs.last().map(|(_, id)| id.clone()).into_iter().collect();
-        let job = Job { name: kind.name().into(), command, after, ..Job::default() };
-        if executor.dry_run {
-            let after = if jobs.is_empty() {
-                String::new()
-            } else {
-                " --dependency=afterok:<the previous job> --kill-on-invalid-dep=yes".into()
-            };
-            println!(
-                "# sbatch --parsable{after}
-{}",
-                slurm.script(&job)
-            );
-            jobs.push((kind.name().into(), "<id>".into()));
-            continue;
-        }
-        let id = slurm.submit(&job).map_err(slurm_failure)?;
-        eprintln!(
-            "  {:<9} submitted as Slurm job {id} (log: {})",
-            kind.name(),
-            slurm.log(kind.name(), &id).display()
-        );
-        jobs.push((kind.name().into(), id));
-    }
     if executor.dry_run {
+        print!("{}", pipe::executor::slurm::pipeline_scripts(&slurm, &command));
         return Ok(false);
     }
-    slurm
-        .wait(&jobs, &mut |name, id, state| eprintln!("  {name:<9} job {id} {}", state.to_lowercase()))
-        .map_err(slurm_failure)?;
+    pipe::executor::slurm::run_pipeline(&slurm, &command, &mut |line| eprintln!("  {line}"))?;
     Ok(true)
 }
 
@@ -116,8 +84,6 @@ fn sweep_on_slurm(
     env: &[(String, String)],
 ) -> Result<bool, Failure> {
     use pipe::executor::trials::{Retries, run_trials, state_path};
-    let slurm_failure =
-        |e: pipe::executor::slurm::SlurmError| Failure { code: e.exit_code(), message: e.to_string() };
     let id = pipe::sweep::trials::sweep_id(spec);
     let runs: Vec<u64> = pipe::sweep::run::first_runs(spec, env)?.into_iter().map(|(k, _)| k).collect();
     let command = job_command(&["sweep", "trial"], file, sets, store)?;
@@ -128,28 +94,14 @@ fn sweep_on_slurm(
     let store_digest = pipe::digest::bytes(store_dir.display().to_string().as_bytes());
     let name = format!("sweep-{}-{}", &id[..12], &store_digest[..8]);
     if executor.dry_run {
-        use pipe::executor::slurm::Job;
-        let first = runs.first().map_or("0".to_string(), u64::to_string);
-        let mut tokenize = command.clone();
-        tokenize.extend(["--trial".into(), first, "--until".into(), "tokenize".into()]);
-        let indices: Vec<String> = runs.iter().map(u64::to_string).collect();
-        let array = Some(format!("{}%{}", indices.join(","), spec.parallel.max(1)));
-        println!(
-            "# sbatch --parsable\n{}",
-            slurm.script(&Job { name: format!("{name}-tokenize"), command: tokenize, ..Job::default() })
-        );
-        println!(
-            "# sbatch --parsable --dependency=afterok:<the tokenize job> --kill-on-invalid-dep=yes\n{}",
-            slurm.script(&Job { name: format!("{name}-trial"), command, array, ..Job::default() })
-        );
+        print!("{}", pipe::executor::trials::trial_scripts(&slurm, &name, &command, &runs, spec.parallel));
         return Ok(false);
     }
     let retries = Retries { retries: executor.retries, exclude_after: executor.exclude_after.max(1) };
     let state = state_path(&store_dir.join("slurm"), &id[..12]);
     run_trials(&slurm, &name, &command, &runs, spec.parallel, retries, &state, &mut |line| {
         eprintln!("  {line}")
-    })
-    .map_err(slurm_failure)?;
+    })?;
     Ok(true)
 }
 
@@ -238,6 +190,12 @@ impl From<PredictError> for Failure {
 
 impl From<RemoteError> for Failure {
     fn from(e: RemoteError) -> Self {
+        Self { code: e.exit_code(), message: e.to_string() }
+    }
+}
+
+impl From<pipe::executor::slurm::SlurmError> for Failure {
+    fn from(e: pipe::executor::slurm::SlurmError) -> Self {
         Self { code: e.exit_code(), message: e.to_string() }
     }
 }

@@ -129,6 +129,13 @@ fn a_dry_run_prints_the_batch_scripts_and_submits_nothing() {
     assert_eq!(out.matches("--dependency=afterok:").count(), 2, "{out}");
     assert!(out.contains("--set train.epochs=2 --store") && out.contains("--until evaluate"), "{out}");
     assert!(!dir.path().join("runs/stages").exists(), "nothing ran");
+    // A sweep: the tokenize job, then the array of its trials, two at a time.
+    sweep_file(dir.path(), 15);
+    let out = pipe_ok(dir.path(), &["sweep", "sweep.toml", "--executor", "slurm", "--dry-run"]);
+    assert_eq!(out.matches("#!/bin/sh").count(), 2, "{out}");
+    assert!(out.contains("#SBATCH --array=0,1,2,3,4,5%2") && out.contains("sweep trial"), "{out}");
+    assert!(out.contains("--trial 0 --until tokenize"), "{out}");
+    assert!(!dir.path().join("runs/stages").exists(), "nothing ran");
 }
 
 /// A 6-trial random sweep of the tiny pipeline, with its own seed (so that tests running at once

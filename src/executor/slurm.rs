@@ -299,6 +299,51 @@ impl Slurm {
     }
 }
 
+/// The jobs of a pipeline run: one per stage, each running `command` (`pipe run FILE ...`) up to
+/// its stage (`--until`), each after the one before.
+fn pipeline_jobs(command: &[String]) -> Vec<Job> {
+    crate::plan::StageKind::ALL
+        .iter()
+        .map(|kind| {
+            let mut command = command.to_vec();
+            command.extend(["--until".into(), kind.name().into()]);
+            Job { name: kind.name().into(), command, ..Job::default() }
+        })
+        .collect()
+}
+
+/// The batch scripts [`run_pipeline`] would submit, with how each is submitted (`--dry-run`).
+pub fn pipeline_scripts(slurm: &Slurm, command: &[String]) -> String {
+    let mut out = String::new();
+    for (i, job) in pipeline_jobs(command).iter().enumerate() {
+        let after =
+            if i == 0 { "" } else { " --dependency=afterok:<the previous job> --kill-on-invalid-dep=yes" };
+        out.push_str(&format!("# sbatch --parsable{after}\n{}", slurm.script(job)));
+    }
+    out
+}
+
+/// Runs a pipeline as chained jobs (see the module doc) and returns once the last one completed;
+/// `say` hears each submission and state change.
+pub fn run_pipeline(
+    slurm: &Slurm,
+    command: &[String],
+    say: &mut dyn FnMut(String),
+) -> Result<(), SlurmError> {
+    let mut submitted: Vec<(String, String)> = Vec::new();
+    for mut job in pipeline_jobs(command) {
+        job.after = submitted.last().map(|(_, id)| id.clone()).into_iter().collect();
+        let id = slurm.submit(&job)?;
+        say(format!(
+            "{:<9} submitted as Slurm job {id} (log: {})",
+            job.name,
+            slurm.log(&job.name, &id).display()
+        ));
+        submitted.push((job.name, id));
+    }
+    slurm.wait(&submitted, &mut |name, id, state| say(format!("{name:<9} job {id} {}", state.to_lowercase())))
+}
+
 /// Runs a Slurm client command: its standard output, or an error naming it with Slurm's message.
 fn run(command: &mut Command, name: &str, input: Option<&[u8]>) -> Result<String, SlurmError> {
     let failed = |message: String| SlurmError::Command { command: name.into(), message };

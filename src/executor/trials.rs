@@ -82,12 +82,15 @@ pub fn run_trials(
     state_path: &Path,
     say: &mut dyn FnMut(String),
 ) -> Result<(), SlurmError> {
-    let Some(&first) = runs.first() else { return Ok(()) };
+    if runs.is_empty() {
+        return Ok(());
+    }
     let mut state = Submitted::load(state_path)?;
     let with = |extra: &[&str]| -> Vec<String> {
         command.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect()
     };
-    let tokenize_name = format!("{name}-tokenize");
+    let (tokenize_job, mut array_job) = jobs(name, command, runs, parallel, &state.excluded);
+    let (tokenize_name, trials_name) = (tokenize_job.name.clone(), array_job.name.clone());
     // A driver killed between a submission and saving its id finds the job by its name (which
     // names the sweep and the store).
     if state.tokenize.is_none() {
@@ -96,43 +99,28 @@ pub fn run_trials(
     match &state.tokenize {
         Some(id) => say(format!("re-attached to the tokenize job {id}")),
         None => {
-            let job = Job {
-                name: tokenize_name.clone(),
-                command: with(&["--trial", &first.to_string(), "--until", "tokenize"]),
-                exclude: state.excluded.clone(),
-                ..Job::default()
-            };
-            let id = slurm.submit(&job)?;
+            let id = slurm.submit(&tokenize_job)?;
             state.tokenize = Some(id.clone());
             state.save(state_path)?;
-            say(format!(
-                "tokenize submitted as Slurm job {id} (log: {})",
-                slurm.log(&tokenize_name, &id).display()
-            ));
+            let log = slurm.log(&tokenize_name, &id);
+            say(format!("tokenize submitted as Slurm job {id} (log: {})", log.display()));
         }
     }
-    let trials_name = format!("{name}-trial");
     if state.array.is_none() {
         state.array = slurm.find_named(&trials_name)?;
     }
     match &state.array {
         Some(id) => say(format!("re-attached to the trials' job array {id}")),
         None => {
-            let indices: Vec<String> = runs.iter().map(u64::to_string).collect();
-            let job = Job {
-                name: trials_name.clone(),
-                command: command.to_vec(),
-                after: state.tokenize.iter().cloned().collect(),
-                array: Some(format!("{}%{}", indices.join(","), parallel.max(1))),
-                exclude: state.excluded.clone(),
-            };
-            let id = slurm.submit(&job)?;
+            array_job.after = state.tokenize.iter().cloned().collect();
+            let id = slurm.submit(&array_job)?;
             state.array = Some(id.clone());
             state.save(state_path)?;
+            let logs = slurm.log(&trials_name, &format!("{id}_<trial>"));
             say(format!(
                 "{} trial(s) submitted as Slurm job array {id} (logs: {})",
                 runs.len(),
-                slurm.log(&trials_name, &format!("{id}_<trial>")).display()
+                logs.display()
             ));
         }
     }
@@ -240,6 +228,38 @@ pub fn run_trials(
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+/// The tokenize job and the trials' array (see [`run_trials`]).
+fn jobs(name: &str, command: &[String], runs: &[u64], parallel: u64, excluded: &[String]) -> (Job, Job) {
+    let first = runs.first().map_or("0".to_string(), u64::to_string);
+    let mut tokenize = command.to_vec();
+    tokenize.extend(["--trial".into(), first, "--until".into(), "tokenize".into()]);
+    let indices: Vec<String> = runs.iter().map(u64::to_string).collect();
+    let tokenize = Job {
+        name: format!("{name}-tokenize"),
+        command: tokenize,
+        exclude: excluded.to_vec(),
+        ..Job::default()
+    };
+    let array = Job {
+        name: format!("{name}-trial"),
+        command: command.to_vec(),
+        array: Some(format!("{}%{}", indices.join(","), parallel.max(1))),
+        exclude: excluded.to_vec(),
+        ..Job::default()
+    };
+    (tokenize, array)
+}
+
+/// The batch scripts [`run_trials`] would submit first, with how each is submitted (`--dry-run`).
+pub fn trial_scripts(slurm: &Slurm, name: &str, command: &[String], runs: &[u64], parallel: u64) -> String {
+    let (tokenize, array) = jobs(name, command, runs, parallel, &[]);
+    format!(
+        "# sbatch --parsable\n{}# sbatch --parsable --dependency=afterok:<the tokenize job> --kill-on-invalid-dep=yes\n{}",
+        slurm.script(&tokenize),
+        slurm.script(&array)
+    )
 }
 
 /// Task `k` of array `array`, when `scontrol` lists it on its own line.
