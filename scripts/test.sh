@@ -20,22 +20,20 @@ fi
 s3_dir=$(mktemp -d)
 slurm_dir=$(mktemp -d)
 trap 'scripts/s3-server.sh stop "$s3_dir"; scripts/slurm-cluster.sh stop "$slurm_dir"; rm -rf "$s3_dir" "$slurm_dir"' EXIT
-if s3_vars=$(scripts/s3-server.sh start "$s3_dir"); then
-  eval "$s3_vars"
-elif [ -n "${CI:-}" ]; then
-  echo "error: CI must run the remote-store tests, and the S3 server could not be started" >&2
-  exit 1
-else
-  echo "warning: no S3 server (no network?); the remote-store tests will print SKIPPED" >&2
-fi
-if slurm_vars=$(scripts/slurm-cluster.sh start "$slurm_dir"); then
-  eval "$slurm_vars"
-elif [ -n "${CI:-}" ]; then
-  echo "error: CI must run the Slurm tests, and the cluster could not be started" >&2
-  exit 1
-else
-  echo "warning: no Slurm cluster (not root, or no network?); the Slurm tests will print SKIPPED" >&2
-fi
+# Starts a test service (its script prints the variables the tests read); CI must have it.
+start() {
+  local what=$1 script=$2 dir=$3 vars
+  if vars=$("$script" start "$dir"); then
+    eval "$vars"
+  elif [ -n "${CI:-}" ]; then
+    echo "error: CI must run the tests against the $what, and it could not be started" >&2
+    exit 1
+  else
+    echo "warning: no $what (no network, or not root?); its tests will print SKIPPED" >&2
+  fi
+}
+start "S3 server" scripts/s3-server.sh "$s3_dir"
+start "Slurm cluster" scripts/slurm-cluster.sh "$slurm_dir"
 cargo test --locked
 # shellcheck source=scripts/cuda-env.sh
 if source scripts/cuda-env.sh --compile-only; then

@@ -35,9 +35,18 @@ pub enum EngineError {
     Remote(#[from] crate::store::RemoteError),
     #[error(transparent)]
     Record(#[from] crate::records::RecordError),
+    /// An executor could not run the work elsewhere (a job failed, Slurm refused it).
+    #[error(transparent)]
+    Executor(Box<crate::executor::slurm::SlurmError>),
     /// Ctrl-C or SIGTERM arrived between stages; the finished stages are kept.
     #[error("interrupted before the {0} stage; finished stages are kept, the next run goes on from there")]
     Interrupted(StageKind),
+}
+
+impl From<crate::executor::slurm::SlurmError> for EngineError {
+    fn from(e: crate::executor::slurm::SlurmError) -> Self {
+        Self::Executor(Box::new(e))
+    }
 }
 
 impl EngineError {
@@ -51,6 +60,7 @@ impl EngineError {
             Self::Stage { source, .. } if source.is_bad_input() => 2,
             Self::Remote(e) => i32::from(e.exit_code()),
             Self::Record(e) => i32::from(e.exit_code()),
+            Self::Executor(e) => i32::from(e.exit_code()),
             _ => 1,
         }
     }

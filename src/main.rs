@@ -346,16 +346,50 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 });
             };
             let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
-            if executor.executor == cli::ExecutorArg::Slurm
-                && !sweep_on_slurm(&spec, &file, &sets, &store, &executor, &env)?
-            {
+            let on_slurm = executor.executor == cli::ExecutorArg::Slurm;
+            if on_slurm && !sweep_on_slurm(&spec, &file, &sets, &store, &executor, &env)? {
                 return Ok(()); // a dry run
             }
-            let store = open(&store)?;
+            let store_args = store;
+            let store = open(&store_args)?;
+            // On Slurm, a trial's run that is not yet in the store (TPE's trials after its start-up
+            // ones, pruned trials going on to their next rung) is a job too; the sweep here then
+            // finds it done.
+            let base = match on_slurm {
+                true => Some(job_command(&["run"], &spec.pipeline, &spec.sets, &store_args)?),
+                false => None,
+            };
+            let slurm = slurm_for(&executor, &store_args);
+            // It returns what `engine::run` returns, error type included.
+            #[allow(clippy::result_large_err)]
+            let runner = |k: u64,
+                          pipeline: &config::Pipeline,
+                          overrides: &[String],
+                          observe: pipe::stages::Observer<'_>| {
+                if let Some(base) = &base
+                    && !engine::plan(pipeline, &store)?.iter().all(|stage| stage.fresh)
+                {
+                    let mut command = base.clone();
+                    for o in overrides {
+                        command.extend(["--set".into(), o.clone()]);
+                    }
+                    let name = format!("sweep-trial{k}");
+                    pipe::executor::slurm::run_one(&slurm, &name, command, &mut |line| {
+                        eprintln!("  trial {k}: {line}")
+                    })?;
+                }
+                engine::run(pipeline, &store, observe)
+            };
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
-            let result = pipe::sweep::run::run(&spec, &store, &env, &mut |event| {
-                render::sweep_event(&mut renderer, &spec, event, json);
-            });
+            let result = pipe::sweep::run::run_with(
+                &spec,
+                &store,
+                &env,
+                &mut |event| {
+                    render::sweep_event(&mut renderer, &spec, event, json);
+                },
+                &runner,
+            );
             renderer.finish();
             let outcome = result.map_err(sweep_failure)?;
             let (metric, maximize) = (&spec.objective.metric, spec.objective.maximize);

@@ -302,3 +302,31 @@ fn a_node_that_fails_every_job_is_excluded_after_k_failures() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(&format!("excluded nodes: {node}")), "{stderr}");
 }
+
+#[test]
+fn a_pruned_sweeps_continuations_run_as_jobs_to_the_local_record() {
+    if !cluster() {
+        return;
+    }
+    // Trials run to their first rung in the array; those the pruner keeps go on in jobs of their own.
+    let sweep = "pipeline = \"pipeline.toml\"\nmethod = \"random\"\nn_trials = 4\nseed = 16\nparallel = 2\n\n\
+                 [pruner]\nmethod = \"asha\"\nreduction = 2\n\n\
+                 [params]\n\"optimizer.lr\" = { log_uniform = [1e-4, 3e-2] }\n";
+    let args = ["sweep", "sweep.toml", "--set", "train.epochs=4"];
+    let local = project();
+    std::fs::write(local.path().join("sweep.toml"), sweep).unwrap();
+    pipe_ok(local.path(), &args);
+    let dir = project();
+    std::fs::write(dir.path().join("sweep.toml"), sweep).unwrap();
+    let mut on_slurm = args.to_vec();
+    on_slurm.extend(["--executor", "slurm"]);
+    let output = pipe(dir.path(), &on_slurm);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("4 trial(s) submitted as Slurm job array"), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.contains("trial") && l.contains(": submitted as Slurm job")),
+        "{stderr}"
+    );
+    assert_eq!(sweep_outcome(dir.path()), sweep_outcome(local.path()));
+}

@@ -344,6 +344,20 @@ pub fn run_pipeline(
     slurm.wait(&submitted, &mut |name, id, state| say(format!("{name:<9} job {id} {}", state.to_lowercase())))
 }
 
+/// Runs `command` as one job named `name` and returns once it completed; `say` hears its
+/// submission.
+pub fn run_one(
+    slurm: &Slurm,
+    name: &str,
+    command: Vec<String>,
+    say: &mut dyn FnMut(String),
+) -> Result<(), SlurmError> {
+    let job = Job { name: name.into(), command, ..Job::default() };
+    let id = slurm.submit(&job)?;
+    say(format!("submitted as Slurm job {id} (log: {})", slurm.log(name, &id).display()));
+    slurm.wait(&[(name.into(), id)], &mut |_, _, _| {})
+}
+
 /// Runs a Slurm client command: its standard output, or an error naming it with Slurm's message.
 fn run(command: &mut Command, name: &str, input: Option<&[u8]>) -> Result<String, SlurmError> {
     let failed = |message: String| SlurmError::Command { command: name.into(), message };

@@ -2,8 +2,9 @@
 //! array of every trial whose values are fixed before any result (grid, random, TPE's start-up
 //! trials), `%parallel` at a time, each task running `pipe sweep trial` for its index. The sweep
 //! itself then runs here and finds those trials done in the shared store, so its trial list, run
-//! ids, record and `--json` are the local executor's (trials whose values depend on results run
-//! here, in order).
+//! ids, record and `--json` are the local executor's; the runs it still needs (trials whose values
+//! depend on results, pruned trials' continuations) are jobs of their own
+//! ([`super::slurm::run_one`], through [`crate::sweep::run::run_with`]).
 //!
 //! Faults are normal on a cluster:
 //!

@@ -235,6 +235,18 @@ pub fn first_runs(
 /// What a worker sends back: a trial's run to a stop epoch, and how it went.
 type Report = (usize, usize, Option<u64>, f64, Result<RunOutcome, EngineError>);
 
+/// Runs one run of trial `k`: its pipeline, and the overrides that made it (after the sweep's
+/// `--set`s). The local executor is [`engine::run`]; another may run it elsewhere, as long as it
+/// returns what `engine::run` returns (the run is then found in the shared store).
+pub type TrialRunner<'a> = dyn Fn(
+        u64,
+        &crate::config::Pipeline,
+        &[String],
+        crate::stages::Observer<'_>,
+    ) -> Result<RunOutcome, EngineError>
+    + Sync
+    + 'a;
+
 /// Runs (or resumes) the sweep `spec` in `store`; `env` are the `PIPE_*` variables every trial's
 /// pipeline is loaded with.
 pub fn run(
@@ -242,6 +254,17 @@ pub fn run(
     store: &Store,
     env: &[(String, String)],
     observe: &mut (dyn FnMut(SweepEvent<'_>) + Send),
+) -> Result<SweepOutcome, SweepError> {
+    run_with(spec, store, env, observe, &|_, pipeline, _, observe| engine::run(pipeline, store, observe))
+}
+
+/// [`run`], with each trial's runs made by `runner`.
+pub fn run_with(
+    spec: &SweepSpec,
+    store: &Store,
+    env: &[(String, String)],
+    observe: &mut (dyn FnMut(SweepEvent<'_>) + Send),
+    runner: &TrialRunner<'_>,
 ) -> Result<SweepOutcome, SweepError> {
     let id = sweep_id(spec);
     let started = Instant::now();
@@ -310,7 +333,7 @@ pub fn run(
                         let result = pool.install(|| {
                             let pipeline =
                                 spec.trial_pipeline(&overrides, env).map_err(EngineError::Config)?;
-                            engine::run(&pipeline, store, &mut |event| {
+                            runner(k as u64, &pipeline, &overrides, &mut |event| {
                                 emit(SweepEvent::Stage { trial: k as u64, event })
                             })
                         });
