@@ -35,6 +35,8 @@ socks = [socket.socket() for _ in range(2)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/munge"
+# munged runs as the munge user, which must reach its directory (mktemp -d makes DIR private).
+chmod 755 "$dir"
 # munged, as the munge user, with its own socket (a system munged may be running or not).
 [ -f /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
 chown munge:munge "$dir/munge"

@@ -88,11 +88,8 @@ fn sweep_on_slurm(
     let runs: Vec<u64> = pipe::sweep::run::first_runs(spec, env)?.into_iter().map(|(k, _)| k).collect();
     let command = job_command(&["sweep", "trial"], file, sets, store)?;
     let slurm = slurm_for(executor, store);
-    // The sweep and the store name the jobs: a restarted driver finds its own, not another
-    // store's run of the same sweep.
     let store_dir = pipe::executor::slurm::absolute(&store.store);
-    let store_digest = pipe::digest::bytes(store_dir.display().to_string().as_bytes());
-    let name = format!("sweep-{}-{}", &id[..12], &store_digest[..8]);
+    let name = sweep_job_name(spec, store);
     if executor.dry_run {
         print!("{}", pipe::executor::trials::trial_scripts(&slurm, &name, &command, &runs, spec.parallel));
         return Ok(false);
@@ -103,6 +100,15 @@ fn sweep_on_slurm(
         eprintln!("  {line}")
     })?;
     Ok(true)
+}
+
+/// The prefix of a sweep's job names: the sweep and the store, so that a restarted driver finds
+/// its own jobs, not another store's run of the same sweep.
+fn sweep_job_name(spec: &pipe::sweep::spec::SweepSpec, store: &StoreArgs) -> String {
+    let id = pipe::sweep::trials::sweep_id(spec);
+    let store_dir = pipe::executor::slurm::absolute(&store.store);
+    let store_digest = pipe::digest::bytes(store_dir.display().to_string().as_bytes());
+    format!("sweep-{}-{}", &id[..12], &store_digest[..8])
 }
 
 /// The command a job runs: this binary, `subcommand`, the file (absolute), the overrides, and
@@ -373,7 +379,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     for o in overrides {
                         command.extend(["--set".into(), o.clone()]);
                     }
-                    let name = format!("sweep-trial{k}");
+                    // Named by what it computes: the sweep, the store, the trial and its stop epoch.
+                    let stop = overrides.iter().find_map(|o| o.strip_prefix("train.stop_after_epoch="));
+                    let name = format!(
+                        "{}-trial{k}-to{}",
+                        sweep_job_name(&spec, &store_args),
+                        stop.unwrap_or("end")
+                    );
                     pipe::executor::slurm::run_one(&slurm, &name, command, &mut |line| {
                         eprintln!("  trial {k}: {line}")
                     })?;

@@ -345,16 +345,25 @@ pub fn run_pipeline(
 }
 
 /// Runs `command` as one job named `name` and returns once it completed; `say` hears its
-/// submission.
+/// submission. A job of that name still queued or running (a killed driver's) is waited for
+/// instead of submitted again, so `name` must say what the job computes.
 pub fn run_one(
     slurm: &Slurm,
     name: &str,
     command: Vec<String>,
     say: &mut dyn FnMut(String),
 ) -> Result<(), SlurmError> {
-    let job = Job { name: name.into(), command, ..Job::default() };
-    let id = slurm.submit(&job)?;
-    say(format!("submitted as Slurm job {id} (log: {})", slurm.log(name, &id).display()));
+    let id = match slurm.find_named(name)? {
+        Some(id) => {
+            say(format!("re-attached to Slurm job {id}"));
+            id
+        }
+        None => {
+            let id = slurm.submit(&Job { name: name.into(), command, ..Job::default() })?;
+            say(format!("submitted as Slurm job {id} (log: {})", slurm.log(name, &id).display()));
+            id
+        }
+    };
     slurm.wait(&[(name.into(), id)], &mut |_, _, _| {})
 }
 
