@@ -20,6 +20,8 @@ fi
 s3_dir=$(mktemp -d)
 slurm_dir=$(mktemp -d)
 trap 'scripts/s3-server.sh stop "$s3_dir"; scripts/slurm-cluster.sh stop "$slurm_dir"; rm -rf "$s3_dir" "$slurm_dir"' EXIT
+# A signal ends the script through its EXIT trap, so the servers never outlive it.
+trap 'exit 143' INT TERM
 # Starts a test service (its script prints the variables the tests read); CI must have it.
 start() {
   local what=$1 script=$2 dir=$3 vars

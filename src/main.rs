@@ -2,6 +2,7 @@
 //! and maps errors to exit codes (0 ok, 1 a stage failed, 2 bad configuration, input or usage).
 
 mod cli;
+mod cluster;
 mod render;
 
 use std::io::IsTerminal;
@@ -52,106 +53,6 @@ fn report_transfer(
     renderer.finish();
     print!("{}", render::run_transfer(&result?, json));
     Ok(())
-}
-
-/// `pipe run --executor slurm`: one batch job per stage, chained by dependencies, each running
-/// this binary on the shared store; returns once the last one completed (false for a dry run,
-/// which only prints the scripts). The caller then finishes the run here, every stage done.
-fn run_on_slurm(
-    pipeline: &cli::PipelineArgs,
-    store: &StoreArgs,
-    executor: &cli::ExecutorArgs,
-) -> Result<bool, Failure> {
-    let command = job_command(&["run"], &pipeline.file, &pipeline.overrides, store)?;
-    let slurm = slurm_for(executor, store);
-    if executor.dry_run {
-        print!("{}", pipe::executor::slurm::pipeline_scripts(&slurm, &command));
-        return Ok(false);
-    }
-    pipe::executor::slurm::run_pipeline(&slurm, &command, &mut |line| eprintln!("  {line}"))?;
-    Ok(true)
-}
-
-/// `pipe sweep --executor slurm`: the trials whose values are fixed before any result run as a
-/// Slurm job array (after one tokenize job); returns when they ended (false for a dry run). The
-/// caller then runs the sweep here, which finds them in the store.
-fn sweep_on_slurm(
-    spec: &pipe::sweep::spec::SweepSpec,
-    file: &std::path::Path,
-    sets: &[String],
-    store: &StoreArgs,
-    executor: &cli::ExecutorArgs,
-    env: &[(String, String)],
-) -> Result<bool, Failure> {
-    use pipe::executor::trials::{Retries, run_trials, state_path};
-    let id = pipe::sweep::trials::sweep_id(spec);
-    let runs: Vec<u64> = pipe::sweep::run::first_runs(spec, env)?.into_iter().map(|(k, _)| k).collect();
-    let command = job_command(&["sweep", "trial"], file, sets, store)?;
-    let slurm = slurm_for(executor, store);
-    let store_dir = pipe::executor::slurm::absolute(&store.store);
-    let name = sweep_job_name(spec, store);
-    if executor.dry_run {
-        print!("{}", pipe::executor::trials::trial_scripts(&slurm, &name, &command, &runs, spec.parallel));
-        return Ok(false);
-    }
-    let retries = Retries { retries: executor.retries, exclude_after: executor.exclude_after.max(1) };
-    let state = state_path(&store_dir.join("slurm"), &id[..12]);
-    run_trials(&slurm, &name, &command, &runs, spec.parallel, retries, &state, &mut |line| {
-        eprintln!("  {line}")
-    })?;
-    Ok(true)
-}
-
-/// The prefix of a sweep's job names: the sweep and the store, so that a restarted driver finds
-/// its own jobs, not another store's run of the same sweep.
-fn sweep_job_name(spec: &pipe::sweep::spec::SweepSpec, store: &StoreArgs) -> String {
-    let id = pipe::sweep::trials::sweep_id(spec);
-    let store_dir = pipe::executor::slurm::absolute(&store.store);
-    let store_digest = pipe::digest::bytes(store_dir.display().to_string().as_bytes());
-    format!("sweep-{}-{}", &id[..12], &store_digest[..8])
-}
-
-/// The command a job runs: this binary, `subcommand`, the file (absolute), the overrides, and
-/// the store (absolute) with its remote.
-fn job_command(
-    subcommand: &[&str],
-    file: &std::path::Path,
-    overrides: &[String],
-    store: &StoreArgs,
-) -> Result<Vec<String>, Failure> {
-    use pipe::executor::slurm::absolute;
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure { code: 1, message: format!("cannot find pipe's own path: {e}") })?;
-    let mut command = vec![exe.display().to_string()];
-    command.extend(subcommand.iter().map(|s| s.to_string()));
-    command.push(absolute(file).display().to_string());
-    for o in overrides {
-        command.extend(["--set".into(), o.clone()]);
-    }
-    command.extend(["--store".into(), absolute(&store.store).display().to_string()]);
-    if let Some(url) = &store.remote {
-        command.extend(["--remote".into(), url.clone()]);
-    }
-    if store.push {
-        command.push("--push".into());
-    }
-    if store.remote_required {
-        command.push("--remote-required".into());
-    }
-    Ok(command)
-}
-
-/// The cluster the executor options describe, its logs under `<store>/slurm/`.
-fn slurm_for(executor: &cli::ExecutorArgs, store: &StoreArgs) -> pipe::executor::slurm::Slurm {
-    let resources = pipe::executor::slurm::Resources {
-        partition: executor.partition.clone(),
-        cpus_per_task: executor.cpus_per_task,
-        mem: executor.mem.clone(),
-        time: executor.time.clone(),
-        gpus: executor.gpus,
-        extra: executor.sbatch_args.clone(),
-    };
-    pipe::executor::slurm::Slurm::new(resources, pipe::executor::slurm::absolute(&store.store).join("slurm"))
 }
 
 /// The stage named `name`.
@@ -246,7 +147,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 return Ok(());
             }
             if executor.executor == cli::ExecutorArg::Slurm
-                && !run_on_slurm(&pipeline, &store_args, &executor)?
+                && !cluster::run_on_slurm(&pipeline, &store_args, &executor)?
             {
                 return Ok(()); // a dry run
             }
@@ -353,7 +254,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             };
             let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
             let on_slurm = executor.executor == cli::ExecutorArg::Slurm;
-            if on_slurm && !sweep_on_slurm(&spec, &file, &sets, &store, &executor, &env)? {
+            if on_slurm && !cluster::sweep_on_slurm(&spec, &file, &sets, &store, &executor, &env)? {
                 return Ok(()); // a dry run
             }
             let store_args = store;
@@ -362,10 +263,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             // ones, pruned trials going on to their next rung) is a job too; the sweep here then
             // finds it done.
             let base = match on_slurm {
-                true => Some(job_command(&["run"], &spec.pipeline, &spec.sets, &store_args)?),
+                true => Some(cluster::job_command(&["run"], &spec.pipeline, &spec.sets, &store_args)?),
                 false => None,
             };
-            let slurm = slurm_for(&executor, &store_args);
+            let slurm = cluster::slurm_for(&executor, &store_args);
             // It returns what `engine::run` returns, error type included.
             #[allow(clippy::result_large_err)]
             let runner = |k: u64,
@@ -383,7 +284,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                     let stop = overrides.iter().find_map(|o| o.strip_prefix("train.stop_after_epoch="));
                     let name = format!(
                         "{}-trial{k}-to{}",
-                        sweep_job_name(&spec, &store_args),
+                        cluster::sweep_job_name(&spec, &store_args),
                         stop.unwrap_or("end")
                     );
                     pipe::executor::slurm::run_one(&slurm, &name, command, &mut |line| {
