@@ -1,5 +1,6 @@
-//! Labelled CSV datasets: reading a text and a label column, mapping labels to class indices,
-//! splitting off a stratified validation set and reporting train/validation leakage.
+//! Labelled datasets (CSV, or JSON Lines by the `.jsonl`/`.ndjson` extension): reading a text and
+//! a label column, mapping labels to class indices, splitting off a stratified validation set and
+//! reporting train/validation leakage.
 //!
 //! Every error names the file and, for a row, the line it starts on (`data/train.csv:17: ...`), so
 //! a user can open the file at the offending row. Line numbers come from the CSV reader, not from
@@ -240,6 +241,9 @@ pub struct Columns {
 /// and hold at least one row; fields may be quoted (and then hold commas, quotes and line breaks).
 /// Other columns are ignored.
 pub fn read_columns(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, DataError> {
+    if is_json_lines(path) {
+        return read_json_lines(path, wanted);
+    }
     // Read whole, because the csv crate's own line numbers are wrong after blank lines and CRLF
     // endings: lines are counted from the bytes instead (see `LineCounter`).
     let bytes = fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
@@ -318,6 +322,91 @@ pub fn read_columns(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, Dat
         return Err(DataError::NoRows { path: path.into() });
     }
     Ok(data)
+}
+
+/// Whether `path` names a JSON Lines file (`.jsonl` or `.ndjson`) rather than a CSV file.
+fn is_json_lines(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("ndjson"))
+}
+
+/// [`read_columns`] for JSON Lines: one JSON object per line (blank lines skipped), the columns
+/// its keys. The first object plays the header's part: a required column it lacks is an error
+/// naming the keys it has. A value is a string, or a number or boolean (written as JSON writes it:
+/// integer labels stay `0`, `1`); anything else, or a row without the key, names the line.
+fn read_json_lines(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, DataError> {
+    let bytes = fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() as u64;
+        DataError::InvalidUtf8 { path: path.into(), line, column: "(the line)".into() }
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut data = Columns { values: Vec::new(), lines: Vec::new() };
+    let malformed = |line: u64, message: String| DataError::MalformedRow { path: path.into(), line, message };
+    for (n, raw) in text.lines().enumerate() {
+        let line = n as u64 + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(raw) {
+            Ok(serde_json::Value::Object(object)) => object,
+            Ok(other) => {
+                return Err(malformed(line, format!("expected a JSON object, found {}", json_kind(&other))));
+            }
+            Err(e) => return Err(malformed(line, format!("not JSON: {e}"))),
+        };
+        if data.lines.is_empty() {
+            // The first row decides which optional columns the file has.
+            let keys: Vec<String> = object.keys().cloned().collect();
+            for &(name, required) in wanted {
+                let present = object.contains_key(name);
+                if required && !present {
+                    column_index(path, &keys, name)?;
+                }
+                data.values.push(present.then(Vec::new));
+            }
+        }
+        for (&(name, _), values) in wanted.iter().zip(&mut data.values) {
+            let Some(values) = values else { continue };
+            let value = match object.get(name) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v.to_string(),
+                Some(other) => {
+                    return Err(malformed(
+                        line,
+                        format!("column `{name}` is {}, expected a string or a number", json_kind(other)),
+                    ));
+                }
+                None => return Err(malformed(line, format!("no key `{name}` (the first row has it)"))),
+            };
+            if value.contains('\0') {
+                return Err(malformed(line, format!("column `{name}` holds a NUL character")));
+            }
+            values.push(value);
+        }
+        data.lines.push(line);
+    }
+    if data.lines.is_empty() {
+        return Err(if text.trim().is_empty() {
+            DataError::Empty { path: path.into() }
+        } else {
+            DataError::NoRows { path: path.into() }
+        });
+    }
+    Ok(data)
+}
+
+/// What a JSON value is, for messages.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// Turns the byte offsets the csv reader gives for records into 1-based line numbers.
@@ -657,6 +746,48 @@ mod tests {
         // Bytes in a column pipe does not read are not its business.
         let data = read(b"text,label,note\nok,1,\xFF\n").unwrap();
         assert_eq!(data.texts, strings(&["ok"]));
+    }
+
+    fn jsonl_file(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".jsonl").tempfile().unwrap();
+        std::io::Write::write_all(&mut f, contents.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn json_lines_read_like_the_same_csv() {
+        let csv = csv_file(b"sentence,label\n\"a, b\",1\nc d,0\n");
+        let jsonl = jsonl_file(
+            "{\"sentence\": \"a, b\", \"label\": 1}\n\n{\"label\": 0, \"sentence\": \"c d\", \"id\": 7}\n",
+        );
+        let from_csv = read_csv(csv.path(), "sentence", "label").unwrap();
+        let from_jsonl = read_csv(jsonl.path(), "sentence", "label").unwrap();
+        assert_eq!(from_jsonl.texts, from_csv.texts);
+        assert_eq!(from_jsonl.labels, from_csv.labels);
+        assert_eq!(from_jsonl.lines, vec![1, 3], "blank lines are skipped, numbering is the file's");
+    }
+
+    #[test]
+    fn bad_json_lines_name_the_file_and_line() {
+        let message = |contents: &str| {
+            read_csv(jsonl_file(contents).path(), "sentence", "label").unwrap_err().to_string()
+        };
+        let first = "{\"sentence\": \"a\", \"label\": 1}\n";
+        let not_json = message(&format!("{first}{{\"sentence\": \"b\", \"label\": 1\n"));
+        assert!(not_json.contains(":2: malformed row: not JSON"), "{not_json}");
+        let array = message(&format!("{first}[1, 2]\n"));
+        assert!(array.contains(":2:") && array.contains("expected a JSON object, found an array"), "{array}");
+        let wrong_type = message(&format!("{first}{{\"sentence\": [\"b\"], \"label\": 0}}\n"));
+        assert!(
+            wrong_type.contains(":2:") && wrong_type.contains("column `sentence` is an array"),
+            "{wrong_type}"
+        );
+        let missing_key = message(&format!("{first}{{\"sentence\": \"b\"}}\n"));
+        assert!(missing_key.contains(":2:") && missing_key.contains("no key `label`"), "{missing_key}");
+        let missing_column = message("{\"text\": \"a\", \"label\": 1}\n");
+        assert!(missing_column.contains("sentence") && missing_column.contains("text"), "{missing_column}");
+        assert!(message("").contains("is empty"));
+        assert!(message("\n\n").contains("is empty"));
     }
 
     #[test]
