@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use pipe::data::{TextEncoder, read_csv};
+use pipe::data::{TextEncoder, read_labeled};
 
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists.
@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let start = Instant::now();
-    let data = read_csv(&root.join("data/sst2/train.csv"), "text", "label")?;
+    let data = read_labeled(&root.join("data/sst2/train.csv"), None, "text", "label")?;
     let read = start.elapsed().as_secs_f64();
     let encoder = TextEncoder::from_file(&tokenizer, 128, Default::default())?;
     let mut times = Vec::new();

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use pipe::data::{TextEncoder, read_csv};
+use pipe::data::{TextEncoder, read_labeled};
 use pipe::model::{Batch, Classifier, Mode};
 use pipe::ops::cross_entropy;
 use pipe::optim::{AdamW, OptimizerConfig};
@@ -272,7 +272,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     // SST-2 rows padded to LEN, as the reference trains.
-    let data = read_csv(&root.join("data/sst2/train.csv"), "text", "label")?;
+    let data = read_labeled(&root.join("data/sst2/train.csv"), None, "text", "label")?;
     let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), len, Default::default())?;
     let ids = encoder.encode_all(&data.texts[..(WARMUP + steps) * batch])?;
     let sst2: Vec<Batch> =

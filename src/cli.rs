@@ -117,10 +117,13 @@ pub enum Command {
             conflicts_with = "input"
         )]
         texts: Vec<String>,
-        /// A CSV file (with a header) of texts to classify; when it has the label column, the
-        /// accuracy is printed too.
+        /// A data file of texts to classify (CSV with a header, JSON Lines or Parquet); when it has
+        /// the label column, the accuracy is printed too.
         #[arg(long, value_name = "FILE")]
         input: Option<PathBuf>,
+        /// The format of --input (csv, jsonl or parquet) [default: by its extension].
+        #[arg(long, value_name = "FORMAT", requires = "input")]
+        format: Option<pipe::data::Format>,
         /// Write the predictions to this CSV file instead of standard output.
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,

@@ -389,14 +389,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             print!("{}", render::collection(&collection, dry_run));
             Ok(())
         }
-        Command::Predict { run, texts, input, output, text_column, label_column, store } => {
+        Command::Predict { run, texts, input, format, output, text_column, label_column, store } => {
             let store = open(&store)?;
             let record = Record::find(&store, &run)?;
             pull_model(&store, &record)?;
             let predictor = Predictor::for_run(&store, &record)?;
             let (texts, predictions) = match &input {
-                Some(path) => predictor.predict_csv(
+                Some(path) => predictor.predict_file(
                     path,
+                    format,
                     text_column.as_deref().unwrap_or(predictor.text_column()),
                     label_column.as_deref().unwrap_or(predictor.label_column()),
                 )?,

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::config::Task;
-use crate::data::{DataError, Flavor, LabelMap, LmTokenizer, TextEncoder, TextsToPredict, TokenizeError};
+use crate::data::{
+    DataError, Flavor, Format, LabelMap, LmTokenizer, TextEncoder, TextsToPredict, TokenizeError,
+};
 use crate::evaluate::{ClassificationReport, Sampling, argmax, generate, predict_probabilities, score};
 use crate::model::{CausalLm, Classifier, ModelError};
 use crate::records::{Record, RecordError};
@@ -247,15 +249,16 @@ impl Predictor {
         })
     }
 
-    /// Classifies the texts of a CSV file, scoring them when it has the label column; returns the
-    /// texts with their predictions.
-    pub fn predict_csv(
+    /// Classifies the texts of a data file (in `format`, or the one its extension names), scoring
+    /// them when it has the label column; returns the texts with their predictions.
+    pub fn predict_file(
         &self,
         path: &Path,
+        format: Option<Format>,
         text_column: &str,
         label_column: &str,
     ) -> Result<(Vec<String>, Predictions), PredictError> {
-        match crate::data::read_csv_to_predict(path, text_column, label_column)? {
+        match crate::data::read_to_predict(path, format, text_column, label_column)? {
             TextsToPredict::Labeled(data) => {
                 let classes = LabelMap::from_names(self.labels().to_vec())?.encode(&data, path)?;
                 let predictions = self.predict(&data.texts, Some(classes))?;

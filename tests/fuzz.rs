@@ -127,8 +127,8 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.csv");
         std::fs::write(&path, [header, body].concat()).unwrap();
-        let result = std::panic::catch_unwind(|| pipe::data::read_csv(&path, "text", "label"));
-        let result = result.map_err(|_| TestCaseError::fail("read_csv panicked"))?;
+        let result = std::panic::catch_unwind(|| pipe::data::read_labeled(&path, None, "text", "label"));
+        let result = result.map_err(|_| TestCaseError::fail("read_labeled panicked"))?;
         if let Err(e) = result {
             prop_assert!(e.to_string().contains("data.csv"), "{e}");
         }

@@ -134,20 +134,21 @@ fn default_device() -> String {
     "cpu".into()
 }
 
-/// `[dataset]`: CSV files with a header row. Exactly one of `validation` and `validation_split`.
+/// `[dataset]`: data files (CSV with a header row, JSON Lines or Parquet). Exactly one of
+/// `validation` and `validation_split`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// Training data (CSV with a header), relative to the working directory.
+    /// Training data (CSV with a header, JSON Lines or Parquet), relative to the working directory.
     pub train: PathBuf,
-    /// Validation data (CSV with a header), relative to the working directory.
+    /// Validation data (any format `train` may be in), relative to the working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<PathBuf>,
     /// Hold out this fraction of the training rows for validation (seeded, stratified), in (0, 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("exclusiveMinimum" = 0, "exclusiveMaximum" = 1))]
     pub validation_split: Option<f64>,
-    /// Held-out test data (CSV with a header): scored by the evaluate stage (`test_metrics.json`,
+    /// Held-out test data (any format `train` may be in): scored by the evaluate stage (`test_metrics.json`,
     /// the run record's `[test_metrics]`) and never read by training, early stopping or a sweep's
     /// decisions, so that it stays an honest estimate after selecting on validation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +158,11 @@ pub struct DatasetConfig {
     /// `labels.json`. Without it, such rows are only warned about.
     #[serde(default)]
     pub drop_duplicates: bool,
+    /// The data files' format: `"csv"`, `"jsonl"` or `"parquet"`. Without it, each file's
+    /// extension decides (`.jsonl`/`.ndjson`: JSON Lines, `.parquet`/`.pq`: Parquet, anything
+    /// else: CSV).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::data::Format>,
     /// Column holding the text.
     #[serde(default = "default_text_column")]
     pub text_column: String,

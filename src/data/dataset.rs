@@ -1,17 +1,17 @@
-//! Labelled datasets (CSV, or JSON Lines by the `.jsonl`/`.ndjson` extension): reading a text and
-//! a label column, mapping labels to class indices, splitting off a stratified validation set and
+//! Labelled datasets (in any of the [`formats`](super::formats)): reading a text and a label
+//! column, mapping labels to class indices, splitting off a stratified validation set and
 //! reporting train/validation leakage.
 //!
-//! Every error names the file and, for a row, the line it starts on (`data/train.csv:17: ...`), so
-//! a user can open the file at the offending row. Line numbers come from the CSV reader, not from
-//! counting rows, because a quoted field may span several lines.
+//! Every error names the file and, for a row, the line it starts on (`data/train.csv:17: ...`; in a
+//! Parquet file, its row number from 1), so a user can open the file at the offending row.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
+
+use super::formats::{Columns, Format, read_columns};
 
 /// Everything that can go wrong while reading a dataset. `Display` is the complete message for
 /// the user and leads with the file (and line, for a row).
@@ -57,6 +57,17 @@ pub enum DataError {
         /// The line the row starts on (the header is line 1).
         line: u64,
         /// What is wrong with the row.
+        message: String,
+    },
+    /// A Parquet file pipe cannot read: not Parquet or truncated, a column without a text form, a
+    /// null value.
+    #[error("data file `{}`{location}: {message}", path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// Where in the file (`, row 17 (row group 0), column `label``), or empty for the whole file.
+        location: String,
+        /// What is wrong, and what was expected.
         message: String,
     },
     /// A field that pipe reads is not valid UTF-8.
@@ -125,14 +136,14 @@ fn missing_column_message(path: &Path, column: &str, found: &[String], suggestio
     message
 }
 
-/// The texts and raw labels of a CSV file, in file order.
+/// The texts and raw labels of a data file, in file order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LabeledTexts {
     /// The text column, one entry per row.
     pub texts: Vec<String>,
     /// The label column, trimmed of surrounding whitespace, one entry per row.
     pub labels: Vec<String>,
-    /// The line each row starts on (the header is line 1), for error messages.
+    /// Where each row is, for error messages ([`Columns::lines`]).
     pub lines: Vec<u64>,
 }
 
@@ -164,20 +175,25 @@ impl LabeledTexts {
     }
 }
 
-/// Reads `text_column` and `label_column` of the CSV file at `path`.
+/// Reads `text_column` and `label_column` of the data file at `path`, in `format` or the one its
+/// extension names ([`read_columns`]).
 ///
-/// The file must start with a header row; fields may be quoted (and then hold commas, quotes and
-/// line breaks). Other columns are ignored. If a column name occurs twice the first one is used.
-/// Empty texts are kept; an empty label is an error. Labels are trimmed, because hand-written
-/// CSV often has a space after the comma and `" 1"` should be the same class as `"1"`.
-pub fn read_csv(path: &Path, text_column: &str, label_column: &str) -> Result<LabeledTexts, DataError> {
-    read_rows(path, text_column, label_column, true).map(|(rows, _)| rows)
+/// Other columns are ignored. Empty texts are kept; an empty label is an error. Labels are
+/// trimmed, because hand-written CSV often has a space after the comma and `" 1"` should be the
+/// same class as `"1"`.
+pub fn read_labeled(
+    path: &Path,
+    format: Option<Format>,
+    text_column: &str,
+    label_column: &str,
+) -> Result<LabeledTexts, DataError> {
+    read_rows(path, format, text_column, label_column, true).map(|(rows, _)| rows)
 }
 
 /// Texts to predict, with their labels when the file has them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TextsToPredict {
-    /// The file has the label column: texts and labels, as [`read_csv`] reads them.
+    /// The file has the label column: texts and labels, as [`read_labeled`] reads them.
     Labeled(LabeledTexts),
     /// The file has no label column.
     Unlabeled(Vec<String>),
@@ -193,27 +209,29 @@ impl TextsToPredict {
     }
 }
 
-/// Reads `text_column` of the CSV file at `path`, and `label_column` too if the header names it;
-/// otherwise as [`read_csv`].
-pub fn read_csv_to_predict(
+/// Reads `text_column` of the data file at `path`, and `label_column` too if the file has it;
+/// otherwise as [`read_labeled`].
+pub fn read_to_predict(
     path: &Path,
+    format: Option<Format>,
     text_column: &str,
     label_column: &str,
 ) -> Result<TextsToPredict, DataError> {
-    let (rows, labeled) = read_rows(path, text_column, label_column, false)?;
+    let (rows, labeled) = read_rows(path, format, text_column, label_column, false)?;
     Ok(if labeled { TextsToPredict::Labeled(rows) } else { TextsToPredict::Unlabeled(rows.texts) })
 }
 
-/// [`read_csv`], with the label column optional unless `label_required`; the flag says whether
+/// [`read_labeled`], with the label column optional unless `label_required`; the flag says whether
 /// labels were read (when not, `labels` is empty).
 fn read_rows(
     path: &Path,
+    format: Option<Format>,
     text_column: &str,
     label_column: &str,
     label_required: bool,
 ) -> Result<(LabeledTexts, bool), DataError> {
     let Columns { mut values, lines } =
-        read_columns(path, &[(text_column, true), (label_column, label_required)])?;
+        read_columns(path, format, &[(text_column, true), (label_column, label_required)])?;
     let (raw_labels, texts) = (values.pop().flatten(), values.pop().flatten().unwrap_or_default());
     let mut data = LabeledTexts { texts, labels: Vec::new(), lines };
     let labeled = raw_labels.is_some();
@@ -225,276 +243,6 @@ fn read_rows(
         data.labels.push(label);
     }
     Ok((data, labeled))
-}
-
-/// Some columns of a CSV file, as they are (not trimmed), in file order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Columns {
-    /// Each requested column's values, one per row; `None` for an optional column the file lacks.
-    pub values: Vec<Option<Vec<String>>>,
-    /// The line each row starts on (the header is line 1), for error messages.
-    pub lines: Vec<u64>,
-}
-
-/// Reads the named columns of the CSV file at `path` (each `(name, required)`; a required column
-/// the header lacks is an error naming the columns found). The file must start with a header row
-/// and hold at least one row; fields may be quoted (and then hold commas, quotes and line breaks).
-/// Other columns are ignored.
-pub fn read_columns(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, DataError> {
-    if is_json_lines(path) {
-        return read_json_lines(path, wanted);
-    }
-    // Read whole, because the csv crate's own line numbers are wrong after blank lines and CRLF
-    // endings: lines are counted from the bytes instead (see `LineCounter`).
-    let bytes = fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
-    let mut lines = LineCounter::new(&bytes);
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes.as_slice());
-
-    let header = reader.byte_headers().map_err(|e| csv_error(path, e, &mut lines))?.clone();
-    if header.is_empty() {
-        return Err(DataError::Empty { path: path.into() });
-    }
-    let header_line = lines.line_of(header.position());
-    let columns = header
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            // Spreadsheet programs often save "UTF-8 CSV" with a byte-order mark, which the csv
-            // crate leaves in the first column's name.
-            let name = if i == 0 { name.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(name) } else { name };
-            std::str::from_utf8(name).map(str::to_owned).map_err(|_| DataError::InvalidUtf8 {
-                path: path.into(),
-                line: header_line,
-                column: "header".into(),
-            })
-        })
-        .collect::<Result<Vec<String>, DataError>>()?;
-    for (i, name) in columns.iter().enumerate() {
-        if columns[..i].contains(name) {
-            return Err(DataError::MalformedRow {
-                path: path.into(),
-                line: header_line,
-                message: format!("the header names column `{name}` twice"),
-            });
-        }
-    }
-    let mut indices = Vec::with_capacity(wanted.len());
-    for &(name, required) in wanted {
-        indices.push(match column_index(path, &columns, name) {
-            Ok(index) => Some(index),
-            Err(_) if !required => None,
-            Err(missing) => return Err(missing),
-        });
-    }
-
-    let mut data =
-        Columns { values: indices.iter().map(|i| i.map(|_| Vec::new())).collect(), lines: Vec::new() };
-    let mut record = csv::ByteRecord::new();
-    while reader.read_byte_record(&mut record).map_err(|e| csv_error(path, e, &mut lines))? {
-        let line = lines.line_of(record.position());
-        let field = |index: usize, column: &str| -> Result<String, DataError> {
-            let bytes = record.get(index).ok_or_else(|| DataError::MalformedRow {
-                path: path.into(),
-                line,
-                message: format!("no field for column `{column}`"),
-            })?;
-            if bytes.contains(&0) {
-                return Err(DataError::MalformedRow {
-                    path: path.into(),
-                    line,
-                    message: format!("column `{column}` holds a NUL byte (is this a binary file?)"),
-                });
-            }
-            std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| DataError::InvalidUtf8 {
-                path: path.into(),
-                line,
-                column: column.into(),
-            })
-        };
-        for ((&(name, _), index), values) in wanted.iter().zip(&indices).zip(&mut data.values) {
-            if let (Some(index), Some(values)) = (index, values) {
-                values.push(field(*index, name)?);
-            }
-        }
-        data.lines.push(line);
-    }
-    if data.lines.is_empty() {
-        return Err(DataError::NoRows { path: path.into() });
-    }
-    Ok(data)
-}
-
-/// Whether `path` names a JSON Lines file (`.jsonl` or `.ndjson`) rather than a CSV file.
-fn is_json_lines(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("ndjson"))
-}
-
-/// [`read_columns`] for JSON Lines: one JSON object per line (blank lines skipped), the columns
-/// its keys. The first object plays the header's part: a required column it lacks is an error
-/// naming the keys it has. A value is a string, or a number or boolean (written as JSON writes it:
-/// integer labels stay `0`, `1`); anything else, or a row without the key, names the line.
-fn read_json_lines(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, DataError> {
-    let bytes = fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
-        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() as u64;
-        DataError::InvalidUtf8 { path: path.into(), line, column: "(the line)".into() }
-    })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut data = Columns { values: Vec::new(), lines: Vec::new() };
-    let malformed = |line: u64, message: String| DataError::MalformedRow { path: path.into(), line, message };
-    for (n, raw) in text.lines().enumerate() {
-        let line = n as u64 + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(raw) {
-            Ok(serde_json::Value::Object(object)) => object,
-            Ok(other) => {
-                return Err(malformed(line, format!("expected a JSON object, found {}", json_kind(&other))));
-            }
-            Err(e) => return Err(malformed(line, format!("not JSON: {e}"))),
-        };
-        if data.lines.is_empty() {
-            // The first row decides which optional columns the file has.
-            let keys: Vec<String> = object.keys().cloned().collect();
-            for &(name, required) in wanted {
-                let present = object.contains_key(name);
-                if required && !present {
-                    column_index(path, &keys, name)?;
-                }
-                data.values.push(present.then(Vec::new));
-            }
-        }
-        for (&(name, _), values) in wanted.iter().zip(&mut data.values) {
-            let Some(values) = values else { continue };
-            let value = match object.get(name) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v.to_string(),
-                Some(other) => {
-                    return Err(malformed(
-                        line,
-                        format!("column `{name}` is {}, expected a string or a number", json_kind(other)),
-                    ));
-                }
-                None => return Err(malformed(line, format!("no key `{name}` (the first row has it)"))),
-            };
-            if value.contains('\0') {
-                return Err(malformed(line, format!("column `{name}` holds a NUL character")));
-            }
-            values.push(value);
-        }
-        data.lines.push(line);
-    }
-    if data.lines.is_empty() {
-        return Err(if text.trim().is_empty() {
-            DataError::Empty { path: path.into() }
-        } else {
-            DataError::NoRows { path: path.into() }
-        });
-    }
-    Ok(data)
-}
-
-/// What a JSON value is, for messages.
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    match value {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
-/// Turns the byte offsets the csv reader gives for records into 1-based line numbers.
-///
-/// The reader's offset for a record is where the previous record's terminator ended, which can be
-/// the `\n` of a `\r\n` or the start of blank lines the reader then skipped; a record never starts
-/// with a line break, so the record's own first byte is past any CR and LF bytes. Line breaks are
-/// `\n`, `\r\n` and a lone `\r`, as the csv reader accepts. Offsets arrive in increasing order,
-/// so counting resumes from the previous one and the whole file is scanned once.
-struct LineCounter<'a> {
-    bytes: &'a [u8],
-    offset: usize,
-    line: u64,
-}
-
-impl<'a> LineCounter<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        LineCounter { bytes, offset: 0, line: 1 }
-    }
-
-    fn line_of(&mut self, position: Option<&csv::Position>) -> u64 {
-        let Some(position) = position else { return self.line };
-        let mut start = usize::try_from(position.byte()).unwrap_or(usize::MAX).min(self.bytes.len());
-        while matches!(self.bytes.get(start), Some(b'\r' | b'\n')) {
-            start += 1;
-        }
-        if start < self.offset {
-            self.offset = 0;
-            self.line = 1;
-        }
-        for i in self.offset..start {
-            let is_break = match self.bytes[i] {
-                b'\n' => true,
-                b'\r' => self.bytes.get(i + 1) != Some(&b'\n'),
-                _ => false,
-            };
-            if is_break {
-                self.line += 1;
-            }
-        }
-        self.offset = start;
-        self.line
-    }
-}
-
-/// The position of `column` in the header, or an error listing the columns and the closest one.
-fn column_index(path: &Path, columns: &[String], column: &str) -> Result<usize, DataError> {
-    if let Some(index) = columns.iter().position(|c| c == column) {
-        return Ok(index);
-    }
-    Err(DataError::MissingColumn {
-        path: path.into(),
-        column: column.into(),
-        found: columns.to_vec(),
-        suggestion: closest_column(column, columns).map(str::to_owned),
-    })
-}
-
-/// The column whose name is within a few edits of `wanted`, ignoring case (`Text` for `text`).
-fn closest_column<'a>(wanted: &str, columns: &'a [String]) -> Option<&'a str> {
-    let wanted = wanted.trim().to_lowercase();
-    let limit = (wanted.chars().count() / 3).max(1);
-    columns
-        .iter()
-        .map(|c| (strsim::osa_distance(&wanted, &c.trim().to_lowercase()), c.as_str()))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, column)| column)
-}
-
-fn csv_error(path: &Path, error: csv::Error, lines: &mut LineCounter) -> DataError {
-    let line = lines.line_of(error.position());
-    let message = error.to_string();
-    match error.into_kind() {
-        csv::ErrorKind::Io(source) => DataError::Read { path: path.into(), source },
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => DataError::MalformedRow {
-            path: path.into(),
-            line,
-            message: format!(
-                "found {len} field{} but the header has {expected_len} (quote fields that contain commas)",
-                if len == 1 { "" } else { "s" }
-            ),
-        },
-        csv::ErrorKind::Utf8 { err, .. } => {
-            DataError::InvalidUtf8 { path: path.into(), line, column: format!("#{}", err.field() + 1) }
-        }
-        _ => DataError::MalformedRow { path: path.into(), line, message },
-    }
 }
 
 /// The classes of a model: class index to label name and back.
@@ -633,7 +381,7 @@ mod tests {
 
     fn read(contents: &[u8]) -> Result<LabeledTexts, DataError> {
         let file = csv_file(contents);
-        read_csv(file.path(), "text", "label")
+        read_labeled(file.path(), None, "text", "label")
     }
 
     fn strings(items: &[&str]) -> Vec<String> {
@@ -673,22 +421,23 @@ mod tests {
     #[test]
     fn labels_to_predict_are_read_when_the_column_exists() {
         let file = csv_file(b"text,label\ngood,pos\nbad,neg\n");
-        let TextsToPredict::Labeled(data) = read_csv_to_predict(file.path(), "text", "label").unwrap() else {
+        let TextsToPredict::Labeled(data) = read_to_predict(file.path(), None, "text", "label").unwrap()
+        else {
             panic!("the label column was not read");
         };
         assert_eq!(data.labels, strings(&["pos", "neg"]));
         let file = csv_file(b"id,text\n1,good\n2,\"bad, really\"\n");
-        let texts = read_csv_to_predict(file.path(), "text", "label").unwrap();
+        let texts = read_to_predict(file.path(), None, "text", "label").unwrap();
         assert_eq!(texts, TextsToPredict::Unlabeled(strings(&["good", "bad, really"])));
         assert!(matches!(
-            read_csv_to_predict(file.path(), "sentence", "label"),
+            read_to_predict(file.path(), None, "sentence", "label"),
             Err(DataError::MissingColumn { .. })
         ));
     }
 
     #[test]
     fn missing_file_names_the_path() {
-        let error = read_csv(Path::new("/no/such/dir/train.csv"), "text", "label").unwrap_err();
+        let error = read_labeled(Path::new("/no/such/dir/train.csv"), None, "text", "label").unwrap_err();
         assert!(matches!(error, DataError::Read { .. }));
         let message = error.to_string();
         assert!(message.starts_with("cannot read data file `/no/such/dir/train.csv`: "), "{message}");
@@ -706,7 +455,7 @@ mod tests {
     #[test]
     fn missing_column_lists_columns_and_suggests_the_closest() {
         let file = csv_file(b"Text,labels,id\nhi,1,7\n");
-        let error = read_csv(file.path(), "text", "label").unwrap_err();
+        let error = read_labeled(file.path(), None, "text", "label").unwrap_err();
         let DataError::MissingColumn { column, suggestion, found, .. } = &error else {
             panic!("unexpected error {error}");
         };
@@ -717,7 +466,7 @@ mod tests {
         assert!(message.contains("has no column `text`; did you mean `Text`?"), "{message}");
         assert!(message.contains("columns found: `Text`, `labels`, `id`"), "{message}");
 
-        let error = read_csv(file.path(), "Text", "sentiment").unwrap_err();
+        let error = read_labeled(file.path(), None, "Text", "sentiment").unwrap_err();
         assert!(matches!(&error, DataError::MissingColumn { suggestion: None, .. }), "{error}");
     }
 
@@ -760,8 +509,8 @@ mod tests {
         let jsonl = jsonl_file(
             "{\"sentence\": \"a, b\", \"label\": 1}\n\n{\"label\": 0, \"sentence\": \"c d\", \"id\": 7}\n",
         );
-        let from_csv = read_csv(csv.path(), "sentence", "label").unwrap();
-        let from_jsonl = read_csv(jsonl.path(), "sentence", "label").unwrap();
+        let from_csv = read_labeled(csv.path(), None, "sentence", "label").unwrap();
+        let from_jsonl = read_labeled(jsonl.path(), None, "sentence", "label").unwrap();
         assert_eq!(from_jsonl.texts, from_csv.texts);
         assert_eq!(from_jsonl.labels, from_csv.labels);
         assert_eq!(from_jsonl.lines, vec![1, 3], "blank lines are skipped, numbering is the file's");
@@ -770,7 +519,7 @@ mod tests {
     #[test]
     fn bad_json_lines_name_the_file_and_line() {
         let message = |contents: &str| {
-            read_csv(jsonl_file(contents).path(), "sentence", "label").unwrap_err().to_string()
+            read_labeled(jsonl_file(contents).path(), None, "sentence", "label").unwrap_err().to_string()
         };
         let first = "{\"sentence\": \"a\", \"label\": 1}\n";
         let not_json = message(&format!("{first}{{\"sentence\": \"b\", \"label\": 1\n"));

@@ -1,4 +1,4 @@
-//! The tokenize stage: CSV rows -> class indices and ragged token ids.
+//! The tokenize stage: dataset rows -> class indices and ragged token ids.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -179,12 +179,12 @@ impl Stage for TokenizeStage {
 
     fn preflight(&mut self) -> Result<(), StageError> {
         let d = &self.dataset;
-        let train = data::read_csv(&self.train_csv.path, &d.text_column, &d.label_column)?;
+        let train = data::read_labeled(&self.train_csv.path, d.format, &d.text_column, &d.label_column)?;
         let labels = LabelMap::from_train(&train.labels)?;
         let train_classes = labels.encode(&train, &self.train_csv.path)?;
         let (train, mut validation) = match &self.validation_csv {
             Some(v) => {
-                let val = data::read_csv(&v.path, &d.text_column, &d.label_column)?;
+                let val = data::read_labeled(&v.path, d.format, &d.text_column, &d.label_column)?;
                 let val_classes = labels.encode(&val, &v.path)?;
                 ((train.texts, train_classes), (val.texts, val_classes))
             }
@@ -203,7 +203,7 @@ impl Stage for TokenizeStage {
         let leakage = Leakage::handle("validation", &train.0, &mut validation, d.drop_duplicates)?;
         let test = match &self.test_csv {
             Some(t) => {
-                let rows = data::read_csv(&t.path, &d.text_column, &d.label_column)?;
+                let rows = data::read_labeled(&t.path, d.format, &d.text_column, &d.label_column)?;
                 let classes = labels.encode(&rows, &t.path)?;
                 let mut test = (rows.texts, classes);
                 let leakage = Leakage::handle("test", &train.0, &mut test, d.drop_duplicates)?;

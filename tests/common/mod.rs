@@ -117,6 +117,47 @@ pub fn minilm_dir() -> Option<PathBuf> {
     }
 }
 
+/// A Python interpreter with pyarrow, tensorboard and mlflow (`TEST_PYTHON`, which
+/// scripts/mlflow-server.sh exports), for the tests that check pipe's files and logs with those
+/// tools' own readers; as [`minilm_dir`], its absence fails under CI and skips visibly elsewhere.
+pub fn test_python() -> Option<PathBuf> {
+    match std::env::var_os("TEST_PYTHON") {
+        Some(python) => Some(PathBuf::from(python)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!(
+                "CI runs the format and tracking tests, but TEST_PYTHON is not set (scripts/test.sh sets it)"
+            )
+        }
+        None => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: no TEST_PYTHON with pyarrow, tensorboard and mlflow (scripts/mlflow-server.sh makes one)"
+            );
+            None
+        }
+    }
+}
+
+/// Runs `script` with `python` and `args`, and returns what it printed; a failure panics with its
+/// output.
+pub fn python_ok(python: &Path, script: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("the test Python starts");
+    assert!(
+        output.status.success(),
+        "python failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// The real SmolLM2-135M-Instruct GGUF, when it has been fetched (`scripts/fetch-smollm2.sh`); as
 /// [`minilm_dir`], a missing model fails under CI and skips visibly elsewhere.
 pub fn smollm2_gguf() -> Option<PathBuf> {
@@ -286,7 +327,9 @@ pub fn pipe_command(dir: &Path, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pipe"));
     command.current_dir(dir).args(args);
     for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PIPE_") {
+        // PIPE_* variables are pipeline layers, and a developer's MLflow server is no place
+        // for test runs.
+        if name.to_string_lossy().starts_with("PIPE_") || name == "MLFLOW_TRACKING_URI" {
             command.env_remove(name);
         }
     }

@@ -59,7 +59,7 @@ impl Rows {
         };
         let mut wanted = vec![(first, true)];
         wanted.extend(second.map(|c| (c, true)));
-        let mut columns = data::read_columns(path, &wanted)?;
+        let mut columns = data::read_columns(path, d.format, &wanted)?;
         let completions =
             if second.is_some() { columns.values.pop().flatten().unwrap_or_default() } else { Vec::new() };
         let texts = columns.values.pop().flatten().unwrap_or_default();
