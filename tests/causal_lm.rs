@@ -154,9 +154,9 @@ fn supervised_fine_tuning_learns_generates_and_reproduces_across_thread_counts()
 /// and packed plain text), pinned with the stage versions that produced them: see
 /// `golden_digests_of_the_tiny_pipeline` in tests/determinism.rs for what to do when they change.
 const GOLDEN: [(&str, &str, u32, &str); 4] = [
-    ("sft", "train", 7, "ca9d09ccf75b593eb5961b56c6b9cda675d965a1120923dab5163ebecc3f5978"),
+    ("sft", "train", 8, "f628ffaf12392a6a7dc4cba8f20b91e3f67f0f187db1729f55b1380d79674039"),
     ("sft", "evaluate", 4, "b191d484791a5274db75bb7d971fa7b95f20bf175d9ec58e135acf211c3c8312"),
-    ("text", "train", 7, "03347441400e1a61624b0a16a7fa9e29810ddd4ddfbe517f162a1def0a99c94d"),
+    ("text", "train", 8, "a93a456bbe6195613b1c29762811cbbee7e9ca2fbd9717ba20ec9d9636a0a020"),
     ("text", "evaluate", 4, "3a22fd92eacd6719fcbff8ebad3f1f66c821c066067021e89b3a057b0f12b68d"),
 ];
 

@@ -70,7 +70,8 @@ impl StageKind {
             // 6: the last evaluation's validation probabilities among the outputs (when they are
             //    the saved weights' on the CPU in f32), which the evaluate stage then reads.
             // 7: the same for bf16 runs on the CPU (the evaluate stage predicts in the run's dtype).
-            Self::Train => 7,
+            // 8: a TensorBoard event file among the outputs (the logs' scalars, at their steps).
+            Self::Train => 8,
             // 2: packed rows in the forward pass (rounding), shared scoring with training.
             // 3: machine-independent numerics (pipe's GEMM, exp and tanh; softmax in pipe).
             // 4: a bf16 pipeline predicts with bf16 products, as its evaluations during training.

@@ -17,7 +17,10 @@ use crate::model::{CausalLm, Classifier, DecoderConfig, Dropout, Model};
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
-use crate::train::{EarlyStopping, Evaluation, Examples, History, TrainConfig, Trainer, draw_curves};
+use crate::train::{
+    EVENTS_FILE, EarlyStopping, Evaluation, Examples, History, TrainConfig, Trainer, draw_curves, event_file,
+    logged_scalars,
+};
 
 /// Directory (inside the outputs) of the trained model, in Hugging Face layout.
 pub const MODEL_DIR: &str = "model";
@@ -235,25 +238,29 @@ impl TrainStage {
     }
 
     /// Writes `metrics.jsonl` (marking early stopping's best evaluation, when it watches) and
-    /// draws the losses and the first configured metric other than the loss.
+    /// draws the losses and the first configured metric other than the loss; returns the lines.
     fn write_evaluations(
         &self,
         out: &Path,
         evaluations: &[Evaluation],
         stopping: Option<&EarlyStopping>,
-    ) -> Result<(), StageError> {
+    ) -> Result<Vec<serde_json::Value>, StageError> {
         let best = stopping.and_then(EarlyStopping::best).map(|(index, _)| index);
-        let lines = evaluations.iter().enumerate().map(|(i, e)| {
-            let mut line = e.to_json();
-            if stopping.is_some() {
-                line["best"] = json!(best == Some(i));
-            }
-            line
-        });
-        write_lines(&out.join(METRICS_LOG), lines)?;
+        let lines: Vec<_> = evaluations
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut line = e.to_json();
+                if stopping.is_some() {
+                    line["best"] = json!(best == Some(i));
+                }
+                line
+            })
+            .collect();
+        write_lines(&out.join(METRICS_LOG), &lines)?;
         let metric = self.evaluate.metrics.iter().copied().find(|&m| m != Metric::Loss);
         draw_curves(evaluations, metric, best, &out.join(CURVES_PNG), &out.join(CURVES_SVG))?;
-        Ok(())
+        Ok(lines)
     }
 
     /// The key fields of this stage trained as `train` says.
@@ -439,12 +446,19 @@ impl Stage for TrainStage {
         let best = stopping.as_ref().and_then(EarlyStopping::best);
 
         let out = work.out();
-        write_lines(&out.join(TRAIN_LOG), history.steps.iter().map(|r| {
-            json!({ "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm })
-        }))?;
-        if self.train.evaluates() {
-            self.write_evaluations(out, &history.evaluations, stopping.as_ref())?;
-        }
+        let steps: Vec<_> = history
+            .steps
+            .iter()
+            .map(|r| json!({ "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm }))
+            .collect();
+        write_lines(&out.join(TRAIN_LOG), &steps)?;
+        let evaluations = match self.train.evaluates() {
+            true => self.write_evaluations(out, &history.evaluations, stopping.as_ref())?,
+            false => Vec::new(),
+        };
+        let events = out.join(EVENTS_FILE);
+        std::fs::write(&events, event_file(&logged_scalars(&steps, &evaluations)))
+            .map_err(io_error(&events))?;
 
         let model = trainer.into_model();
         if let Some(best_params) = &history.best_params {
@@ -556,7 +570,7 @@ pub fn is_gguf(source: &Path) -> bool {
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(600);
 
 /// One JSON object per line.
-fn write_lines(path: &Path, lines: impl Iterator<Item = serde_json::Value>) -> Result<(), StageError> {
+fn write_lines(path: &Path, lines: &[serde_json::Value]) -> Result<(), StageError> {
     let mut text = String::new();
     for line in lines {
         text.push_str(&line.to_string());

@@ -1,6 +1,6 @@
 //! The training loop: seeded batching, forward/backward, accumulation, clipping, AdamW, class
-//! weights; and around it, the evaluations during training, early stopping, checkpoints and the
-//! training curves.
+//! weights; and around it, the evaluations during training, early stopping, checkpoints, the
+//! training curves and TensorBoard's event file.
 //!
 //! Every source of randomness is a function of the seed and a position (the epoch for shuffling,
 //! the micro-batch for dropout), so a run is fully determined by its inputs and any optimizer step
@@ -11,12 +11,14 @@ mod checkpoint;
 mod config;
 mod curves;
 mod evaluation;
+mod events;
 
 pub use batching::epoch_batches;
 pub use checkpoint::{CHECKPOINT_FILE, History};
 pub use config::{ClassWeights, EarlyStoppingConfig, TrainConfig};
 pub use curves::draw_curves;
 pub use evaluation::{EarlyStopping, Evaluation};
+pub use events::{EVENTS_FILE, Scalars, event_file, logged_scalars};
 
 use candle_core::{Result, Tensor};
 
