@@ -7,7 +7,9 @@
 # with the CUDA compiler from PyPI, so that it never rots. The remote-store tests run against a
 # real S3 server (SeaweedFS from PyPI) that this script starts on the loopback address and stops by
 # its PID (scripts/s3-server.sh); the Slurm executor's tests against a real one-node Slurm cluster
-# (Debian's packages, scripts/slurm-cluster.sh), likewise.
+# (Debian's packages, scripts/slurm-cluster.sh), likewise; the tracking tests against a real MLflow
+# server (from PyPI, scripts/mlflow-server.sh), whose venv's TensorBoard and pyarrow also read pipe's
+# event files and write the Parquet test data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.sh models/smollm2; }; then
@@ -19,7 +21,8 @@ if ! { scripts/fetch-model.sh models/all-MiniLM-L6-v2 && scripts/fetch-smollm2.s
 fi
 s3_dir=$(mktemp -d)
 slurm_dir=$(mktemp -d)
-trap 'scripts/s3-server.sh stop "$s3_dir"; scripts/slurm-cluster.sh stop "$slurm_dir"; rm -rf "$s3_dir" "$slurm_dir"' EXIT
+mlflow_dir=$(mktemp -d)
+trap 'scripts/s3-server.sh stop "$s3_dir"; scripts/slurm-cluster.sh stop "$slurm_dir"; scripts/mlflow-server.sh stop "$mlflow_dir"; rm -rf "$s3_dir" "$slurm_dir" "$mlflow_dir"' EXIT
 # A signal ends the script through its EXIT trap, so the servers never outlive it.
 trap 'exit 143' INT TERM
 # Starts a test service (its script prints the variables the tests read); CI must have it.
@@ -36,6 +39,7 @@ start() {
 }
 start "S3 server" scripts/s3-server.sh "$s3_dir"
 start "Slurm cluster" scripts/slurm-cluster.sh "$slurm_dir"
+start "MLflow server" scripts/mlflow-server.sh "$mlflow_dir"
 cargo test --locked
 # shellcheck source=scripts/cuda-env.sh
 if source scripts/cuda-env.sh --compile-only; then

@@ -27,6 +27,10 @@ pub enum Command {
         json: bool,
         #[command(flatten)]
         executor: ExecutorArgs,
+        /// Log to this MLflow tracking server (http://HOST:PORT, its REST API) [env:
+        /// MLFLOW_TRACKING_URI]. A server that fails is a warning; the training goes on.
+        #[arg(long, value_name = "URI")]
+        mlflow: Option<String>,
         /// Run the stages up to this one and write no record (what an executor's job runs).
         #[arg(long, hide = true, value_parser = ["tokenize", "train", "evaluate"])]
         until: Option<String>,
@@ -198,6 +202,10 @@ pub enum Command {
         json: bool,
         #[command(flatten)]
         executor: ExecutorArgs,
+        /// Log to this MLflow tracking server (http://HOST:PORT, its REST API) [env:
+        /// MLFLOW_TRACKING_URI]. A server that fails is a warning; the training goes on.
+        #[arg(long, value_name = "URI")]
+        mlflow: Option<String>,
     },
     /// List the runs in the store with their metrics (and, with a remote, the runs only it has).
     Ls {

@@ -18,6 +18,7 @@
 //!   `predict`, and `pipe verify` (re-hash the whole store, set aside what is corrupt).
 //! - [`executor`]: where stages run: here, or as Slurm batch jobs (`pipe run --executor slurm`).
 //! - [`gc`]: `pipe gc`, deleting stage outputs no recent run record refers to.
+//! - [`mlflow`]: logging runs and sweeps to an MLflow tracking server (`--mlflow URI`).
 //! - [`environment`]: the machine and binary facts that run records keep (never part of a key).
 //! - [`sweep`]: hyperparameter search (`pipe sweep`): sweep files, grid/random/TPE, median and
 //!   ASHA pruning, trials as ordinary runs, sweep records and plots.
@@ -28,14 +29,15 @@
 //!
 //! Training core:
 //!
-//! - [`data`]: CSV datasets, labels, splits, tokenization into ragged token ids, tokens on disk.
+//! - [`data`]: datasets (CSV, JSON Lines, Parquet), labels, splits, tokenization into ragged token
+//!   ids, tokens on disk.
 //! - [`model`]: a training-grade BERT (encoder, pooler, classification head) on candle, computing
 //!   only real tokens, loading and saving Hugging Face checkpoints.
 //! - [`ops`]: fused kernels with forward *and* backward (linear, attention, layer norm, GELU,
 //!   dropout, loss), because candle's fast versions cut the gradient.
 //! - [`optim`]: the fused AdamW, schedules, clipping.
 //! - [`train`]: batching, the training loop, checkpoints, evaluations during training, early
-//!   stopping and the training curves.
+//!   stopping, the training curves and TensorBoard's event file.
 //! - [`evaluate`]: metrics as scikit-learn computes them, and batched prediction.
 //! - [`rng`]: the one seeded source of randomness (candle's CPU RNG cannot be seeded).
 
@@ -50,6 +52,7 @@ pub mod executor;
 pub mod fault;
 pub mod gc;
 pub mod interrupt;
+pub mod mlflow;
 pub mod model;
 pub mod ops;
 pub mod optim;

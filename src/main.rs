@@ -4,6 +4,7 @@
 mod cli;
 mod cluster;
 mod render;
+mod track;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -134,7 +135,7 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Run { pipeline, store: store_args, json, executor, until } => {
+        Command::Run { pipeline, store: store_args, json, executor, mlflow, until } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
             let store = open(&store_args)?;
             if let Some(until) = until {
@@ -151,9 +152,16 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             {
                 return Ok(()); // a dry run
             }
+            let mut tracker = track::Tracker::new(mlflow.as_deref())?;
+            let tracked = tracker.start_run(&p);
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let outcome = engine::run(&p, &store, &mut |e| renderer.event(e));
             renderer.finish();
+            let ended = match &outcome {
+                Ok(outcome) => Ok(outcome.run.as_str()),
+                Err(e) => Err((e.to_string(), e.exit_code() == pipe::interrupt::EXIT_CODE)),
+            };
+            tracker.end_run(tracked, &store, ended.as_ref().map(|id| *id).map_err(|(e, i)| (e.as_str(), *i)));
             let outcome = outcome?;
             if json {
                 println!("{}", render::run_json(&outcome));
@@ -162,7 +170,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Sweep { action, file, sets, store, json, executor } => {
+        Command::Sweep { action, file, sets, store, json, executor, mlflow } => {
             let env: Vec<(String, String)> = std::env::vars_os()
                 .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
                 .collect();
@@ -293,19 +301,26 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 }
                 engine::run(pipeline, &store, observe)
             };
+            let mut tracker = track::Tracker::new(mlflow.as_deref())?;
+            let parent = tracker.start_sweep(&spec, &pipe::sweep::trials::sweep_id(&spec));
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::sweep::run::run_with(
                 &spec,
                 &store,
                 &env,
                 &mut |event| {
+                    if let pipe::sweep::run::SweepEvent::TrialDone { trial, .. } = &event {
+                        tracker.trial(parent.as_ref(), &store, trial);
+                    }
                     render::sweep_event(&mut renderer, &spec, event, json);
                 },
                 &runner,
             );
             renderer.finish();
-            let outcome = result.map_err(sweep_failure)?;
             let (metric, maximize) = (&spec.objective.metric, spec.objective.maximize);
+            let best = result.as_ref().ok().and_then(|o| o.best(maximize));
+            tracker.end_sweep(parent, best.map(|t| (t, metric.as_str())), result.is_err());
+            let outcome = result.map_err(sweep_failure)?;
             if json {
                 println!("{}", render::sweep_json(metric, maximize, &outcome));
             } else {

@@ -212,9 +212,14 @@ fn check_digests(table: &toml::Table) -> Result<(), String> {
     Ok(())
 }
 
-/// `dotted.key -> value` for every leaf of a table.
+/// `dotted.key -> value` for every leaf of a table, the values as TOML writes them.
 pub fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
-    fn walk(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+    leaves(table).into_iter().map(|(k, v)| (k, v.to_string())).collect()
+}
+
+/// `dotted.key -> value` for every leaf of a table (arrays are leaves).
+pub fn leaves(table: &toml::Table) -> BTreeMap<String, &toml::Value> {
+    fn walk<'a>(prefix: &str, value: &'a toml::Value, out: &mut BTreeMap<String, &'a toml::Value>) {
         match value {
             toml::Value::Table(t) => {
                 for (k, v) in t {
@@ -222,7 +227,7 @@ pub fn flatten(table: &toml::Table) -> BTreeMap<String, String> {
                 }
             }
             other => {
-                out.insert(prefix.to_string(), other.to_string());
+                out.insert(prefix.to_string(), other);
             }
         }
     }

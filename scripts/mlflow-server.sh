@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A real MLflow tracking server on the loopback address, for the tracking tests: `mlflow server`
+# from PyPI in a venv that also holds `tensorboard` and `pyarrow` (the tests read pipe's event
+# files and write Parquet with them), a fresh SQLite backend and artifact directory, a free port.
+# Usage:
+#   eval "$(scripts/mlflow-server.sh start DIR)"   # starts it; prints the variables to export
+#   scripts/mlflow-server.sh stop DIR              # stops it by its PID
+# The exported variables: TEST_MLFLOW_URI (not MLFLOW_TRACKING_URI, which would make every test's
+# pipe log to it), TEST_MLFLOW_PID and TEST_PYTHON (the venv's interpreter).
+set -euo pipefail
+action=${1:?usage: mlflow-server.sh start|stop DIR}
+dir=${2:?usage: mlflow-server.sh start|stop DIR}
+case "$action" in
+  stop)
+    if [ -f "$dir/pid" ]; then
+      # The server's own workers are its process group's members: stop them all.
+      pid=$(cat "$dir/pid")
+      kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null || true
+      rm -f "$dir/pid"
+    fi
+    exit 0
+    ;;
+  start) ;;
+  *) echo "usage: mlflow-server.sh start|stop DIR" >&2; exit 2 ;;
+esac
+mkdir -p "$dir"
+python=$(command -v python3 || command -v python)
+if [ ! -x "$dir/venv/bin/mlflow" ] || ! "$dir/venv/bin/python" -c "import tensorboard, pyarrow" 2>/dev/null; then
+  "$python" -m venv "$dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet mlflow tensorboard pyarrow >&2
+fi
+port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+rm -rf "$dir/data" && mkdir -p "$dir/data/artifacts"
+# Its own session (setsid), so that stop reaches the workers it forks through the group. No job
+# runner (its background consumers): pipe only logs.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$dir/venv/bin/mlflow" server --host 127.0.0.1 --port "$port" --workers 1 \
+  --backend-store-uri "sqlite:///$dir/data/mlflow.db" \
+  --artifacts-destination "$dir/data/artifacts" >"$dir/server.log" 2>&1 &
+echo $! >"$dir/pid"
+uri="http://127.0.0.1:$port"
+for _ in $(seq 600); do
+  # Up when the REST API answers.
+  code=$(curl -s -o /dev/null -w '%{http_code}' "$uri/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default" || true)
+  [ "$code" = 200 ] && break
+  kill -0 "$(cat "$dir/pid")" 2>/dev/null || { cat "$dir/server.log" >&2; echo "error: the MLflow server exited" >&2; exit 1; }
+  sleep 0.1
+done
+[ "$code" = 200 ] || { tail -20 "$dir/server.log" >&2; echo "error: the MLflow server did not answer at $uri" >&2; exit 1; }
+cat <<VARS
+export TEST_MLFLOW_URI=$uri
+export TEST_MLFLOW_PID=$(cat "$dir/pid")
+export TEST_PYTHON=$dir/venv/bin/python
+VARS

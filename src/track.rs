@@ -1,0 +1,160 @@
+//! `--mlflow URI` (or `MLFLOW_TRACKING_URI`): logging `pipe run` and `pipe sweep` to an MLflow
+//! tracking server through [`pipe::mlflow`]. The first failure is one warning and ends the logging
+//! for the rest of the command: a tracking server never fails a training run.
+
+use pipe::config::Pipeline;
+use pipe::mlflow::{Batch, Mlflow, MlflowError, MlflowRun, RunStatus, params};
+use pipe::records::Record;
+use pipe::store::Store;
+use pipe::sweep::run::{Status, Trial};
+use pipe::sweep::spec::SweepSpec;
+
+use crate::Failure;
+
+/// The environment variable MLflow's own clients read.
+const TRACKING_URI_ENV: &str = "MLFLOW_TRACKING_URI";
+
+/// The server a command logs to, until it fails once.
+pub struct Tracker {
+    mlflow: Option<Mlflow>,
+}
+
+impl Tracker {
+    /// The server `flag` names, else `MLFLOW_TRACKING_URI`'s, else none. A flag that is not an
+    /// MLflow server's address is bad input (exit 2); the variable, which other tools share (and
+    /// may set to a local `mlruns` directory), only warns.
+    pub fn new(flag: Option<&str>) -> Result<Self, Failure> {
+        let mlflow = match (flag, std::env::var(TRACKING_URI_ENV).ok().filter(|v| !v.is_empty())) {
+            (Some(uri), _) => {
+                Some(Mlflow::new(uri).map_err(|e| Failure { code: 2, message: e.to_string() })?)
+            }
+            (None, Some(uri)) => match Mlflow::new(&uri) {
+                Ok(mlflow) => Some(mlflow),
+                Err(e) => {
+                    eprintln!("warning: {TRACKING_URI_ENV}: {e}; not logging to MLflow");
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        Ok(Self { mlflow })
+    }
+
+    /// `log(server)`, or nothing once the server failed; a failure warns and ends the logging.
+    fn attempt<T>(&mut self, log: impl FnOnce(&Mlflow) -> Result<T, MlflowError>) -> Option<T> {
+        let result = log(self.mlflow.as_ref()?);
+        match result {
+            Ok(value) => Some(value),
+            Err(e) => {
+                eprintln!("warning: {e}; the run goes on without logging to MLflow");
+                self.mlflow = None;
+                None
+            }
+        }
+    }
+
+    /// Starts the MLflow run of `pipe run`: named after the pipeline until its run id is known,
+    /// with the resolved pipeline as params.
+    pub fn start_run(&mut self, pipeline: &Pipeline) -> Option<MlflowRun> {
+        let config: toml::Table = toml::from_str(&pipeline.to_toml()).ok()?;
+        let batch = Batch { params: params(&config), ..Batch::default() };
+        self.attempt(|m| m.start_run(&pipeline.name, &pipeline.name, None, &batch))
+    }
+
+    /// Ends the MLflow run of `pipe run`: on success, the record's tags, metrics and artifacts
+    /// (the model too) and the run id as its name; else FAILED (KILLED when interrupted) with
+    /// the error as a tag.
+    pub fn end_run(&mut self, run: Option<MlflowRun>, store: &Store, outcome: Result<&str, (&str, bool)>) {
+        let Some(run) = run else { return };
+        match outcome {
+            Ok(id) => {
+                let Ok(record) = Record::read(store, id) else { return };
+                self.attempt(|m| {
+                    m.log_record(&run, store, &record, true)?;
+                    m.end_run(&run, RunStatus::Finished, Some(id))
+                });
+            }
+            Err((error, interrupted)) => {
+                let batch = Batch { tags: vec![("pipe.error".into(), error.into())], ..Batch::default() };
+                let status = if interrupted { RunStatus::Killed } else { RunStatus::Failed };
+                self.attempt(|m| {
+                    m.log(&run, &batch)?;
+                    m.end_run(&run, status, None)
+                });
+            }
+        }
+    }
+
+    /// Starts a sweep's parent run, named after the sweep, with the base pipeline and the
+    /// sweep's own settings (`sweep.method`, `sweep.params.<key>`, ...) as params.
+    pub fn start_sweep(&mut self, spec: &SweepSpec, id: &str) -> Option<MlflowRun> {
+        let mut config: toml::Table = toml::from_str(&spec.base.to_toml()).ok()?;
+        if let Some(sweep) = std::fs::read_to_string(&spec.path).ok().and_then(|t| toml::from_str(&t).ok()) {
+            config.insert("sweep".into(), toml::Value::Table(sweep));
+        }
+        let batch = Batch {
+            params: params(&config),
+            tags: vec![("pipe.sweep_id".into(), id[..12].to_string())],
+            ..Batch::default()
+        };
+        self.attempt(|m| m.start_run(&spec.base.name, &format!("sweep {}", &id[..12]), None, &batch))
+    }
+
+    /// Logs a finished trial as a child run of `parent`: its run's params, metrics and small
+    /// artifacts (not the model: a sweep of N trials would upload N models), its number, status
+    /// and objective as tags. A failed trial is a FAILED child with its error.
+    pub fn trial(&mut self, parent: Option<&MlflowRun>, store: &Store, trial: &Trial) {
+        let Some(parent) = parent else { return };
+        let mut batch = Batch {
+            tags: vec![
+                ("pipe.trial".into(), trial.number.to_string()),
+                ("pipe.trial.status".into(), trial.status.name().into()),
+                ("pipe.trial.overrides".into(), trial.overrides.join(" ")),
+            ],
+            ..Batch::default()
+        };
+        let name = format!("trial {}", trial.number);
+        let record = trial.run.as_deref().and_then(|id| Record::read(store, id).ok());
+        match (&trial.status, record) {
+            (Status::Failed(_), _) | (_, None) => {
+                let error = match &trial.status {
+                    Status::Failed(error) => error.clone(),
+                    _ => "the trial's run record is missing".into(),
+                };
+                batch.tags.push(("pipe.error".into(), error));
+                self.attempt(|m| {
+                    let child = m.start_run("", &name, Some(parent), &batch)?;
+                    m.end_run(&child, RunStatus::Failed, None)
+                });
+            }
+            (_, Some(record)) => {
+                let config =
+                    record.table.get("config").and_then(toml::Value::as_table).cloned().unwrap_or_default();
+                batch.params = params(&config);
+                self.attempt(|m| {
+                    let child = m.start_run("", &name, Some(parent), &batch)?;
+                    m.log_record(&child, store, &record, false)?;
+                    m.end_run(&child, RunStatus::Finished, None)
+                });
+            }
+        }
+    }
+
+    /// Ends a sweep's parent run: the best trial's objective (`best/<metric>`) and run id.
+    pub fn end_sweep(&mut self, parent: Option<MlflowRun>, best: Option<(&Trial, &str)>, failed: bool) {
+        let Some(parent) = parent else { return };
+        let mut batch = Batch::default();
+        if let Some((trial, metric)) = best {
+            if let Some(value) = trial.objective {
+                batch.metrics.push(pipe::mlflow::Metric { key: format!("best/{metric}"), value, step: 0 });
+            }
+            batch.tags.push(("pipe.sweep.best_trial".into(), trial.number.to_string()));
+            batch.tags.extend(trial.run.clone().map(|run| ("pipe.sweep.best_run".to_string(), run)));
+        }
+        let status = if failed { RunStatus::Failed } else { RunStatus::Finished };
+        self.attempt(|m| {
+            m.log(&parent, &batch)?;
+            m.end_run(&parent, status, None)
+        });
+    }
+}
