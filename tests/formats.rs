@@ -146,3 +146,45 @@ fn a_bad_json_line_exits_2_naming_the_file_and_line() {
     assert!(stderr.contains("train.jsonl:49: malformed row: not JSON"), "{stderr}");
     assert!(!dir.path().join("runs/stages").exists(), "nothing is stored");
 }
+
+/// The train stage's key in `pipe plan`'s output (known once tokenize is done).
+fn planned_train_key(plan: &str) -> String {
+    let line = plan.lines().find(|l| l.starts_with("train ")).unwrap_or_else(|| panic!("{plan}"));
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[test]
+fn the_quick_start_as_json_lines_and_parquet_tokenizes_to_the_csv_bits() {
+    let (Some(_), Some(python)) = (minilm_dir(), test_python()) else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let store = tempfile::tempdir().unwrap();
+    let store_arg = store.path().to_str().unwrap();
+    // Tokenize only, then plan: the train key holds the tokenize output's digest, so equal train
+    // keys mean the same token ids and labels (and so the same trained weights).
+    let tokenized = |sets: &[String]| -> String {
+        let mut args = vec!["run", "pipelines/quickstart.toml", "--until", "tokenize", "--store", store_arg];
+        let mut plan = vec!["plan", "pipelines/quickstart.toml", "--store", store_arg];
+        for set in sets {
+            args.extend(["--set", set]);
+            plan.extend(["--set", set]);
+        }
+        pipe_ok(root, &args);
+        planned_train_key(&pipe_ok(root, &plan))
+    };
+    let from_csv = tokenized(&[]);
+    let data = tempfile::tempdir().unwrap();
+    for extension in ["jsonl", "parquet"] {
+        let mut sets = Vec::new();
+        for (split, csv) in
+            [("train", "data/sst2/train-4000.csv"), ("validation", "data/sst2/validation.csv")]
+        {
+            let to = data.path().join(format!("{split}.{extension}"));
+            match extension {
+                "jsonl" => csv_to_jsonl(&root.join(csv), &to),
+                _ => csv_to_parquet(&python, &root.join(csv), &to),
+            }
+            sets.push(format!("dataset.{split}={}", to.display()));
+        }
+        assert_eq!(tokenized(&sets), from_csv, "{extension}");
+    }
+}
