@@ -14,21 +14,29 @@ fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Every scalar the logs hold, as `tag -> [(step, value)]` with TensorBoard's tags
-/// (`train/<field>`, `eval/<field>`); values as f32, which is how an event file keeps them.
-fn logged(out: &Path) -> BTreeMap<String, Vec<(u64, f32)>> {
-    let mut scalars: BTreeMap<String, Vec<(u64, f32)>> = BTreeMap::new();
+/// Every scalar the logs hold, as `tag -> [(step, value)]` with TensorBoard's and MLflow's tags
+/// (`train/<field>`, `eval/<field>`).
+fn logged_scalars(out: &Path) -> BTreeMap<String, Vec<(u64, f64)>> {
+    let mut scalars: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
     for (prefix, file) in [("train", "train_log.jsonl"), ("eval", "metrics.jsonl")] {
         for line in json_lines(&out.join(file)) {
             let step = line["step"].as_u64().unwrap();
             for (field, value) in line.as_object().unwrap() {
                 if let (true, Some(value)) = (field != "step", value.as_f64()) {
-                    scalars.entry(format!("{prefix}/{field}")).or_default().push((step, value as f32));
+                    scalars.entry(format!("{prefix}/{field}")).or_default().push((step, value));
                 }
             }
         }
     }
     scalars
+}
+
+/// The same with values as f32, which is how an event file keeps them.
+fn as_f32(scalars: BTreeMap<String, Vec<(u64, f64)>>) -> BTreeMap<String, Vec<(u64, f32)>> {
+    scalars
+        .into_iter()
+        .map(|(tag, values)| (tag, values.into_iter().map(|(s, v)| (s, v as f32)).collect()))
+        .collect()
 }
 
 #[test]
@@ -51,12 +59,8 @@ fn tensorboard_reads_every_logged_scalar_from_the_event_file() {
          print(json.dumps({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags['scalars']}))",
         &[dir.path().join("runs/stages/train").to_str().unwrap()],
     );
-    let seen: BTreeMap<String, Vec<(u64, f64)>> = serde_json::from_str(&read).unwrap();
-    let seen: BTreeMap<String, Vec<(u64, f32)>> = seen
-        .into_iter()
-        .map(|(tag, values)| (tag, values.into_iter().map(|(s, v)| (s, v as f32)).collect()))
-        .collect();
-    let logged = logged(&out);
+    let seen = as_f32(serde_json::from_str(&read).unwrap());
+    let logged = as_f32(logged_scalars(&out));
     for tag in
         ["train/loss", "train/lr", "train/grad_norm", "train/epoch", "eval/validation_loss", "eval/accuracy"]
     {
@@ -162,7 +166,7 @@ fn mlflow_sees_the_run_with_its_params_per_step_metrics_tags_and_artifacts() {
     let out = dir.path().join("runs/stages/train").join(run.key("train"));
     let metrics: BTreeMap<String, Vec<(u64, f64)>> =
         serde_json::from_value(logged["metrics"].clone()).unwrap();
-    for (tag, values) in logged_exactly(&out) {
+    for (tag, values) in logged_scalars(&out) {
         assert_eq!(metrics[&tag], values, "{tag}");
     }
     assert!(metrics["train/loss"].len() > 2 && metrics["eval/accuracy"].len() == 2, "{metrics:?}");
@@ -180,22 +184,6 @@ fn mlflow_sees_the_run_with_its_params_per_step_metrics_tags_and_artifacts() {
     ] {
         assert!(artifacts.contains(&artifact), "{artifact} in {artifacts:?}");
     }
-}
-
-/// As [`logged`], but values as the logs hold them (MLflow keeps f64).
-fn logged_exactly(out: &Path) -> BTreeMap<String, Vec<(u64, f64)>> {
-    let mut scalars: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
-    for (prefix, file) in [("train", "train_log.jsonl"), ("eval", "metrics.jsonl")] {
-        for line in json_lines(&out.join(file)) {
-            let step = line["step"].as_u64().unwrap();
-            for (field, value) in line.as_object().unwrap() {
-                if let (true, Some(value)) = (field != "step", value.as_f64()) {
-                    scalars.entry(format!("{prefix}/{field}")).or_default().push((step, value));
-                }
-            }
-        }
-    }
-    scalars
 }
 
 #[test]
