@@ -137,6 +137,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { pipeline, store: store_args, json, executor, mlflow, until } => {
             let p = config::load(&pipeline.file, &pipeline.overrides)?;
+            let mut tracker = track::Tracker::new(mlflow.as_deref())?;
             let store = open(&store_args)?;
             if let Some(until) = until {
                 // One stage's job for an executor: the pipeline up to that stage, no record.
@@ -152,16 +153,11 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             {
                 return Ok(()); // a dry run
             }
-            let mut tracker = track::Tracker::new(mlflow.as_deref())?;
             let tracked = tracker.start_run(&p);
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let outcome = engine::run(&p, &store, &mut |e| renderer.event(e));
             renderer.finish();
-            let ended = match &outcome {
-                Ok(outcome) => Ok(outcome.run.as_str()),
-                Err(e) => Err((e.to_string(), e.exit_code() == pipe::interrupt::EXIT_CODE)),
-            };
-            tracker.end_run(tracked, &store, ended.as_ref().map(|id| *id).map_err(|(e, i)| (e.as_str(), *i)));
+            tracker.end_run(tracked, &store, &outcome);
             let outcome = outcome?;
             if json {
                 println!("{}", render::run_json(&outcome));
@@ -261,6 +257,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 });
             };
             let spec = pipe::sweep::spec::SweepSpec::load_with_env(&file, &sets, &env)?;
+            let mut tracker = track::Tracker::new(mlflow.as_deref())?;
             let on_slurm = executor.executor == cli::ExecutorArg::Slurm;
             if on_slurm && !cluster::sweep_on_slurm(&spec, &file, &sets, &store, &executor, &env)? {
                 return Ok(()); // a dry run
@@ -301,7 +298,6 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 }
                 engine::run(pipeline, &store, observe)
             };
-            let mut tracker = track::Tracker::new(mlflow.as_deref())?;
             let parent = tracker.start_sweep(&spec, &pipe::sweep::trials::sweep_id(&spec));
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
             let result = pipe::sweep::run::run_with(

@@ -3,6 +3,7 @@
 //! for the rest of the command: a tracking server never fails a training run.
 
 use pipe::config::Pipeline;
+use pipe::engine::{EngineError, RunOutcome};
 use pipe::mlflow::{Batch, Mlflow, MlflowError, MlflowRun, RunStatus, params};
 use pipe::records::Record;
 use pipe::store::Store;
@@ -64,18 +65,27 @@ impl Tracker {
     /// Ends the MLflow run of `pipe run`: on success, the record's tags, metrics and artifacts
     /// (the model too) and the run id as its name; else FAILED (KILLED when interrupted) with
     /// the error as a tag.
-    pub fn end_run(&mut self, run: Option<MlflowRun>, store: &Store, outcome: Result<&str, (&str, bool)>) {
+    pub fn end_run(
+        &mut self,
+        run: Option<MlflowRun>,
+        store: &Store,
+        outcome: &Result<RunOutcome, EngineError>,
+    ) {
         let Some(run) = run else { return };
         match outcome {
-            Ok(id) => {
-                let Ok(record) = Record::read(store, id) else { return };
+            Ok(outcome) => {
+                let record = Record::read(store, &outcome.run).ok();
                 self.attempt(|m| {
-                    m.log_record(&run, store, &record, true)?;
-                    m.end_run(&run, RunStatus::Finished, Some(id))
+                    if let Some(record) = &record {
+                        m.log_record(&run, store, record, true)?;
+                    }
+                    m.end_run(&run, RunStatus::Finished, Some(&outcome.run))
                 });
             }
-            Err((error, interrupted)) => {
-                let batch = Batch { tags: vec![("pipe.error".into(), error.into())], ..Batch::default() };
+            Err(error) => {
+                let batch =
+                    Batch { tags: vec![("pipe.error".into(), error.to_string())], ..Batch::default() };
+                let interrupted = error.exit_code() == pipe::interrupt::EXIT_CODE;
                 let status = if interrupted { RunStatus::Killed } else { RunStatus::Failed };
                 self.attempt(|m| {
                     m.log(&run, &batch)?;

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use super::{Columns, column_index};
+use super::{Columns, find_columns};
 use crate::data::DataError;
 
 /// [`read_columns`](super::read_columns) for CSV: the file must start with a header row and hold
@@ -44,14 +44,7 @@ pub(super) fn read(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, Data
             });
         }
     }
-    let mut indices = Vec::with_capacity(wanted.len());
-    for &(name, required) in wanted {
-        indices.push(match column_index(path, &columns, name) {
-            Ok(index) => Some(index),
-            Err(_) if !required => None,
-            Err(missing) => return Err(missing),
-        });
-    }
+    let indices = find_columns(path, &columns, wanted)?;
 
     let mut data =
         Columns { values: indices.iter().map(|i| i.map(|_| Vec::new())).collect(), lines: Vec::new() };

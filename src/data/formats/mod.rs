@@ -79,8 +79,26 @@ pub fn read_columns(
     }
 }
 
+/// The position of each wanted `(name, required)` column in `columns` (`None` for an optional one
+/// the file lacks); a required column it lacks is an error listing the columns and the closest.
+fn find_columns(
+    path: &Path,
+    columns: &[String],
+    wanted: &[(&str, bool)],
+) -> Result<Vec<Option<usize>>, DataError> {
+    let mut indices = Vec::with_capacity(wanted.len());
+    for &(name, required) in wanted {
+        indices.push(match column_index(path, columns, name) {
+            Ok(index) => Some(index),
+            Err(_) if !required => None,
+            Err(missing) => return Err(missing),
+        });
+    }
+    Ok(indices)
+}
+
 /// The position of `column` in the header, or an error listing the columns and the closest one.
-pub(crate) fn column_index(path: &Path, columns: &[String], column: &str) -> Result<usize, DataError> {
+fn column_index(path: &Path, columns: &[String], column: &str) -> Result<usize, DataError> {
     if let Some(index) = columns.iter().position(|c| c == column) {
         return Ok(index);
     }

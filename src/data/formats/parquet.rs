@@ -19,7 +19,7 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
 
-use super::{Columns, column_index};
+use super::{Columns, find_columns};
 use crate::data::DataError;
 
 /// Rows decoded at a time: large enough that per-batch costs vanish, small enough that a row group
@@ -38,16 +38,9 @@ pub(super) fn read(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, Data
         .map_err(|e| unreadable(String::new(), &e))?;
     let schema = metadata.schema().clone();
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let mut indices = Vec::with_capacity(wanted.len());
-    for &(name, required) in wanted {
-        let index = match column_index(path, &names, name) {
-            Ok(index) => index,
-            Err(_) if !required => {
-                indices.push(None);
-                continue;
-            }
-            Err(missing) => return Err(missing),
-        };
+    let indices = find_columns(path, &names, wanted)?;
+    for (&(name, _), index) in wanted.iter().zip(&indices) {
+        let Some(index) = *index else { continue };
         let data_type = schema.field(index).data_type();
         if !has_text_form(data_type) {
             return Err(DataError::Parquet {
@@ -58,7 +51,6 @@ pub(super) fn read(path: &Path, wanted: &[(&str, bool)]) -> Result<Columns, Data
                 ),
             });
         }
-        indices.push(Some(index));
     }
 
     let mask = ProjectionMask::roots(metadata.parquet_schema(), indices.iter().flatten().copied());
