@@ -53,8 +53,44 @@ pub enum MlflowError {
 /// A client of one tracking server.
 pub struct Mlflow {
     uri: String,
+    auth: Auth,
     client: reqwest::Client,
     runtime: tokio::runtime::Runtime,
+}
+
+/// How requests prove who sends them, as MLflow's own clients do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// HTTP basic authentication (`mlflow server --app-name basic-auth`).
+    Basic { username: String, password: String },
+    /// A bearer token (Databricks and other hosted servers).
+    Token(String),
+}
+
+impl Auth {
+    /// The credentials in MLflow's variables: `MLFLOW_TRACKING_TOKEN`, else
+    /// `MLFLOW_TRACKING_USERNAME` with `MLFLOW_TRACKING_PASSWORD`.
+    pub fn from_env() -> Auth {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        match (var("MLFLOW_TRACKING_TOKEN"), var("MLFLOW_TRACKING_USERNAME")) {
+            (Some(token), _) => Auth::Token(token),
+            (None, Some(username)) => {
+                Auth::Basic { username, password: var("MLFLOW_TRACKING_PASSWORD").unwrap_or_default() }
+            }
+            (None, None) => Auth::None,
+        }
+    }
+
+    fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Auth::None => request,
+            Auth::Basic { username, password } => request.basic_auth(username, Some(password)),
+            Auth::Token(token) => request.bearer_auth(token),
+        }
+    }
 }
 
 /// A run on the server.
@@ -94,8 +130,8 @@ pub struct Batch {
 
 impl Mlflow {
     /// A client of the server at `uri` (`http://HOST:PORT`, with a path prefix if the server has
-    /// one). Nothing is sent yet.
-    pub fn new(uri: &str) -> Result<Self, MlflowError> {
+    /// one), sending `auth` with every request. Nothing is sent yet.
+    pub fn new(uri: &str, auth: Auth) -> Result<Self, MlflowError> {
         let bad = || MlflowError::BadUri { uri: uri.into() };
         let url = reqwest::Url::parse(uri).map_err(|_| bad())?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
@@ -110,7 +146,7 @@ impl Mlflow {
             .enable_all()
             .build()
             .map_err(|e| MlflowError::Unreachable { uri: uri.into(), message: e.to_string() })?;
-        Ok(Self { uri: uri.trim_end_matches('/').to_string(), client, runtime })
+        Ok(Self { uri: uri.trim_end_matches('/').to_string(), auth, client, runtime })
     }
 
     /// The server's address.
@@ -144,6 +180,7 @@ impl Mlflow {
     }
 
     fn send(&self, endpoint: &str, request: reqwest::RequestBuilder) -> Result<Value, MlflowError> {
+        let request = self.auth.apply(request);
         let unreachable = |e: reqwest::Error| {
             // The cause is at the end of the chain ("Connection refused"), not in reqwest's words.
             let mut message = e.to_string();

@@ -1,10 +1,11 @@
 //! `--mlflow URI` (or `MLFLOW_TRACKING_URI`): logging `pipe run` and `pipe sweep` to an MLflow
-//! tracking server through [`pipe::mlflow`]. The first failure is one warning and ends the logging
+//! tracking server through [`pipe::mlflow`], with the credentials of MLflow's own variables
+//! (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`). The first failure is one warning and ends the logging
 //! for the rest of the command: a tracking server never fails a training run.
 
 use pipe::config::Pipeline;
 use pipe::engine::{EngineError, RunOutcome};
-use pipe::mlflow::{Batch, Mlflow, MlflowError, MlflowRun, RunStatus, params};
+use pipe::mlflow::{Auth, Batch, Mlflow, MlflowError, MlflowRun, RunStatus, params};
 use pipe::records::Record;
 use pipe::store::Store;
 use pipe::sweep::run::{Status, Trial};
@@ -25,11 +26,12 @@ impl Tracker {
     /// MLflow server's address is bad input (exit 2); the variable, which other tools share (and
     /// may set to a local `mlruns` directory), only warns.
     pub fn new(flag: Option<&str>) -> Result<Self, Failure> {
+        let auth = Auth::from_env();
         let mlflow = match (flag, std::env::var(TRACKING_URI_ENV).ok().filter(|v| !v.is_empty())) {
             (Some(uri), _) => {
-                Some(Mlflow::new(uri).map_err(|e| Failure { code: 2, message: e.to_string() })?)
+                Some(Mlflow::new(uri, auth).map_err(|e| Failure { code: 2, message: e.to_string() })?)
             }
-            (None, Some(uri)) => match Mlflow::new(&uri) {
+            (None, Some(uri)) => match Mlflow::new(&uri, auth) {
                 Ok(mlflow) => Some(mlflow),
                 Err(e) => {
                     eprintln!("warning: {TRACKING_URI_ENV}: {e}; not logging to MLflow");

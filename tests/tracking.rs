@@ -174,6 +174,13 @@ fn mlflow_sees_the_run_with_its_params_per_step_metrics_tags_and_artifacts() {
     for (metric, value) in &run.metrics {
         assert_eq!(metrics[metric], vec![(last_step, value.as_f64().unwrap())], "{metric}");
     }
+    // The server requires its credentials (scripts/mlflow-server.sh): wrong ones are one warning.
+    let mut command = pipe_command(dir.path(), &["run", "pipeline.toml", "--mlflow", &uri]);
+    let output = command.env("MLFLOW_TRACKING_PASSWORD", "wrong").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert!(warnings.len() == 1 && warnings[0].contains("401"), "{stderr}");
     let artifacts: Vec<String> = serde_json::from_value(logged["artifacts"].clone()).unwrap();
     for artifact in [
         format!("pipe/{}.toml", run.run),
