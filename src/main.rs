@@ -155,7 +155,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             }
             let tracked = tracker.start_run(&p);
             let mut renderer = render::Progress::new(!json && std::io::stderr().is_terminal(), json);
-            let outcome = engine::run(&p, &store, &mut |e| renderer.event(e));
+            let outcome = engine::run(&p, &store, &mut |e| {
+                tracker.observe(tracked.as_ref(), &e);
+                renderer.event(e)
+            });
             renderer.finish();
             tracker.end_run(tracked, &store, &outcome);
             let outcome = outcome?;

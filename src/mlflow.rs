@@ -338,19 +338,12 @@ impl Mlflow {
         self.call("runs/update", &[], Some(&body)).map(drop)
     }
 
-    /// Logs the finished pipe run `record` (its stages in `store`) into `run`: tags, metrics and
-    /// artifacts (the model's files only `with_model`); returns how many artifacts were uploaded.
-    pub fn log_record(
-        &self,
-        run: &MlflowRun,
-        store: &Store,
-        record: &Record,
-        with_model: bool,
-    ) -> Result<usize, MlflowError> {
-        self.log(run, &record_batch(store, record)?)?;
+    /// Uploads `artifacts` (`(artifact path, file)`) into `run`; returns how many were uploaded
+    /// (none when the server keeps artifacts where pipe does not write, see [`Mlflow::upload`]).
+    pub fn upload_all(&self, run: &MlflowRun, artifacts: &[(String, PathBuf)]) -> Result<usize, MlflowError> {
         let mut uploaded = 0;
-        for (path, file) in record_artifacts(store, record, with_model) {
-            if !self.upload(run, &path, &file)? {
+        for (path, file) in artifacts {
+            if !self.upload(run, path, file)? {
                 break;
             }
             uploaded += 1;

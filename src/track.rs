@@ -1,12 +1,19 @@
 //! `--mlflow URI` (or `MLFLOW_TRACKING_URI`): logging `pipe run` and `pipe sweep` to an MLflow
 //! tracking server through [`pipe::mlflow`], with the credentials of MLflow's own variables
-//! (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`). The first failure is one warning and ends the logging
+//! (`MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`). A run's
+//! steps and evaluations are sent while it trains (every few seconds), the rest when it ends. The first failure is one warning and ends the logging
 //! for the rest of the command: a tracking server never fails a training run.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use pipe::config::Pipeline;
 use pipe::engine::{EngineError, RunOutcome};
-use pipe::mlflow::{Auth, Batch, Mlflow, MlflowError, MlflowRun, RunStatus, params};
+use pipe::mlflow::{
+    Auth, Batch, Metric, Mlflow, MlflowError, MlflowRun, RunStatus, params, record_artifacts, record_batch,
+};
 use pipe::records::Record;
+use pipe::stages::Event;
 use pipe::store::Store;
 use pipe::sweep::run::{Status, Trial};
 use pipe::sweep::spec::SweepSpec;
@@ -16,9 +23,17 @@ use crate::Failure;
 /// The environment variable MLflow's own clients read.
 const TRACKING_URI_ENV: &str = "MLFLOW_TRACKING_URI";
 
+/// How often metrics of a run in progress are sent.
+const LIVE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The server a command logs to, until it fails once.
 pub struct Tracker {
     mlflow: Option<Mlflow>,
+    /// Metrics of the run in progress not sent yet.
+    pending: Vec<Metric>,
+    /// `(key, step)` of the metrics sent while it ran, not to be sent again at its end.
+    sent: BTreeSet<(String, u64)>,
+    last_sent: Option<Instant>,
 }
 
 impl Tracker {
@@ -40,7 +55,7 @@ impl Tracker {
             },
             (None, None) => None,
         };
-        Ok(Self { mlflow })
+        Ok(Self { mlflow, pending: Vec::new(), sent: BTreeSet::new(), last_sent: None })
     }
 
     /// `log(server)`, or nothing once the server failed; a failure warns and ends the logging.
@@ -64,6 +79,35 @@ impl Tracker {
         self.attempt(|m| m.start_run(&pipeline.name, &pipeline.name, None, &batch))
     }
 
+    /// Collects the metrics of a training step or evaluation of the run in progress, and sends
+    /// them every [`LIVE_INTERVAL`], so that MLflow's charts follow the training.
+    pub fn observe(&mut self, run: Option<&MlflowRun>, event: &Event<'_>) {
+        let (Some(run), Some(_)) = (run, &self.mlflow) else { return };
+        let scalars = match event {
+            Event::Step(report) => pipe::train::logged_scalars(&[report.to_json()], &[]),
+            Event::Evaluated(evaluation) => pipe::train::logged_scalars(&[], &[evaluation.to_json()]),
+            _ => return,
+        };
+        for line in scalars {
+            self.pending.extend(line.values.into_iter().map(|(key, value)| Metric {
+                key,
+                value,
+                step: line.step,
+            }));
+        }
+        if self.last_sent.is_none_or(|at| at.elapsed() >= LIVE_INTERVAL) {
+            self.send_pending(run);
+        }
+    }
+
+    fn send_pending(&mut self, run: &MlflowRun) {
+        self.last_sent = Some(Instant::now());
+        let batch = Batch { metrics: std::mem::take(&mut self.pending), ..Batch::default() };
+        if !batch.metrics.is_empty() && self.attempt(|m| m.log(run, &batch)).is_some() {
+            self.sent.extend(batch.metrics.into_iter().map(|m| (m.key, m.step)));
+        }
+    }
+
     /// Ends the MLflow run of `pipe run`: on success, the record's tags, metrics and artifacts
     /// (the model too) and the run id as its name; else FAILED (KILLED when interrupted) with
     /// the error as a tag.
@@ -74,12 +118,18 @@ impl Tracker {
         outcome: &Result<RunOutcome, EngineError>,
     ) {
         let Some(run) = run else { return };
+        self.send_pending(&run);
         match outcome {
             Ok(outcome) => {
                 let record = Record::read(store, &outcome.run).ok();
+                let sent = std::mem::take(&mut self.sent);
                 self.attempt(|m| {
                     if let Some(record) = &record {
-                        m.log_record(&run, store, record, true)?;
+                        // What was sent while it trained is not sent again (the same numbers).
+                        let mut batch = record_batch(store, record)?;
+                        batch.metrics.retain(|metric| !sent.contains(&(metric.key.clone(), metric.step)));
+                        m.log(&run, &batch)?;
+                        m.upload_all(&run, &record_artifacts(store, record, true))?;
                     }
                     m.end_run(&run, RunStatus::Finished, Some(&outcome.run))
                 });
@@ -145,7 +195,8 @@ impl Tracker {
                 batch.params = params(&config);
                 self.attempt(|m| {
                     let child = m.start_run("", &name, Some(parent), &batch)?;
-                    m.log_record(&child, store, &record, false)?;
+                    m.log(&child, &record_batch(store, &record)?)?;
+                    m.upload_all(&child, &record_artifacts(store, &record, false))?;
                     m.end_run(&child, RunStatus::Finished, None)
                 });
             }

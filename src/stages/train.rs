@@ -18,8 +18,8 @@ use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::plan::{KeyFields, StageKind};
 use crate::store::WorkDir;
 use crate::train::{
-    EVENTS_FILE, EarlyStopping, Evaluation, Examples, History, TrainConfig, Trainer, draw_curves, event_file,
-    logged_scalars,
+    EVENTS_FILE, EarlyStopping, Evaluation, Examples, History, StepReport, TrainConfig, Trainer, draw_curves,
+    event_file, logged_scalars,
 };
 
 /// Directory (inside the outputs) of the trained model, in Hugging Face layout.
@@ -446,11 +446,7 @@ impl Stage for TrainStage {
         let best = stopping.as_ref().and_then(EarlyStopping::best);
 
         let out = work.out();
-        let steps: Vec<_> = history
-            .steps
-            .iter()
-            .map(|r| json!({ "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm }))
-            .collect();
+        let steps: Vec<_> = history.steps.iter().map(StepReport::to_json).collect();
         write_lines(&out.join(TRAIN_LOG), &steps)?;
         let evaluations = match self.train.evaluates() {
             true => self.write_evaluations(out, &history.evaluations, stopping.as_ref())?,

@@ -57,6 +57,15 @@ pub struct StepReport {
     pub real_tokens: usize,
 }
 
+impl StepReport {
+    /// The step as a line of the train stage's `train_log.jsonl`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm
+        })
+    }
+}
+
 /// A model with its optimizer, schedule and position in the run.
 pub struct Trainer {
     model: Model,
