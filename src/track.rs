@@ -129,7 +129,14 @@ impl Tracker {
                         let mut batch = record_batch(store, record)?;
                         batch.metrics.retain(|metric| !sent.contains(&(metric.key.clone(), metric.step)));
                         m.log(&run, &batch)?;
-                        m.upload_all(&run, &record_artifacts(store, record, true))?;
+                        if m.upload_all(&run, &record_artifacts(store, record, true))? == 0 {
+                            eprintln!(
+                                "note: MLflow keeps this run's artifacts at {}, which pipe does not write to (only \
+                                 through the server's artifact proxy, `mlflow server`'s default): params and \
+                                 metrics are logged, the model and curves are not",
+                                run.artifact_uri
+                            );
+                        }
                     }
                     m.end_run(&run, RunStatus::Finished, Some(&outcome.run))
                 });
