@@ -4,7 +4,8 @@
 //! A run is an MLflow run in the experiment named after its pipeline: the resolved pipeline as
 //! params (flattened keys, `optimizer.lr`), the run id, stage keys and environment as tags, and
 //! every number the train stage logged as metrics at its step (the same `train/<field>`,
-//! `eval/<field>` names as the TensorBoard event file), then the final metrics and the curves,
+//! `eval/<field>` names as the TensorBoard event file; `pipe run` sends them while it trains), then
+//! the final metrics and the curves,
 //! evaluation files, run record and model as artifacts where the server proxies them
 //! (`mlflow-artifacts:`, `mlflow server`'s default). A sweep is a parent run with one child run per
 //! trial. Everything is read back from pipe's record and stage outputs: logging never changes a
