@@ -13,16 +13,12 @@
 set -euo pipefail
 action=${1:?usage: mlflow-server.sh start|stop DIR}
 dir=${2:?usage: mlflow-server.sh start|stop DIR}
+# shellcheck source=scripts/service.sh
+source "$(dirname "$0")/service.sh"
 case "$action" in
   stop)
-    if [ -f "$dir/pid" ]; then
-      # The server's own workers are its process group's members: stop them all.
-      pid=$(cat "$dir/pid")
-      kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null || true
-      rm -f "$dir/pid"
-    fi
+    # The server's workers are in the process group it leads (it starts with setsid).
+    stop_pid_file "$dir/pid"
     exit 0
     ;;
   start) ;;

@@ -9,14 +9,11 @@
 set -euo pipefail
 action=${1:?usage: s3-server.sh start|stop DIR}
 dir=${2:?usage: s3-server.sh start|stop DIR}
+# shellcheck source=scripts/service.sh
+source "$(dirname "$0")/service.sh"
 case "$action" in
   stop)
-    if [ -f "$dir/pid" ]; then
-      kill "$(cat "$dir/pid")" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$(cat "$dir/pid")" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$(cat "$dir/pid")" 2>/dev/null || true
-      rm -f "$dir/pid"
-    fi
+    stop_pid_file "$dir/pid"
     exit 0
     ;;
   start) ;;

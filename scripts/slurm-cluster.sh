@@ -9,14 +9,11 @@ set -euo pipefail
 action=${1:?usage: slurm-cluster.sh start|stop DIR}
 dir=${2:?usage: slurm-cluster.sh start|stop DIR}
 dir=$(mkdir -p "$dir" && cd "$dir" && pwd)
+# shellcheck source=scripts/service.sh
+source "$(dirname "$0")/service.sh"
 stop() {
   for name in slurmd slurmctld munged; do
-    [ -f "$dir/$name.pid" ] || continue
-    pid=$(cat "$dir/$name.pid")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$dir/$name.pid"
+    stop_pid_file "$dir/$name.pid"
   done
 }
 case "$action" in
