@@ -233,19 +233,15 @@ impl Mlflow {
         }
     }
 
-    /// Starts a run called `name` in the experiment called `experiment` (a child of `parent`
-    /// when given), and logs `batch` into it.
+    /// Starts a run called `name` in the experiment `experiment_id` ([`Mlflow::experiment`]), a
+    /// child of `parent` when given, and logs `batch` into it.
     pub fn start_run(
         &self,
-        experiment: &str,
+        experiment_id: &str,
         name: &str,
         parent: Option<&MlflowRun>,
         batch: &Batch,
     ) -> Result<MlflowRun, MlflowError> {
-        let experiment_id = match parent {
-            Some(parent) => parent.experiment_id.clone(),
-            None => self.experiment(experiment)?,
-        };
         let mut tags = vec![
             ("mlflow.runName".to_string(), name.to_string()),
             ("mlflow.source.name".into(), "pipe".into()),
@@ -267,7 +263,7 @@ impl Mlflow {
         let info = &created["run"]["info"];
         let run = MlflowRun {
             id: info["run_id"].as_str().unwrap_or_default().to_string(),
-            experiment_id,
+            experiment_id: experiment_id.to_string(),
             artifact_uri: info["artifact_uri"].as_str().unwrap_or_default().to_string(),
         };
         self.log(&run, batch)?;

@@ -76,7 +76,7 @@ impl Tracker {
     pub fn start_run(&mut self, pipeline: &Pipeline) -> Option<MlflowRun> {
         let config: toml::Table = toml::from_str(&pipeline.to_toml()).ok()?;
         let batch = Batch { params: params(&config), ..Batch::default() };
-        self.attempt(|m| m.start_run(&pipeline.name, &pipeline.name, None, &batch))
+        self.attempt(|m| m.start_run(&m.experiment(&pipeline.name)?, &pipeline.name, None, &batch))
     }
 
     /// Collects the metrics of a training step or evaluation of the run in progress, and sends
@@ -166,7 +166,8 @@ impl Tracker {
             tags: vec![("pipe.sweep_id".into(), id[..12].to_string())],
             ..Batch::default()
         };
-        self.attempt(|m| m.start_run(&spec.base.name, &format!("sweep {}", &id[..12]), None, &batch))
+        let name = format!("sweep {}", &id[..12]);
+        self.attempt(|m| m.start_run(&m.experiment(&spec.base.name)?, &name, None, &batch))
     }
 
     /// Logs a finished trial as a child run of `parent`: its run's params, metrics and small
@@ -183,25 +184,27 @@ impl Tracker {
             ..Batch::default()
         };
         let name = format!("trial {}", trial.number);
-        let record = trial.run.as_deref().and_then(|id| Record::read(store, id).ok());
-        match (&trial.status, record) {
-            (Status::Failed(_), _) | (_, None) => {
-                let error = match &trial.status {
-                    Status::Failed(error) => error.clone(),
-                    _ => "the trial's run record is missing".into(),
-                };
+        let experiment = &parent.experiment_id;
+        let record = match (&trial.status, trial.run.as_deref()) {
+            (Status::Failed(error), _) => Err(error.clone()),
+            (_, run) => run
+                .and_then(|id| Record::read(store, id).ok())
+                .ok_or_else(|| "the trial's run record is missing".to_string()),
+        };
+        match record {
+            Err(error) => {
                 batch.tags.push(("pipe.error".into(), error));
                 self.attempt(|m| {
-                    let child = m.start_run("", &name, Some(parent), &batch)?;
+                    let child = m.start_run(experiment, &name, Some(parent), &batch)?;
                     m.end_run(&child, RunStatus::Failed, None)
                 });
             }
-            (_, Some(record)) => {
+            Ok(record) => {
                 let config =
                     record.table.get("config").and_then(toml::Value::as_table).cloned().unwrap_or_default();
                 batch.params = params(&config);
                 self.attempt(|m| {
-                    let child = m.start_run("", &name, Some(parent), &batch)?;
+                    let child = m.start_run(experiment, &name, Some(parent), &batch)?;
                     m.log(&child, &record_batch(store, &record)?)?;
                     m.upload_all(&child, &record_artifacts(store, &record, false))?;
                     m.end_run(&child, RunStatus::Finished, None)
