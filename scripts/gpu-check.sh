@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, on a GPU machine that has only this working tree and what
 # scripts/gpu-pack.sh put in .gpu/ (the `cuda` build's binaries, the reference script, MiniLM's
-# weights in two parts, in two loads .gpu/a and .gpu/b): no Rust toolchain, no network. Python with torch and transformers must be
+# weights in parts, in loads .gpu/a, .gpu/b, ...): no Rust toolchain, no network. Python with torch and transformers must be
 # there (the reference's own requirements).
 #
 # Usage: scripts/gpu-check.sh [checks|recipe|all] [OUT]     (OUT defaults to $OUT, else gpu-check)
@@ -9,9 +9,9 @@
 #           f32 and bf16, of pipe and of ../shared/reference/hf_finetune.py (PyTorch eager, autocast
 #           for bf16) side by side, on a model of MiniLM's shape (speed does not depend on weights)
 #   recipe  the 4k recipe (pipelines/quickstart.toml) on the GPU: f32 twice, in two stores, compared
-#           bit for bit, and bf16; plus the MiniLM parity test. Needs both loads (the weights are
-#           larger than one call may carry: send .gpu/a with `checks`, then .gpu/b at once, while
-#           the machine is still warm)
+#           bit for bit, and bf16; plus the MiniLM parity test. Needs every load (the weights are
+#           larger than one call may carry: send .gpu/a with `checks`, then .gpu/b, .gpu/c, ... at
+#           once, one call each, while the machine is still warm)
 # Each step's outcome goes to OUT/summary.json and OUT/summary.md; a failed step does not stop
 # the others. Exit status: 0 when every step that ran passed.
 set -uo pipefail
@@ -29,7 +29,7 @@ record() { printf '{"step":"%s","status":"%s","result":%s}\n' "$1" "$2" "${3:-nu
 
 # The binaries, unpacked once.
 mkdir -p "$pack/bin"
-for f in "$pack"/a/*.xz "$pack"/b/*.xz; do
+for f in "$pack"/*/*.xz; do
   [ -e "$f" ] || continue
   bin=$pack/bin/$(basename "$f" .xz)
   [ -x "$bin" ] || { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$bin" && chmod +x "$bin"; }
@@ -103,10 +103,15 @@ run_recipe() {
   local model=models/all-MiniLM-L6-v2
   mkdir -p "$model"
   cp "$pack/a/model/config.json" "$pack/a/model/tokenizer.json" "$pack/a/model/vocab.txt" "$model/"
-  if ! cat "$pack/a/model/part-a" "$pack/b/part-b" >"$model/model.safetensors" 2>/dev/null ||
+  local parts=() n
+  # The parts in order; a missing load shows as a checksum mismatch.
+  shopt -s nullglob
+  for n in 1 2 3 4 5; do parts+=("$pack"/*/weights-$n); done
+  shopt -u nullglob
+  if ! cat "${parts[@]}" >"$model/model.safetensors" 2>/dev/null ||
     ! (cd "$model" && sha256sum -c "$pack/a/model/SHA256" >/dev/null 2>&1) || [ ! -x "$pack/bin/pipe" ]; then
     rm -f "$model/model.safetensors"
-    record recipe missing-load "\"both .gpu/a and .gpu/b must be there: $(ls "$pack"/a "$pack"/b 2>&1 | paste -sd' ')\""
+    record recipe missing-load "\"every load .gpu/a, .gpu/b, ... must be there: $(ls "$pack"/* 2>&1 | paste -sd' ')\""
     return
   fi
   log "CUDA MiniLM parity test"
