@@ -1,7 +1,9 @@
 //! pipe's GEMM against candle's matmul (the `gemm` crate) on the products of a MiniLM training step.
 //!
-//! `cargo bench --bench gemm [-- ROWS [INxOUT ...]]` (default 2048 = batch 32 x len 64, dense, and
-//! MiniLM's layers 384x384 384x1536 1536x384; SmolLM2's are 576x960 576x576 576x3072 1536x576).
+//! `cargo bench --bench gemm [-- ROWS [INxOUT ...] [--bf16]]` (default 2048 = batch 32 x len 64,
+//! dense, and MiniLM's layers 384x384 384x1536 1536x384; SmolLM2's are 576x960 576x576 576x3072
+//! 1536x576). `--bf16`: pipe's products with bf16 operands (`dtype = "bf16"` on the CPU), against
+//! candle's f32 matmul.
 //! For each product of a layer (forward `x W^T`, input gradient `g W`, weight gradient `g^T x`),
 //! the median of 15 runs of each, interleaved, in GFLOP/s. pipe's kernel path is the CPU's best
 //! unless `PIPE_KERNEL` forces one.
@@ -28,11 +30,15 @@ fn main() -> candle_core::Result<()> {
             Some((inp.parse().ok()?, out.parse().ok()?))
         })
         .collect();
+    let products = match std::env::args().any(|a| a == "--bf16") {
+        true => pipe::ops::Products::Bf16,
+        false => pipe::ops::Products::Full,
+    };
     if layers.is_empty() {
         layers = vec![(384, 384), (384, 1536), (1536, 384)];
     }
     println!(
-        "kernel path {}, {} threads, {rows} rows",
+        "kernel path {}, {} threads, {rows} rows, pipe's products {products:?}",
         pipe::ops::cpu::kernel_path(),
         rayon::current_num_threads()
     );
@@ -55,21 +61,45 @@ fn main() -> candle_core::Result<()> {
             (
                 "x W^T",
                 Box::new(|| {
-                    drop(pipe::ops::gemm::matmul_t(&x, &w, rows, inp, out, pipe::ops::gemm::Transpose::Rhs))
+                    drop(pipe::ops::gemm::matmul_with(
+                        &x,
+                        &w,
+                        rows,
+                        inp,
+                        out,
+                        pipe::ops::gemm::Transpose::Rhs,
+                        products,
+                    ))
                 }),
                 Box::new(|| drop(tx.matmul(&tw.t().unwrap()).unwrap())),
             ),
             (
                 "g W",
                 Box::new(|| {
-                    drop(pipe::ops::gemm::matmul_t(&g, &w, rows, out, inp, pipe::ops::gemm::Transpose::None))
+                    drop(pipe::ops::gemm::matmul_with(
+                        &g,
+                        &w,
+                        rows,
+                        out,
+                        inp,
+                        pipe::ops::gemm::Transpose::None,
+                        products,
+                    ))
                 }),
                 Box::new(|| drop(tg.matmul(&tw).unwrap())),
             ),
             (
                 "g^T x",
                 Box::new(|| {
-                    drop(pipe::ops::gemm::matmul_t(&g, &x, out, rows, inp, pipe::ops::gemm::Transpose::Lhs))
+                    drop(pipe::ops::gemm::matmul_with(
+                        &g,
+                        &x,
+                        out,
+                        rows,
+                        inp,
+                        pipe::ops::gemm::Transpose::Lhs,
+                        products,
+                    ))
                 }),
                 Box::new(|| drop(tg.t().unwrap().matmul(&tx).unwrap())),
             ),

@@ -210,12 +210,29 @@ fn gemm_bf16_on(
     let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(&a, pi * mr, mr, rows_contiguous, dst);
     let pack_b = |(pj, dst): (usize, &mut [u32])| pack_cols(&b, pj * nr, nr, dst);
     if kq > 0 {
+        // An operand whose steps are contiguous (a transposed `A`, as in a weight gradient, and a
+        // row-major `B`) is packed step by step across its panels.
+        let (a_steps, b_steps) = (!rows_contiguous && a.rs == 1, b.cs == 1);
+        if a_steps {
+            pack_steps(a.data, a.offset, a.cs, m, k, mr, &mut packed_a, parallel);
+        }
+        if b_steps {
+            pack_steps(b.data, b.offset, b.rs, n, k, nr, &mut packed_b, parallel);
+        }
         if parallel {
-            packed_a.par_chunks_mut(kq * mr).enumerate().for_each(pack_a);
-            packed_b.par_chunks_mut(kq * nr).enumerate().for_each(pack_b);
+            if !a_steps {
+                packed_a.par_chunks_mut(kq * mr).enumerate().for_each(pack_a);
+            }
+            if !b_steps {
+                packed_b.par_chunks_mut(kq * nr).enumerate().for_each(pack_b);
+            }
         } else {
-            packed_a.chunks_mut(kq * mr).enumerate().for_each(pack_a);
-            packed_b.chunks_mut(kq * nr).enumerate().for_each(pack_b);
+            if !a_steps {
+                packed_a.chunks_mut(kq * mr).enumerate().for_each(pack_a);
+            }
+            if !b_steps {
+                packed_b.chunks_mut(kq * nr).enumerate().for_each(pack_b);
+            }
         }
     }
 
@@ -338,6 +355,70 @@ fn pack_cols(b: &MatRef<'_, f32>, c0: usize, nr: usize, dst: &mut [u32]) {
                 dst[q * nr + j] = pair(b.at(2 * q, c0 + j), odd);
             }
         }
+    }
+}
+
+/// The `k` steps of an operand whose steps are contiguous (step `p`'s `len` elements from
+/// `offset + p * stride`: a transposed `A`'s columns, a row-major `B`'s rows) as panels of `w`
+/// elements, each `[q][w]` pairs (`dst` comes zeroed: a ragged last panel and an odd `k`'s last step stay
+/// zero-padded). Panel by panel, a panel's piece of each step is a few dozen bytes of a line
+/// kilobytes away from the next step's, read again for every panel: that cost half of a weight
+/// gradient's product. Here a block of steps is converted across a group of panels at once, each
+/// step's piece read once, in order, and the pairs copied out to the panels from L1.
+#[allow(clippy::too_many_arguments)]
+fn pack_steps(
+    data: &[f32],
+    offset: usize,
+    stride: usize,
+    len: usize,
+    k: usize,
+    w: usize,
+    dst: &mut [u32],
+    parallel: bool,
+) {
+    /// Elements of a step per group of panels (at most), and pairs per block: a block's pairs
+    /// (16 KiB) stay in L1 while they are copied out.
+    const GROUP: usize = 256;
+    const BLOCK: usize = 16;
+    let kq = k.div_ceil(2);
+    // Groups small enough for four per thread, so that the threads finish together.
+    let tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+    let panels_per_group = (GROUP / w).min(len.div_ceil(w).div_ceil(tasks)).max(1);
+    let pack_group = |(g, dst): (usize, &mut [u32])| {
+        let c0 = g * panels_per_group * w;
+        let span = (len - c0).min(panels_per_group * w);
+        let mut pairs = vec![0u32; BLOCK * span];
+        for q0 in (0..kq).step_by(BLOCK) {
+            let steps = BLOCK.min(kq - q0);
+            for (qq, line) in pairs.chunks_mut(span).take(steps).enumerate() {
+                let p = 2 * (q0 + qq);
+                let even = &data[offset + p * stride + c0..][..span];
+                if p + 1 < k {
+                    let odd = &data[offset + (p + 1) * stride + c0..][..span];
+                    vectorized!({
+                        for ((d, &e), &o) in line.iter_mut().zip(even).zip(odd) {
+                            *d = pair(e, o);
+                        }
+                    });
+                } else {
+                    vectorized!({ line.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0)) });
+                }
+            }
+            for (x, panel) in dst.chunks_mut(kq * w).enumerate() {
+                let cols = w.min(span - x * w);
+                for qq in 0..steps {
+                    let (d, s) = (&mut panel[(q0 + qq) * w..][..cols], &pairs[qq * span + x * w..][..cols]);
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d = s;
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        dst.par_chunks_mut(panels_per_group * kq * w).enumerate().for_each(pack_group);
+    } else {
+        dst.chunks_mut(panels_per_group * kq * w).enumerate().for_each(pack_group);
     }
 }
 
@@ -554,6 +635,8 @@ mod tests {
             (128, 32, 128, false, true),
             (5, 3, 7, true, true),
             (13, 1, 33, false, false),
+            // Several groups of panels and blocks of steps, ragged, odd `k`.
+            (150, 301, 300, true, false),
         ];
         for (m, k, n, ta, tb) in shapes {
             let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
