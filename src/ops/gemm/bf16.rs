@@ -29,7 +29,7 @@
 
 use rayon::prelude::*;
 
-use super::{KC, MC, MatMut, MatRef, NC, PARALLEL_WORK, Threads};
+use super::{KC, MC, MatMut, MatRef, NC, PARALLEL_WORK, Threads, with_scratch};
 use crate::ops::cpu::{KernelPath, kernel_path};
 use crate::ops::vectorized;
 
@@ -203,39 +203,80 @@ fn gemm_bf16_on(
     let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     let parallel = threads == Threads::Pool && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
 
-    let mut packed_a = vec![0u32; row_panels * kq * mr];
-    let mut packed_b = vec![0u32; col_panels * kq * nr];
+    let (a_len, b_len) = (row_panels * kq * mr, col_panels * kq * nr);
+    with_scratch(a_len + b_len, |scratch: &mut [u32]| {
+        let (packed_a, packed_b) = scratch.split_at_mut(a_len);
+        let layout = pack(&a, &b, kernel, packed_a, packed_b, parallel);
+        let panels = Panels { a: packed_a, b: packed_b, layout, kq };
+        run_tiles(kernel, kc, c, accumulate, &panels, parallel);
+    });
+}
+
+/// The packed operands of a product: `A`'s row panels (each pair of row `i`, pair `q` at
+/// `q * step + i * row` of its panel, see [`APanel`]) and `B`'s column panels (`[q][nr]`).
+struct Panels<'a> {
+    a: &'a [u32],
+    b: &'a [u32],
+    /// `A`'s panel layout: `(step, row)`.
+    layout: (usize, usize),
+    kq: usize,
+}
+
+/// Packs `a` and `b` into `packed_a` and `packed_b` (every word written: they are reused scratch),
+/// and returns `A`'s panel layout.
+fn pack(
+    a: &MatRef<'_, f32>,
+    b: &MatRef<'_, f32>,
+    kernel: Kernel,
+    packed_a: &mut [u32],
+    packed_b: &mut [u32],
+    parallel: bool,
+) -> (usize, usize) {
+    let (mr, nr, k) = (kernel.mr, kernel.nr, a.cols);
+    let kq = k.div_ceil(2);
+    // `A` as `[i][q]` when its rows are contiguous (each row's pairs converted in place), else
+    // `[q][i]`.
     let rows_contiguous = a.cs == 1;
-    let (a_step, a_row) = if rows_contiguous { (1, kq) } else { (mr, 1) };
-    let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(&a, pi * mr, mr, rows_contiguous, dst);
-    let pack_b = |(pj, dst): (usize, &mut [u32])| pack_cols(&b, pj * nr, nr, dst);
     if kq > 0 {
         // An operand whose steps are contiguous (a transposed `A`, as in a weight gradient, and a
-        // row-major `B`) is packed step by step across its panels.
-        let (a_steps, b_steps) = (!rows_contiguous && a.rs == 1, b.cs == 1);
-        if a_steps {
-            pack_steps(a.data, a.offset, a.cs, m, k, mr, &mut packed_a, parallel);
-        }
-        if b_steps {
-            pack_steps(b.data, b.offset, b.rs, n, k, nr, &mut packed_b, parallel);
-        }
-        if parallel {
-            if !a_steps {
-                packed_a.par_chunks_mut(kq * mr).enumerate().for_each(pack_a);
-            }
-            if !b_steps {
-                packed_b.par_chunks_mut(kq * nr).enumerate().for_each(pack_b);
-            }
+        // row-major `B`) is packed step by step across its panels; others panel by panel.
+        if !rows_contiguous && a.rs == 1 {
+            pack_steps(a.data, a.offset, a.cs, a.rows, k, mr, packed_a, parallel);
         } else {
-            if !a_steps {
-                packed_a.chunks_mut(kq * mr).enumerate().for_each(pack_a);
+            let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(a, pi * mr, mr, rows_contiguous, dst);
+            match parallel {
+                true => packed_a.par_chunks_mut(kq * mr).enumerate().for_each(pack_a),
+                false => packed_a.chunks_mut(kq * mr).enumerate().for_each(pack_a),
             }
-            if !b_steps {
-                packed_b.chunks_mut(kq * nr).enumerate().for_each(pack_b);
+        }
+        if b.cs == 1 {
+            pack_steps(b.data, b.offset, b.rs, b.cols, k, nr, packed_b, parallel);
+        } else {
+            let pack_b = |(pj, dst): (usize, &mut [u32])| pack_cols(b, pj * nr, nr, dst);
+            match parallel {
+                true => packed_b.par_chunks_mut(kq * nr).enumerate().for_each(pack_b),
+                false => packed_b.chunks_mut(kq * nr).enumerate().for_each(pack_b),
             }
         }
     }
+    if rows_contiguous { (1, kq) } else { (mr, 1) }
+}
 
+/// The tiles of `c = [c +] a b` from the packed panels, in tasks of [`MC`] x [`NC`], `kc` pairs per
+/// pass.
+fn run_tiles(
+    kernel: Kernel,
+    kc: usize,
+    c: MatMut<'_, f32>,
+    accumulate: bool,
+    panels: &Panels<'_>,
+    parallel: bool,
+) {
+    let (m, n, kq) = (c.rows, c.cols, panels.kq);
+    let (mr, nr) = (kernel.mr, kernel.nr);
+    let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let (a_step, a_row) = panels.layout;
+    let (packed_a, packed_b) = (panels.a, panels.b);
     let (mc_tiles, nc_tiles) = (MC.div_ceil(mr), NC / nr);
     let (row_tasks, col_tasks) = (row_panels.div_ceil(mc_tiles), col_panels.div_ceil(nc_tiles));
     let (out, rs_c) = (Out(c.ptr), c.rs);
@@ -281,64 +322,33 @@ fn gemm_bf16_on(
     }
 }
 
-/// Rows `r0..` (at most `mr`) of `a`, zero-padded (`dst` comes zeroed): as `[i][q]` pairs when
-/// `rows_contiguous` (`a`'s rows are: each row's pairs in place), else as `[q][mr]`.
+/// Rows `r0..` (at most `mr`) of `a`, zero-padded (every word of `dst` written): as `[i][q]` pairs
+/// when `rows_contiguous` (`a`'s rows are: each row's pairs in place), else as `[q][mr]`.
 fn pack_rows(a: &MatRef<'_, f32>, r0: usize, mr: usize, rows_contiguous: bool, dst: &mut [u32]) {
     let (rows, k) = (mr.min(a.rows - r0), a.cols);
+    let kq = k.div_ceil(2);
     if rows_contiguous {
-        let kq = k.div_ceil(2);
         for i in 0..rows {
             let start = a.offset + (r0 + i) * a.rs;
             pairs_of(&a.data[start..start + k], &mut dst[i * kq..(i + 1) * kq]);
         }
-    } else if a.rs == 1 {
-        // Columns contiguous (a transposed operand): each pair of columns fills one step.
-        for q in 0..k.div_ceil(2) {
-            let column = |p: usize| &a.data[a.offset + r0 + p * a.cs..][..rows];
-            let even = column(2 * q);
-            let step = &mut dst[q * mr..q * mr + rows];
-            if 2 * q + 1 < k {
-                let odd = column(2 * q + 1);
-                vectorized!({
-                    for ((d, &e), &o) in step.iter_mut().zip(even).zip(odd) {
-                        *d = pair(e, o);
-                    }
-                });
-            } else {
-                vectorized!({ step.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0)) });
-            }
-        }
+        dst[rows * kq..].fill(0);
     } else {
-        for i in 0..rows {
-            for q in 0..k.div_ceil(2) {
+        for q in 0..kq {
+            for i in 0..rows {
                 let odd = if 2 * q + 1 < k { a.at(r0 + i, 2 * q + 1) } else { 0.0 };
                 dst[q * mr + i] = pair(a.at(r0 + i, 2 * q), odd);
             }
+            dst[q * mr + rows..(q + 1) * mr].fill(0);
         }
     }
 }
 
-/// Columns `c0..` (at most `nr`) of `b` as `[q][nr]` pairs, zero-padded (`dst` comes zeroed).
+/// Columns `c0..` (at most `nr`) of `b` as `[q][nr]` pairs, zero-padded (every word of `dst`
+/// written); a row-major `b` goes through [`pack_steps`].
 fn pack_cols(b: &MatRef<'_, f32>, c0: usize, nr: usize, dst: &mut [u32]) {
     let (cols, k) = (nr.min(b.cols - c0), b.rows);
-    if b.cs == 1 {
-        // Rows contiguous: each pair of rows fills one step.
-        for q in 0..k.div_ceil(2) {
-            let row = |p: usize| &b.data[b.offset + p * b.rs + c0..][..cols];
-            let even = row(2 * q);
-            let step = &mut dst[q * nr..q * nr + cols];
-            if 2 * q + 1 < k {
-                let odd = row(2 * q + 1);
-                vectorized!({
-                    for ((d, &e), &o) in step.iter_mut().zip(even).zip(odd) {
-                        *d = pair(e, o);
-                    }
-                });
-            } else {
-                vectorized!({ step.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0)) });
-            }
-        }
-    } else if b.rs == 1 {
+    if b.rs == 1 {
         // Columns contiguous (a transposed weight): convert a column's pairs, then spread them.
         let mut column_pairs = vec![0u32; k.div_ceil(2)];
         for j in 0..cols {
@@ -356,12 +366,16 @@ fn pack_cols(b: &MatRef<'_, f32>, c0: usize, nr: usize, dst: &mut [u32]) {
             }
         }
     }
+    // A ragged panel's padding.
+    if cols < nr {
+        dst.chunks_mut(nr).for_each(|step| step[cols..].fill(0));
+    }
 }
 
 /// The `k` steps of an operand whose steps are contiguous (step `p`'s `len` elements from
 /// `offset + p * stride`: a transposed `A`'s columns, a row-major `B`'s rows) as panels of `w`
-/// elements, each `[q][w]` pairs (`dst` comes zeroed: a ragged last panel and an odd `k`'s last step stay
-/// zero-padded). Panel by panel, a panel's piece of each step is a few dozen bytes of a line
+/// elements, each `[q][w]` pairs, zero-padded (a ragged last panel, an odd `k`'s last step; every
+/// word of `dst` written). Panel by panel, a panel's piece of each step is a few dozen bytes of a line
 /// kilobytes away from the next step's, read again for every panel: that cost half of a weight
 /// gradient's product. Here a block of steps is converted across a group of panels at once, each
 /// step's piece read once, in order, and the pairs copied out to the panels from L1.
@@ -407,10 +421,9 @@ fn pack_steps(
             for (x, panel) in dst.chunks_mut(kq * w).enumerate() {
                 let cols = w.min(span - x * w);
                 for qq in 0..steps {
-                    let (d, s) = (&mut panel[(q0 + qq) * w..][..cols], &pairs[qq * span + x * w..][..cols]);
-                    for (d, &s) in d.iter_mut().zip(s) {
-                        *d = s;
-                    }
+                    let step = &mut panel[(q0 + qq) * w..][..w];
+                    step[..cols].copy_from_slice(&pairs[qq * span + x * w..][..cols]);
+                    step[cols..].fill(0);
                 }
             }
         }

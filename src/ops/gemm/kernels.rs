@@ -82,7 +82,7 @@ impl<T: Real> Kernel<T> {
 const MAX_TILE: usize = 12 * 32;
 
 /// Element types with micro-kernels.
-pub(crate) trait Element: Real {
+pub(crate) trait Element: Real + super::Plain {
     /// The kernel for `path` (a path without a variant of its own for this type uses the nearest).
     fn kernel(path: KernelPath) -> Kernel<Self>;
 

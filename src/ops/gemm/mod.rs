@@ -55,6 +55,48 @@ const NC: usize = 128;
 /// Products smaller than this many multiply-adds run on the calling thread only.
 const PARALLEL_WORK: usize = 1 << 17;
 
+/// Element types of which every bit pattern is a value, so that one scratch buffer can be reused
+/// as any of them.
+///
+/// # Safety
+///
+/// Implementors have no invalid bit patterns, and their size and alignment divide 8.
+pub(crate) unsafe trait Plain: Copy {}
+// SAFETY: plain numbers of 4 or 8 bytes.
+unsafe impl Plain for f32 {}
+// SAFETY: as above.
+unsafe impl Plain for f64 {}
+// SAFETY: as above.
+unsafe impl Plain for u32 {}
+
+thread_local! {
+    /// The calling thread's packing buffer, kept between products (see [`with_scratch`]).
+    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` elements of the calling thread's packing buffer. Its contents are whatever
+/// earlier products left there: every packer writes every element the kernels read, padding
+/// included. A product neither allocates nor zero-fills its packed operands, which cost up to a
+/// tenth of a large product's time (zeroing 25 MB for a weight gradient's packed B). A product
+/// that starts while its thread's buffer is in use (in a task of another product on that
+/// thread) gets a fresh buffer.
+pub(crate) fn with_scratch<T: Plain, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let words = (len * size_of::<T>()).div_ceil(8);
+    let run = |buffer: &mut Vec<u64>| {
+        if buffer.len() < words {
+            buffer.resize(words, 0);
+        }
+        // SAFETY: the buffer holds at least `len` elements of `T` (`words` u64s), initialised,
+        // aligned for `T` (alignment dividing 8), any bit pattern being a `T` (`Plain`); the
+        // borrow is exclusive for the call.
+        f(unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr().cast::<T>(), len) })
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => run(&mut buffer),
+        Err(_) => run(&mut Vec::new()),
+    })
+}
+
 /// A read-only matrix view: `rows x cols` elements at `offset + r * rs + c * cs` of a slice.
 #[derive(Clone, Copy)]
 pub(crate) struct MatRef<'a, T> {
@@ -289,22 +331,39 @@ fn gemm_on<T: Element>(
     // on its L1d-48K host), and on one that splits them (the earlier host) it changed nothing.
     let path = if path >= KernelPath::Avx512 && (m < 4 * 12 || n < 32) { KernelPath::Avx2 } else { path };
     let kernel = T::kernel(path);
-    let (mr, nr) = (kernel.mr, kernel.nr);
-    let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
-    let (mc_tiles, nc_tiles) = blocking.tiles(mr, nr);
-    let (row_tasks, col_tasks) = (row_panels.div_ceil(mc_tiles), col_panels.div_ceil(nc_tiles));
+    let nr = kernel.nr;
+    let col_panels = n.div_ceil(nr);
     let parallel = threads == Threads::Pool && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
 
     // B's column panels as the kernels read them, packed (`k` rows of `nr`, zero-padded) even when
     // B's rows are contiguous: read in place, rows kilobytes apart collide in the caches (in place
     // ran at 104-142 GFLOP/s where packed ran at 149-170, at BERT-base's and MiniLM's shapes).
-    let mut packed_b = vec![T::zero(); col_panels * k * nr];
-    let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, i * nr, nr, dst);
-    if parallel {
-        packed_b.par_chunks_mut(k * nr).enumerate().for_each(pack);
-    } else {
-        packed_b.chunks_mut(k * nr).enumerate().for_each(pack);
-    }
+    with_scratch(col_panels * k * nr, |packed_b: &mut [T]| {
+        let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, i * nr, nr, dst);
+        if parallel {
+            packed_b.par_chunks_mut(k * nr).enumerate().for_each(pack);
+        } else {
+            packed_b.chunks_mut(k * nr).enumerate().for_each(pack);
+        }
+        run_tiles(kernel, blocking, c, accumulate, a, packed_b, parallel);
+    });
+}
+
+/// The tiles of `c = [c +] a b` with `b` packed (see [`gemm_on`]), in tasks.
+fn run_tiles<T: Element>(
+    kernel: kernels::Kernel<T>,
+    blocking: Blocking,
+    c: MatMut<'_, T>,
+    accumulate: bool,
+    a: MatRef<'_, T>,
+    packed_b: &[T],
+    parallel: bool,
+) {
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    let (mr, nr) = (kernel.mr, kernel.nr);
+    let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let (mc_tiles, nc_tiles) = blocking.tiles(mr, nr);
+    let (row_tasks, col_tasks) = (row_panels.div_ceil(mc_tiles), col_panels.div_ceil(nc_tiles));
     // A's ragged last row panel, copied zero-padded (`k` steps of `mr`).
     let ragged_a = if m % mr == 0 { Vec::new() } else { pack_rows(&a, m - m % mr, mr) };
 
@@ -375,7 +434,8 @@ fn pack_rows<T: Real>(a: &MatRef<'_, T>, r0: usize, mr: usize) -> Vec<T> {
     dst
 }
 
-/// Columns `c0..` (at most `nr`) of `b` as `k` rows of `nr` (`dst[p * nr + j]`), zero-padded.
+/// Columns `c0..` (at most `nr`) of `b` as `k` rows of `nr` (`dst[p * nr + j]`), zero-padded
+/// (every element of `dst` written).
 fn pack_cols<T: Real>(b: &MatRef<'_, T>, c0: usize, nr: usize, dst: &mut [T]) {
     let cols = nr.min(b.cols - c0);
     if b.cs == 1 {
@@ -417,6 +477,10 @@ fn pack_cols<T: Real>(b: &MatRef<'_, T>, c0: usize, nr: usize, dst: &mut [T]) {
                 dst[p * nr + j] = b.at(p, c0 + j);
             }
         }
+    }
+    // A ragged panel's padding (`dst` is reused scratch).
+    if cols < nr {
+        dst.chunks_mut(nr).for_each(|row| row[cols..].fill(T::zero()));
     }
 }
 
