@@ -339,11 +339,14 @@ fn gemm_on<T: Element>(
     // B's rows are contiguous: read in place, rows kilobytes apart collide in the caches (in place
     // ran at 104-142 GFLOP/s where packed ran at 149-170, at BERT-base's and MiniLM's shapes).
     with_scratch(col_panels * k * nr, |packed_b: &mut [T]| {
-        let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, i * nr, nr, dst);
-        if parallel {
-            packed_b.par_chunks_mut(k * nr).enumerate().for_each(pack);
+        if b.cs == 1 {
+            pack_row_major(&b, nr, packed_b, parallel);
         } else {
-            packed_b.chunks_mut(k * nr).enumerate().for_each(pack);
+            let pack = |(i, dst): (usize, &mut [T])| pack_cols(&b, i * nr, nr, dst);
+            match parallel {
+                true => packed_b.par_chunks_mut(k * nr).enumerate().for_each(pack),
+                false => packed_b.chunks_mut(k * nr).enumerate().for_each(pack),
+            }
         }
         run_tiles(kernel, blocking, c, accumulate, a, packed_b, parallel);
     });
@@ -434,16 +437,41 @@ fn pack_rows<T: Real>(a: &MatRef<'_, T>, r0: usize, mr: usize) -> Vec<T> {
     dst
 }
 
-/// Columns `c0..` (at most `nr`) of `b` as `k` rows of `nr` (`dst[p * nr + j]`), zero-padded
-/// (every element of `dst` written).
+/// A `b` with contiguous rows as column panels of `nr` (`[p][nr]` each, zero-padded; every element
+/// of `dst` written), a group of panels at a time, row by row: each row's piece is read once, in
+/// order. Panel by panel, a wide operand's rows are a page apart and every read waited on memory
+/// (a weight gradient's `B` is a whole activation: packing it was 4% of a training step).
+fn pack_row_major<T: Real>(b: &MatRef<'_, T>, nr: usize, dst: &mut [T], parallel: bool) {
+    /// Elements of a row per group of panels (at most).
+    const GROUP: usize = 256;
+    let (k, n) = (b.rows, b.cols);
+    // Groups small enough for four per thread, so that the threads finish together.
+    let tasks = if parallel { 4 * rayon::current_num_threads() } else { 1 };
+    let panels_per_group = (GROUP / nr).min(n.div_ceil(nr).div_ceil(tasks)).max(1);
+    let pack_group = |(g, dst): (usize, &mut [T])| {
+        let c0 = g * panels_per_group * nr;
+        let span = (n - c0).min(panels_per_group * nr);
+        for p in 0..k {
+            let row = &b.data[b.offset + p * b.rs + c0..][..span];
+            for (x, panel) in dst.chunks_mut(k * nr).enumerate() {
+                let cols = nr.min(span - x * nr);
+                let step = &mut panel[p * nr..][..nr];
+                step[..cols].copy_from_slice(&row[x * nr..][..cols]);
+                step[cols..].fill(T::zero());
+            }
+        }
+    };
+    match parallel {
+        true => dst.par_chunks_mut(panels_per_group * k * nr).enumerate().for_each(pack_group),
+        false => dst.chunks_mut(panels_per_group * k * nr).enumerate().for_each(pack_group),
+    }
+}
+
+/// Columns `c0..` (at most `nr`) of a `b` without contiguous rows (see [`pack_row_major`]) as `k`
+/// rows of `nr` (`dst[p * nr + j]`), zero-padded (every element of `dst` written).
 fn pack_cols<T: Real>(b: &MatRef<'_, T>, c0: usize, nr: usize, dst: &mut [T]) {
     let cols = nr.min(b.cols - c0);
-    if b.cs == 1 {
-        for p in 0..b.rows {
-            let start = b.offset + p * b.rs + c0;
-            dst[p * nr..p * nr + cols].copy_from_slice(&b.data[start..start + cols]);
-        }
-    } else if b.rs == 1 {
+    if b.rs == 1 {
         // A transposed row-major matrix: each column is a contiguous run along k. Transposed in
         // 8 x 8 tiles, so that reads and writes both go eight consecutive elements at a time.
         const T8: usize = 8;
@@ -593,13 +621,15 @@ mod tests {
         ];
         // (m, k, n, a transposed, b transposed): the FFN down-projection forward, its weight
         // gradient (transposed lhs), the input gradient, and ragged small cases (a transposed rhs
-        // whose packing has whole 8 x 8 tiles and ragged rows and columns).
+        // whose packing has whole 8 x 8 tiles and ragged rows and columns, a wide row-major rhs).
         let shapes = [
             (70, 1536, 384, false, true),
             (384, 70, 1536, true, false),
             (37, 384, 1536, false, false),
             (5, 33, 7, true, true),
             (9, 37, 45, false, true),
+            // A row-major rhs packed in several groups of panels, the last ragged.
+            (13, 29, 300, false, false),
         ];
         for (m, k, n, ta, tb) in shapes {
             let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
