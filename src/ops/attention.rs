@@ -276,8 +276,25 @@ impl Attention {
             }
         }
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
+        // The largest scaled score of each row, in any order (a maximum is exact, and a zero's
+        // sign does not change `s - max` for any `s`), so that it vectorises.
         let mut max = vec![T::zero(); rows];
-        fold_rows(len, T::neg_infinity(), &mut max, |m, i| num_traits::Float::max(m, p[i] * scale));
+        vectorized!({
+            for (m, row) in max.iter_mut().zip(p.chunks(len)) {
+                // Sixteen lanes, then across them.
+                let mut lanes = [T::neg_infinity(); 16];
+                let mut chunks = row.chunks_exact(16);
+                for chunk in &mut chunks {
+                    for (l, &s) in lanes.iter_mut().zip(chunk) {
+                        *l = num_traits::Float::max(*l, s * scale);
+                    }
+                }
+                for (l, &s) in lanes.iter_mut().zip(chunks.remainder()) {
+                    *l = num_traits::Float::max(*l, s * scale);
+                }
+                *m = lanes.into_iter().fold(T::neg_infinity(), num_traits::Float::max);
+            }
+        });
         // The exponentials apart from the sums, so that they vectorise (a float sum in the same
         // loop would keep the loop scalar).
         vectorized!({
@@ -300,11 +317,27 @@ impl Attention {
         self.mask_offsets[segment] + (head * len * len) as u64
     }
 
+    /// A `(tokens, width)` output that the tasks write whole for every token inside a segment: its
+    /// other tokens' rows zeroed, the rest left unwritten (zero-filling it all first cost a pass
+    /// over the output per layer).
+    fn output<T: Element>(&self, tokens: usize, width: usize) -> Vec<T> {
+        let mut out: Vec<T> = Vec::with_capacity(tokens * width);
+        let mut next = 0;
+        let gaps = self.segments.iter().map(|&(start, len)| (start, start + len)).chain([(tokens, tokens)]);
+        for (start, end) in gaps {
+            // SAFETY: rows `next..start` lie inside the capacity (segments are checked to lie
+            // inside the tokens, in order).
+            unsafe { out.as_mut_ptr().add(next * width).write_bytes(0, (start - next) * width) };
+            next = end;
+        }
+        out
+    }
+
     /// The context `(tokens, hidden)` of `qkv` (`(tokens, stride)`).
     fn forward<T: Element>(&self, qkv: &[T]) -> Vec<T> {
         let (hidden, stride) = (self.hidden(), self.stride());
         let size = qkv.len() / stride * hidden;
-        let mut out = vec![T::zero(); size];
+        let mut out = self.output::<T>(qkv.len() / stride, hidden);
         let dst = SharedMut(out.as_mut_ptr());
         let scratch = self.max_len() * self.max_len();
         let heads = self.shape.heads;
@@ -323,6 +356,9 @@ impl Attention {
                 product(context, false, MatRef::row_major(p, len, len), v, Threads::Caller, self.products);
             },
         );
+        // SAFETY: every segment's (row, head) blocks were written by its task, the other rows
+        // zeroed by `output`.
+        unsafe { out.set_len(size) };
         out
     }
 
@@ -332,7 +368,7 @@ impl Attention {
     fn backward<T: Element>(&self, qkv: &[T], g: &[T]) -> Vec<T> {
         let (hidden, stride) = (self.hidden(), self.stride());
         let size = qkv.len();
-        let mut out = vec![T::zero(); size];
+        let mut out = self.output::<T>(size / stride, stride);
         let dst = SharedMut(out.as_mut_ptr());
         let scale = T::from_f64(1.0 / (self.head_dim as f64).sqrt());
         let scratch = self.max_len() * self.max_len();
@@ -396,6 +432,9 @@ impl Attention {
                 }
             },
         );
+        // SAFETY: every segment's queries, keys and values were written by the tasks (each
+        // group's first head writes its keys and values), the other rows zeroed by `output`.
+        unsafe { out.set_len(size) };
         out
     }
 }
