@@ -9,8 +9,9 @@
 //! - `dense`: every one of the LEN positions a real token, to relate the step's matmul FLOP/s to
 //!   the machine's GEMM FLOP/s.
 //!
-//! `--ops` first prints each op's forward and backward time alone on the dense shape.
-//! The last line is `RESULT {json}` with both throughputs, for scripts (scripts/gpu-check.sh).
+//! On the CPU it also times a layer's 12 linear products alone (the step's own GEMM shapes) and
+//! prints the dense step's rate against both probes. `--ops` first prints each op's forward and
+//! backward time alone on the dense shape. The last line is `RESULT {json}` with both throughputs, for scripts (scripts/gpu-check.sh).
 
 #![allow(clippy::disallowed_methods)] // candle's matmul is printed for comparison
 
@@ -62,6 +63,37 @@ fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64, f64) {
         ta.matmul(&tb).unwrap();
     });
     (pipe, bf16, candle)
+}
+
+/// GFLOP/s of one encoder layer's linear products alone at `rows` tokens, in `products`' operand
+/// precision: for each of its four linears (query/key/value as one, attention output, feed-forward
+/// in and out) the forward `x W^T`, the input gradient `g W` and the weight gradient `g^T x`, each
+/// timed apart (median of 5 after one warm-up), all FLOPs over the sum of the medians. These are
+/// the step's own GEMM shapes, attention's small products aside.
+fn linear_products_gflops(rows: usize, hidden: usize, inner: usize, products: pipe::ops::Products) -> f64 {
+    use pipe::ops::gemm::{Transpose, matmul_with};
+    let (mut flops, mut seconds) = (0.0, 0.0);
+    for (inp, out) in [(hidden, 3 * hidden), (hidden, hidden), (hidden, inner), (inner, hidden)] {
+        let (x, w, g) = (vec![0.5f32; rows * inp], vec![0.25f32; out * inp], vec![0.125f32; rows * out]);
+        let runs: [Box<dyn Fn()>; 3] = [
+            Box::new(|| drop(matmul_with(&x, &w, rows, inp, out, Transpose::Rhs, products))),
+            Box::new(|| drop(matmul_with(&g, &w, rows, out, inp, Transpose::None, products))),
+            Box::new(|| drop(matmul_with(&g, &x, out, rows, inp, Transpose::Lhs, products))),
+        ];
+        for run in &runs {
+            let times: Vec<f64> = (0..6)
+                .map(|_| {
+                    let t = Instant::now();
+                    run();
+                    t.elapsed().as_secs_f64()
+                })
+                .skip(1)
+                .collect();
+            seconds += median(times);
+            flops += 2.0 * (rows * inp * out) as f64;
+        }
+    }
+    flops / seconds * 1e-9
 }
 
 /// Rows padded (with 0, masked) to exactly `len` columns.
@@ -223,15 +255,27 @@ fn main() -> anyhow::Result<()> {
     model.set_precision(precision);
     let c = model.config().clone();
     let (rows, hidden, inner) = (batch * len, c.hidden_size, c.intermediate_size);
-    if let Some(gpu) = &target.gpu {
+    let probes = if let Some(gpu) = &target.gpu {
         println!("device: {gpu}, dtype {}", precision.name());
+        None
     } else {
         let (pipe_gemm, bf16_gemm, candle_gemm) = gemm_gflops(rows, hidden, inner);
         println!(
             "machine: {pipe_gemm:.0} GFLOP/s on a {rows}x{hidden}x{inner} f32 GEMM (the FFN's shape; pipe's GEMM, kernel path {}), {bf16_gemm:.0} with bf16 operands, candle's matmul {candle_gemm:.0}",
             pipe::ops::cpu::kernel_path()
         );
-    }
+        // The probes in the step's precision: the FFN's shape, and the layer's own products.
+        let products = match precision {
+            pipe::device::Precision::Bf16 => pipe::ops::Products::Bf16,
+            _ => pipe::ops::Products::Full,
+        };
+        let own = linear_products_gflops(rows, hidden, inner, products);
+        println!(
+            "machine: {own:.0} GFLOP/s on a layer's 12 linear products at {rows} rows ({products:?} operands: forward, input and weight gradients of its four linears, each alone)"
+        );
+        let ffn = if products == pipe::ops::Products::Bf16 { bf16_gemm } else { pipe_gemm };
+        Some((ffn, own))
+    };
 
     if args.iter().any(|a| a == "--ops") {
         op_breakdown(&model, rows, len, precision)?;
@@ -270,6 +314,14 @@ fn main() -> anyhow::Result<()> {
         flops / total * 1e-6,
         batch as f64 / total * 1e3
     );
+    if let Some((ffn, own)) = probes {
+        let rate = flops / total * 1e-6;
+        println!(
+            "dense step: {:.0}% of the FFN-shape GEMM's rate, {:.0}% of the layer's linear products' rate",
+            100.0 * rate / ffn,
+            100.0 * rate / own
+        );
+    }
 
     // SST-2 rows padded to LEN, as the reference trains.
     let data = read_labeled(&root.join("data/sst2/train.csv"), None, "text", "label")?;
