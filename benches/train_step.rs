@@ -122,11 +122,16 @@ fn time_steps(model: &Classifier, batches: &[Batch]) -> anyhow::Result<(f64, f64
     for (step, input) in batches.iter().enumerate() {
         let mut rng = pipe::rng::stream(0, "dropout", step as u64);
         let t0 = Instant::now();
+        // As the train stage runs a step (`pipe::train`).
+        let recording = pipe::ops::tape::Recording::start();
         let logits = model.forward(input, Mode::Train(&mut rng))?;
         let loss = cross_entropy(&logits, &labels, None)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let store = loss.backward()?;
+        let store = match recording.backward(&loss, 1.0)? {
+            Some(store) => store,
+            None => loss.backward()?,
+        };
         let grads: Vec<_> = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
         sync()?;
         let t2 = Instant::now();

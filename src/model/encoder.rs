@@ -150,7 +150,7 @@ impl Linear {
     pub(super) fn side_by_side(layers: &[&Self], x: &Tensor, products: ops::Products) -> Result<Tensor> {
         let stack = |part: fn(&Self) -> &Tensor| {
             let parts = layers.iter().map(|l| cast(part(l), x.dtype())).collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)
+            ops::tape::cat(&parts, 0)
         };
         ops::linear(x, &stack(|l| &l.weight)?, &stack(|l| &l.bias)?, products)
     }
@@ -337,10 +337,10 @@ impl Classifier {
         let e = &self.embeddings;
         let mut x = ops::embedding(&e.word, Arc::new(ids))?;
         if let Some(token_type) = &e.token_type {
-            x = (x + ops::embedding(token_type, Arc::new(types))?)?;
+            x = ops::tape::add(&x, &ops::embedding(token_type, Arc::new(types))?)?;
         }
         if let Some(position) = &e.position {
-            x = x.add(&ops::embedding(position, Arc::new(positions.clone()))?)?;
+            x = ops::tape::add(&x, &ops::embedding(position, Arc::new(positions.clone()))?)?;
         }
         let x = e.norm.forward(&cast(&x, self.compute)?, c.layer_norm_eps)?;
         let mut x = dropout(&x, self.dropout.hidden, &mut mode)?;

@@ -86,11 +86,11 @@ pub(super) fn encode(
         let shape = ops::AttentionShape { window: layer.window, ..ops::AttentionShape::full(heads) };
         let context = ops::attention(&qkv, Arc::clone(segments), shape, p, key, products)?;
         let attended = dropout(&layer.attention_out.forward(&context, products)?, p_attention, mode)?;
-        x = (x + attended)?;
+        x = ops::tape::add(&x, &attended)?;
         let z = layer.mlp_in.forward(&layer.mlp_norm.forward(&x, eps)?, products)?;
         let gated = ops::gated(&z, activation)?;
         let gated = dropout(&gated, p_mlp, mode)?;
-        x = (x + layer.mlp_out.forward(&gated, products)?)?;
+        x = ops::tape::add(&x, &layer.mlp_out.forward(&gated, products)?)?;
     }
     final_norm.forward(&x, eps)
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, CudaSlice, PushKernelArg as _};
+use super::tape;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -115,7 +116,7 @@ pub fn attention(
         mask: DropMask::new(dropout, key),
         products,
     };
-    qkv.contiguous()?.apply_op1(op)
+    tape::apply1(qkv, op)
 }
 
 /// [`attention`] for each segment's first token only (BERT's `[CLS]`, all a classifier reads

@@ -7,6 +7,7 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
+use super::tape;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -23,7 +24,7 @@ pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
         return x.zeros_like();
     }
     match DropMask::new(p, key) {
-        Some(mask) => x.contiguous()?.apply_op1(Dropout(mask)),
+        Some(mask) => tape::apply1(x, Dropout(mask)),
         None => Ok(x.clone()),
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
+use super::tape;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -25,9 +26,10 @@ pub fn embedding(table: &Tensor, ids: Arc<Vec<u32>>) -> Result<Tensor> {
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
         candle_core::bail!("embedding: index {bad} is out of range for {rows} rows");
     }
-    table.contiguous()?.apply_op1(Gather { ids })
+    tape::apply1(table, Gather { ids })
 }
 
+#[derive(Clone)]
 struct Gather {
     ids: Arc<Vec<u32>>,
 }

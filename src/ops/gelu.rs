@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
+use super::tape;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -123,9 +124,10 @@ macro_rules! each_variant {
 
 /// Applies `act` element-wise.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(ActivationOp(act))
+    tape::apply1(x, ActivationOp(act))
 }
 
+#[derive(Clone)]
 struct ActivationOp(Activation);
 
 impl CustomOp1 for ActivationOp {
@@ -261,9 +263,10 @@ pub fn gated(gate_up: &Tensor, act: Activation) -> Result<Tensor> {
     if !gate_up.device().is_cpu() {
         return activation(&gate_up.narrow(1, 0, inner)?, act)? * gate_up.narrow(1, inner, inner)?;
     }
-    gate_up.contiguous()?.apply_op1(Gated(act))
+    tape::apply1(gate_up, Gated(act))
 }
 
+#[derive(Clone)]
 struct Gated(Activation);
 
 impl CustomOp1 for Gated {

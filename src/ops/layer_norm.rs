@@ -11,6 +11,7 @@
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
+use super::tape;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -22,7 +23,7 @@ use super::{ROW_BLOCK, Real, slice, vectorized, with_real};
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension of `x`, as
 /// `torch.nn.LayerNorm` (biased variance).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(weight, bias, LayerNorm { eps, center: true })
+    tape::apply3(x, weight, bias, LayerNorm { eps, center: true })
 }
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension of `x`, as transformers'
@@ -30,7 +31,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// nothing, and is no parameter).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let bias = Tensor::zeros(weight.shape(), weight.dtype(), weight.device())?;
-    x.contiguous()?.apply_op3(weight, &bias, LayerNorm { eps, center: false })
+    tape::apply3(x, weight, &bias, LayerNorm { eps, center: false })
 }
 
 /// `layer_norm(dropout(h) + x)` with dropout probability `dropout` under mask `key` (the mask of
@@ -56,14 +57,15 @@ pub fn residual_layer_norm(
         );
     }
     if !h.device().is_cpu() {
-        return layer_norm(&(super::dropout(h, dropout, key)? + x)?, weight, bias, eps);
+        return layer_norm(&tape::add(&super::dropout(h, dropout, key)?, x)?, weight, bias, eps);
     }
     // Three inputs at most per op: the weight and bias travel as the rows of one (2, d) tensor.
-    let norm = Tensor::stack(&[weight, bias], 0)?;
+    let norm = tape::stack(&[weight.clone(), bias.clone()])?;
     let op = ResidualLayerNorm { eps, mask: DropMask::new(dropout, key) };
-    h.contiguous()?.apply_op3(&x.contiguous()?, &norm, op)
+    tape::apply3(h, x, &norm, op)
 }
 
+#[derive(Clone)]
 struct LayerNorm {
     eps: f64,
     /// Whether rows are centred on their mean (LayerNorm) or not (RMSNorm).
@@ -312,6 +314,7 @@ impl CustomOp3 for LayerNormBackward {
 
 /// The op behind [`residual_layer_norm`] (CPU only): inputs `h`, `x` and the `(2, d)` stack of
 /// weight and bias.
+#[derive(Clone)]
 struct ResidualLayerNorm {
     eps: f64,
     mask: Option<DropMask>,

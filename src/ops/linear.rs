@@ -16,12 +16,13 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
 use super::gemm::{MatMut, MatRef, Products, Threads, product, product_new};
+use super::tape;
 use super::{Activation, ROW_BLOCK, slice, with_real};
 
 /// `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)` (torch's layout), `bias` `(out)`; on
 /// the CPU, this product and the two of the backward take operands in `products`' precision.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, products: Products) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(weight, bias, Linear(products))
+    tape::apply3(x, weight, bias, Linear(products))
 }
 
 /// `linear(activation(z))` (the feed-forward block's second layer) without keeping the activation:
@@ -38,10 +39,11 @@ pub fn activated_linear(
     if !z.device().is_cpu() {
         return linear(&super::activation(z, activation)?, weight, bias, products);
     }
-    z.contiguous()?.apply_op3(weight, bias, ActivatedLinear { activation, products })
+    tape::apply3(z, weight, bias, ActivatedLinear { activation, products })
 }
 
 /// The op behind [`activated_linear`].
+#[derive(Clone)]
 struct ActivatedLinear {
     activation: Activation,
     products: Products,
@@ -81,6 +83,7 @@ impl CustomOp3 for ActivatedLinear {
     }
 }
 
+#[derive(Clone)]
 struct Linear(Products);
 
 impl CustomOp3 for Linear {

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 
 use super::gemm::{Element, MatMut, MatRef, Products, Threads, product, product_new};
 use super::loss::{CrossEntropy, IGNORE};
+use super::tape;
 use super::{slice, with_real};
 
 /// Tokens whose logits exist at once (a multiple of 8; the bits do not depend on it).
@@ -48,7 +49,7 @@ pub fn lm_cross_entropy(
     }
     let counted = labels.iter().filter(|&&l| l != IGNORE).count();
     let op = LmCrossEntropy { labels: Arc::new(labels.to_vec()), counted: counted as f64, products };
-    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    tape::apply2(hidden, weight, op)
 }
 
 /// A row's weight and class, as the loss op takes them: an ignored row weighs 0 (and adds 0 times

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
+use super::tape;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -52,7 +53,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32], class_weights: Option<&[f6
     }
     let total_weight: f64 = weights.iter().sum();
     let op = CrossEntropy { labels: Arc::new(kept), weights: Arc::new(weights), total_weight };
-    logits.contiguous()?.apply_op1(op)
+    tape::apply1(logits, op)
 }
 
 #[derive(Clone)]

@@ -27,6 +27,7 @@ mod lm_loss;
 mod loss;
 pub mod math;
 mod rope;
+pub mod tape;
 
 pub use attention::{AttentionShape, attention, first_token_attention};
 pub use dropout::dropout;

@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::tape;
 use super::{Real, slice, vectorized, with_real};
 
 /// The `(cos, sin)` tables `(positions, head_dim)` for token positions `positions`, in `dtype`.
@@ -70,7 +71,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tens
     if !x.device().is_cpu() {
         return composed(x, cos, sin, heads);
     }
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { heads, head_dim })
+    tape::apply3(x, cos, sin, Rope { heads, head_dim })
 }
 
 /// [`rope`] as candle's element-wise ops (differentiable on every device).
@@ -88,6 +89,7 @@ fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tens
     }
 }
 
+#[derive(Clone)]
 struct Rope {
     heads: usize,
     head_dim: usize,

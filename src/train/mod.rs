@@ -24,7 +24,7 @@ use candle_core::{Result, Tensor};
 
 use crate::model::{Mode, Model};
 use crate::optim::{AdamW, OptimizerConfig, ScheduleConfig, global_grad_norm};
-use crate::rng;
+use crate::{ops, rng};
 
 /// Tokenized training rows.
 #[derive(Debug, Clone, Copy)]
@@ -238,6 +238,9 @@ impl Trainer {
                 continue;
             }
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
+            // pipe's own reverse pass where the model's ops all record (see `ops::tape`), else
+            // candle's: the same gradients either way.
+            let recording = ops::tape::Recording::start();
             let loss = self.model.loss(
                 &row_ids,
                 &targets,
@@ -245,7 +248,10 @@ impl Trainer {
                 Mode::Train(&mut dropout_rng),
             )?;
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * items as f64;
-            let store = loss.affine(weight, 0.0)?.backward()?;
+            let store = match recording.backward(&loss, weight)? {
+                Some(store) => store,
+                None => loss.affine(weight, 0.0)?.backward()?,
+            };
             for (sum, (_, var)) in grads.iter_mut().zip(&params) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *sum = Some(match sum.take() {

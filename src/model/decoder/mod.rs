@@ -359,11 +359,11 @@ impl CausalLm {
                 (Tensor::cat(&rows, 0)?, kvs)
             }
         };
-        let x = (x + layer.output.forward(&context, products)?)?;
+        let x = ops::tape::add(x, &layer.output.forward(&context, products)?)?;
         let normed = layer.post_attention_norm.forward(&x, eps)?;
         let gate_up = Linear::side_by_side(&[&layer.gate, &layer.up], &normed, products)?;
         let gated = ops::gated(&gate_up, Activation::Silu)?;
-        let x = (x + layer.down.forward(&gated, products)?)?;
+        let x = ops::tape::add(&x, &layer.down.forward(&gated, products)?)?;
         Ok((x, kv))
     }
 }
