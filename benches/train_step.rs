@@ -11,7 +11,8 @@
 //!
 //! On the CPU it also times a layer's 12 linear products alone (the step's own GEMM shapes) and
 //! prints the dense step's rate against both probes. `--ops` first prints each op's forward and
-//! backward time alone on the dense shape. The last line is `RESULT {json}` with both throughputs, for scripts (scripts/gpu-check.sh).
+//! backward time alone on the dense shape. The last line is `RESULT {json}` with both
+//! throughputs, for scripts (scripts/gpu-check.sh).
 
 #![allow(clippy::disallowed_methods)] // candle's matmul is printed for comparison
 
@@ -128,10 +129,7 @@ fn time_steps(model: &Classifier, batches: &[Batch]) -> anyhow::Result<(f64, f64
         let loss = cross_entropy(&logits, &labels, None)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let store = match recording.backward(&loss, 1.0)? {
-            Some(store) => store,
-            None => loss.backward()?,
-        };
+        let store = recording.gradients(&loss, 1.0)?;
         let grads: Vec<_> = model.params().iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect();
         sync()?;
         let t2 = Instant::now();

@@ -6,7 +6,7 @@
 //! that cost about 80 ms of 960 in f32 and 70 of 700 in bf16. While a [`Recording`] is live on a
 //! thread, each op of [`super`] (and [`add`], [`cat`] and [`stack`], for the tensor ops the models
 //! use between them) notes its
-//! inputs, its output and how to run its backward; [`Recording::backward`] then walks the notes in
+//! inputs, its output and how to run its backward; [`Recording::gradients`] then walks the notes in
 //! reverse, running each op's own backward (the one candle would run) and keeping a tensor's first
 //! gradient as it comes. A second contribution is added as candle adds it, so each gradient is the
 //! sum candle computes, up to the sign of an exact zero (candle's zero-filled start turns a -0 into
@@ -15,8 +15,8 @@
 //! golden digests hold them, and the checked-in quick-start record's).
 //!
 //! A forward that passed a tensor through an op that does not record (a reshape, a narrow, a
-//! dtype cast on a GPU...) leaves gaps in the notes; `backward` finds them before any work and
-//! returns `None`, and the caller runs candle's `backward` instead (the same bits, more time).
+//! dtype cast on a GPU...) leaves gaps in the notes; `gradients` finds them before any work and
+//! runs candle's `backward` instead (the same bits, more time).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -50,7 +50,7 @@ thread_local! {
     static RECORDINGS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Records the ops run on this thread until [`Recording::backward`] or the end of its scope (a
+/// Records the ops run on this thread until [`Recording::gradients`] or the end of its scope (a
 /// recording started while another is live replaces it).
 pub struct Recording {
     id: u64,
@@ -59,6 +59,7 @@ pub struct Recording {
 }
 
 impl Recording {
+    /// Starts recording this thread's ops (a recording already live is dropped).
     pub fn start() -> Self {
         let id = RECORDINGS.with(|n| {
             n.set(n.get() + 1);
@@ -69,10 +70,19 @@ impl Recording {
     }
 
     /// Ends the recording and returns the gradients of `loss` times `scale` (a scalar) with
-    /// respect to every variable it depends on, as candle's `(loss * scale).backward()` would;
-    /// `None` when the recorded ops do not reach from `loss` back to its variables (see the
-    /// module doc).
-    pub fn backward(self, loss: &Tensor, scale: f64) -> Result<Option<GradStore>> {
+    /// respect to every variable it depends on: those of candle's `(loss * scale).backward()`,
+    /// by pipe's own pass where the recorded ops reach from `loss` back to its variables, else by
+    /// candle's.
+    pub fn gradients(self, loss: &Tensor, scale: f64) -> Result<GradStore> {
+        match self.own_pass(loss, scale)? {
+            Some(store) => Ok(store),
+            None => loss.affine(scale, 0.0)?.backward(),
+        }
+    }
+
+    /// [`Self::gradients`] by pipe's own pass; `None` where the notes have a gap (see the module
+    /// doc).
+    fn own_pass(self, loss: &Tensor, scale: f64) -> Result<Option<GradStore>> {
         let Some(nodes) = self.take() else { return Ok(None) };
         if !complete(&nodes, loss) {
             return Ok(None);
@@ -309,7 +319,7 @@ mod tests {
         let candle = forward()?.affine(0.5, 0.0)?.backward()?;
         let recording = Recording::start();
         let loss = forward()?;
-        let ours = recording.backward(&loss, 0.5)?.expect("every op recorded");
+        let ours = recording.own_pass(&loss, 0.5)?.expect("every op recorded");
         for (i, v) in vars.iter().enumerate() {
             let (want, got) = (candle.get(v.as_tensor()).unwrap(), ours.get(v.as_tensor()).unwrap());
             assert_eq!(bits(want), bits(got), "variable {i}");
@@ -330,7 +340,7 @@ mod tests {
             Products::Full,
         )?;
         let loss = ops::cross_entropy(&y, &[0, 1, 2, 0], None)?;
-        assert!(recording.backward(&loss, 1.0)?.is_none());
+        assert!(recording.own_pass(&loss, 1.0)?.is_none());
         // Nothing is recorded once the recording is over.
         let loss = ops::cross_entropy(
             &ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), Products::Full)?,

@@ -238,8 +238,8 @@ impl Trainer {
                 continue;
             }
             let mut dropout_rng = rng::stream(self.seed, "dropout", step * accum as u64 + i as u64);
-            // pipe's own reverse pass where the model's ops all record (see `ops::tape`), else
-            // candle's: the same gradients either way.
+            // The gradients by pipe's own reverse pass where the model's ops all record (see
+            // `ops::tape`), else by candle's: the same either way.
             let recording = ops::tape::Recording::start();
             let loss = self.model.loss(
                 &row_ids,
@@ -248,10 +248,7 @@ impl Trainer {
                 Mode::Train(&mut dropout_rng),
             )?;
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * items as f64;
-            let store = match recording.backward(&loss, weight)? {
-                Some(store) => store,
-                None => loss.affine(weight, 0.0)?.backward()?,
-            };
+            let store = recording.gradients(&loss, weight)?;
             for (sum, (_, var)) in grads.iter_mut().zip(&params) {
                 if let Some(g) = store.get(var.as_tensor()) {
                     *sum = Some(match sum.take() {
