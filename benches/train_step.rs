@@ -33,21 +33,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median seconds of `runs` runs of `f`, after one more to warm up.
+fn median_seconds(runs: usize, f: &dyn Fn()) -> f64 {
+    let times: Vec<f64> = (0..=runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .skip(1)
+        .collect();
+    median(times)
+}
+
 /// Achieved GFLOP/s of f32 `(m x k) * (k x n)` products, median of 7: pipe's GEMM (the one the
 /// training path uses) with f32 and with bf16 operands, and candle's matmul (the `gemm` crate)
 /// for comparison.
 fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64, f64) {
-    let time = |f: &dyn Fn()| {
-        let times: Vec<f64> = (0..8)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .skip(1)
-            .collect();
-        2.0 * (m * k * n) as f64 / median(times) * 1e-9
-    };
+    let time = |f: &dyn Fn()| 2.0 * (m * k * n) as f64 / median_seconds(7, f) * 1e-9;
     let (a, b) = (vec![0.5f32; m * k], vec![0.25f32; k * n]);
     let pipe = time(&|| {
         pipe::ops::gemm::matmul(&a, &b, m, k, n);
@@ -82,15 +85,7 @@ fn linear_products_gflops(rows: usize, hidden: usize, inner: usize, products: pi
             Box::new(|| drop(matmul_with(&g, &x, out, rows, inp, Transpose::Lhs, products))),
         ];
         for run in &runs {
-            let times: Vec<f64> = (0..6)
-                .map(|_| {
-                    let t = Instant::now();
-                    run();
-                    t.elapsed().as_secs_f64()
-                })
-                .skip(1)
-                .collect();
-            seconds += median(times);
+            seconds += median_seconds(5, run);
             flops += 2.0 * (rows * inp * out) as f64;
         }
     }
