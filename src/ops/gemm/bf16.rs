@@ -160,7 +160,7 @@ pub(crate) fn gemm_bf16(
     b: MatRef<'_, f32>,
     threads: Threads,
 ) {
-    gemm_bf16_on(kernel_path(), KC / 2, c, accumulate, a, b, threads);
+    gemm_bf16_on(kernel_path(), KC / 2, 0, c, accumulate, a, b, threads);
 }
 
 /// A pointer handed to tasks that write disjoint tiles of one output.
@@ -176,11 +176,14 @@ impl Out {
     }
 }
 
-/// [`gemm_bf16`] on `path`, with `kc` pairs per pass (the tests vary both).
+/// [`gemm_bf16`] on `path`, with `kc` pairs per pass and `chunk` pairs per packed chunk (0: as
+/// many passes as fit [`super::CHUNK_BYTES`] of packed `B`; the tests vary all three).
+#[allow(clippy::too_many_arguments)]
 fn gemm_bf16_on(
     path: KernelPath,
     kc: usize,
-    c: MatMut<'_, f32>,
+    chunk: usize,
+    mut c: MatMut<'_, f32>,
     accumulate: bool,
     a: MatRef<'_, f32>,
     b: MatRef<'_, f32>,
@@ -199,16 +202,35 @@ fn gemm_bf16_on(
         return;
     }
     let kernel = Kernel::for_path(path);
-    let (mr, nr, kq) = (kernel.mr, kernel.nr, k.div_ceil(2));
+    let (mr, nr) = (kernel.mr, kernel.nr);
     let (row_panels, col_panels) = (m.div_ceil(mr), n.div_ceil(nr));
     let parallel = threads == Threads::Pool && m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1;
 
-    let (a_len, b_len) = (row_panels * kq * mr, col_panels * kq * nr);
+    // A chunk of pairs at a time, both operands packed per chunk (see `super::CHUNK_BYTES`); the
+    // chains go on through `C` from one chunk to the next, as from one pass of `kc` to the next.
+    let chunk = match chunk {
+        0 => super::chunk_steps(kc.max(1), col_panels * nr * size_of::<u32>()),
+        chunk => chunk,
+    };
+    let chunk_q = chunk.min(k.div_ceil(2)).max(1);
+    let (a_len, b_len) = (row_panels * chunk_q * mr, col_panels * chunk_q * nr);
     with_scratch(a_len + b_len, |scratch: &mut [u32]| {
-        let (packed_a, packed_b) = scratch.split_at_mut(a_len);
-        let layout = pack(&a, &b, kernel, packed_a, packed_b, parallel);
-        let panels = Panels { a: packed_a, b: packed_b, layout, kq };
-        run_tiles(kernel, kc, c, accumulate, &panels, parallel);
+        let mut p0 = 0;
+        // At least one chunk, so that `k == 0` still writes (or flushes) C.
+        loop {
+            let steps = (2 * chunk_q).min(k - p0);
+            let (a, b) = (a.col_range(p0, steps), b.row_range(p0, steps));
+            let kq = steps.div_ceil(2);
+            let (packed_a, rest) = scratch.split_at_mut(row_panels * kq * mr);
+            let packed_b = &mut rest[..col_panels * kq * nr];
+            let layout = pack(&a, &b, kernel, packed_a, packed_b, parallel);
+            let panels = Panels { a: packed_a, b: packed_b, layout, kq };
+            run_tiles(kernel, kc, c.reborrow(), accumulate || p0 > 0, &panels, parallel);
+            p0 += steps;
+            if p0 >= k {
+                break;
+            }
+        }
     });
 }
 
@@ -659,7 +681,7 @@ mod tests {
                 let start = if accumulate { c0.clone() } else { vec![0.0; m * n] };
                 let want = reference(&start, &a, &b);
                 for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
-                    for kc in [KC / 2, 3, 1000] {
+                    for (kc, chunk) in [(KC / 2, 0), (3, 0), (1000, 0), (3, 7), (16, 40)] {
                         for threads in [1, 2, 3] {
                             let mut c = c0.clone();
                             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -667,6 +689,7 @@ mod tests {
                                 gemm_bf16_on(
                                     path,
                                     kc,
+                                    chunk,
                                     MatMut::row_major(&mut c, m, n),
                                     accumulate,
                                     a,
@@ -677,7 +700,7 @@ mod tests {
                             let got: Vec<u32> = c.iter().map(|x| x.to_bits()).collect();
                             assert!(
                                 got == want,
-                                "{path} kc={kc} {threads} threads, {m}x{k}x{n} acc={accumulate}: bits differ"
+                                "{path} kc={kc} chunk={chunk} {threads} threads, {m}x{k}x{n} acc={accumulate}: bits differ"
                             );
                         }
                     }
