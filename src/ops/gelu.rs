@@ -177,14 +177,63 @@ impl Activation {
         out
     }
 
-    /// The activation of `x`, outside the graph.
-    pub(super) fn forward(self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(&ActivationOp(self))
-    }
-
     /// The gradient at `x` for the output's gradient `grad`, outside the graph.
     pub(super) fn backward(self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBackward(self))
+    }
+
+    /// The activation of `x` and [`Self::backward`] at once on the CPU, `(act(x), grad *
+    /// act'(x))`: one pass that evaluates each element's activation and slope together (GELU's
+    /// error function once, not once for each), with the same bits as the two. Outside the graph.
+    pub(super) fn forward_and_backward(self, x: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let both = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ActivationBoth(self))?;
+        Ok((both.get(0)?, both.get(1)?))
+    }
+}
+
+/// The op behind [`Activation::forward_and_backward`]: `(2, ..x's shape)`, the values then the
+/// gradient.
+struct ActivationBoth(Activation);
+
+impl CustomOp2 for ActivationBoth {
+    fn name(&self) -> &'static str {
+        "activation-forward-and-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        with_real!("activation-forward-and-backward", xs, T => {
+            let x = slice::<T>("activation-forward-and-backward", xs, xl)?;
+            let g = slice::<T>("activation-forward-and-backward", gs, gl)?;
+            if g.len() != x.len() {
+                candle_core::bail!("activation-forward-and-backward: {} gradients for {} inputs", g.len(), x.len());
+            }
+            let n = x.len();
+            let mut out = Vec::<T>::with_capacity(2 * n);
+            let spare = &mut out.spare_capacity_mut()[..2 * n];
+            let (values, grads) = spare.split_at_mut(n);
+            values.par_chunks_mut(CHUNK).zip(grads.par_chunks_mut(CHUNK)).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(
+                |((y, dx), (x, g))| {
+                    each_variant!(self.0, A => vectorized!({
+                        for (((y, dx), &x), &g) in y.iter_mut().zip(dx.iter_mut()).zip(x).zip(g) {
+                            let (value, slope) = A.value_and_slope(x);
+                            y.write(value);
+                            dx.write(g * slope);
+                        }
+                    }))
+                },
+            );
+            // SAFETY: the loop above wrote all `2 * n` elements.
+            unsafe { out.set_len(2 * n) };
+            let mut dims = vec![2];
+            dims.extend_from_slice(xl.dims());
+            Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
+        })
     }
 }
 

@@ -70,6 +70,9 @@ impl CustomOp3 for ActivatedLinear {
         })
     }
 
+    /// (The op runs on the CPU only, see [`activated_linear`].) The activation's values and slopes
+    /// come from one pass, after the input's gradient: the same bits as recomputing the
+    /// activation for the weight's gradient and running its backward apart.
     fn bwd(
         &self,
         z: &Tensor,
@@ -78,8 +81,11 @@ impl CustomOp3 for ActivatedLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (da, dw, db) = gradients(&self.activation.forward(z)?, weight, bias, grad, self.products)?;
-        Ok((Some(self.activation.backward(z, &da)?), Some(dw), db))
+        let grad = grad.contiguous()?;
+        let da = grad_input(&grad, weight, self.products)?;
+        let (a, dz) = self.activation.forward_and_backward(z, &da)?;
+        let (dw, db) = grad_weight_and_bias(&grad, &a, bias, self.products)?;
+        Ok((Some(dz), Some(dw), db))
     }
 }
 
@@ -186,13 +192,29 @@ fn gradients(
     products: Products,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let grad = grad.contiguous()?;
-    let dx = grad.apply_op2_no_bwd(weight, &GradInput(products))?;
+    let dx = grad_input(&grad, weight, products)?;
+    let (dw, db) = grad_weight_and_bias(&grad, x, bias, products)?;
+    Ok((dx, dw, db))
+}
+
+/// `dx = g W` for a contiguous `grad`.
+fn grad_input(grad: &Tensor, weight: &Tensor, products: Products) -> Result<Tensor> {
+    grad.apply_op2_no_bwd(weight, &GradInput(products))
+}
+
+/// `(dW, db)` for a contiguous `grad` (see [`gradients`]).
+fn grad_weight_and_bias(
+    grad: &Tensor,
+    x: &Tensor,
+    bias: &Tensor,
+    products: Products,
+) -> Result<(Tensor, Option<Tensor>)> {
     let dw = grad.apply_op2_no_bwd(x, &GradWeight(products))?;
     let db = match bias.track_op() {
         true => Some(grad.apply_op1_no_bwd(&GradBias)?),
         false => None,
     };
-    Ok((dx, dw, db))
+    Ok((dw, db))
 }
 
 /// `dx = g W`: `(rows, out) x (out, in)`.
