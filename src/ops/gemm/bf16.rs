@@ -7,7 +7,7 @@
 //! up to even with zeros), and every element of `C` is one chain:
 //!
 //! ```text
-//! c = daz(C[i][j])  (or +0.0)
+//! c = daz(C[i][j])  (or +0.0, or daz(row[j]): see super::Start)
 //! for q in 0..k/2:
 //!     c = ftz(fma(A[i][2q+1], B[2q+1][j], c))     // the odd step of the pair first
 //!     c = ftz(fma(A[i][2q],   B[2q][j],   c))
@@ -29,7 +29,7 @@
 
 use rayon::prelude::*;
 
-use super::{KC, MC, MatMut, MatRef, NC, PARALLEL_WORK, Threads, with_scratch};
+use super::{KC, MC, MatMut, MatRef, NC, PARALLEL_WORK, Start, Threads, with_scratch};
 use crate::ops::cpu::{KernelPath, kernel_path};
 use crate::ops::vectorized;
 
@@ -80,8 +80,9 @@ impl APanel {
 }
 
 /// A bf16 micro-kernel over a full `MR x NR` tile: `kq` pairs from the packed panels `a` and `b`
-/// (`[q][NR]`), `c` with row stride `rs_c`; `zero` starts from +0.0.
-type TileFn = unsafe fn(kq: usize, a: APanel, b: *const u32, c: *mut f32, rs_c: usize, zero: bool);
+/// (`[q][NR]`), `c` with row stride `rs_c`, chains from `start` (a [`Start::Row`] of at least the
+/// tile's width).
+type TileFn = unsafe fn(kq: usize, a: APanel, b: *const u32, c: *mut f32, rs_c: usize, start: Start<'_, f32>);
 
 #[derive(Clone, Copy)]
 struct Kernel {
@@ -112,7 +113,8 @@ impl Kernel {
     /// # Safety
     ///
     /// `a` and `b` address `kq` pairs of full panels; the `rows x cols` elements at
-    /// `c + r * rs_c + j` are valid and accessed by no one else; `rows <= mr`, `cols <= nr`.
+    /// `c + r * rs_c + j` are valid and accessed by no one else; `rows <= mr`, `cols <= nr`; a
+    /// [`Start::Row`] holds at least `cols` values.
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_tile(
         &self,
@@ -123,26 +125,19 @@ impl Kernel {
         rs_c: usize,
         rows: usize,
         cols: usize,
-        zero: bool,
+        start: Start<'_, f32>,
     ) {
         if rows == self.mr && cols == self.nr {
             // SAFETY: the caller's contract covers the whole tile.
-            unsafe { (self.run)(kq, a, b, c, rs_c, zero) };
+            unsafe { (self.run)(kq, a, b, c, rs_c, start) };
             return;
         }
         let mut tile = [0f32; MAX_TILE];
         let tile = &mut tile[..self.mr * self.nr];
-        // Starting from zero, `C` is only written (it may be uninitialised: see `product_new`).
-        if !zero {
-            for r in 0..rows {
-                for j in 0..cols {
-                    // SAFETY: (r, j) is inside the valid block.
-                    tile[r * self.nr + j] = unsafe { *c.add(r * rs_c + j) };
-                }
-            }
-        }
+        // SAFETY: the rows x cols block at `c` is valid (the caller's contract).
+        unsafe { start.fill_tile(tile, self.nr, c, rs_c, rows, cols) };
         // SAFETY: `tile` is a full tile with row stride nr.
-        unsafe { (self.run)(kq, a, b, tile.as_mut_ptr(), self.nr, zero) };
+        unsafe { (self.run)(kq, a, b, tile.as_mut_ptr(), self.nr, start.in_scratch()) };
         for r in 0..rows {
             for j in 0..cols {
                 // SAFETY: as above.
@@ -152,15 +147,15 @@ impl Kernel {
     }
 }
 
-/// `c = a b` or `c += a b` under the contract of the module doc, on the process's kernel path.
+/// `c = [start +] a b` under the contract of the module doc, on the process's kernel path.
 pub(crate) fn gemm_bf16(
     c: MatMut<'_, f32>,
-    accumulate: bool,
+    start: Start<'_, f32>,
     a: MatRef<'_, f32>,
     b: MatRef<'_, f32>,
     threads: Threads,
 ) {
-    gemm_bf16_on(kernel_path(), KC / 2, 0, c, accumulate, a, b, threads);
+    gemm_bf16_on(kernel_path(), KC / 2, 0, c, start, a, b, threads);
 }
 
 /// A pointer handed to tasks that write disjoint tiles of one output.
@@ -184,7 +179,7 @@ fn gemm_bf16_on(
     kc: usize,
     chunk: usize,
     mut c: MatMut<'_, f32>,
-    accumulate: bool,
+    start: Start<'_, f32>,
     a: MatRef<'_, f32>,
     b: MatRef<'_, f32>,
     threads: Threads,
@@ -225,7 +220,8 @@ fn gemm_bf16_on(
             let packed_b = &mut rest[..col_panels * kq * nr];
             let layout = pack(&a, &b, kernel, packed_a, packed_b, parallel);
             let panels = Panels { a: packed_a, b: packed_b, layout, kq };
-            run_tiles(kernel, kc, c.reborrow(), accumulate || p0 > 0, &panels, parallel);
+            let start = if p0 == 0 { start } else { Start::Load };
+            run_tiles(kernel, kc, c.reborrow(), start, &panels, parallel);
             p0 += steps;
             if p0 >= k {
                 break;
@@ -290,7 +286,7 @@ fn run_tiles(
     kernel: Kernel,
     kc: usize,
     c: MatMut<'_, f32>,
-    accumulate: bool,
+    start: Start<'_, f32>,
     panels: &Panels<'_>,
     parallel: bool,
 ) {
@@ -326,7 +322,7 @@ fn run_tiles(
                             rs_c,
                             mr.min(m - r0),
                             nr.min(n - c0),
-                            q0 == 0 && !accumulate,
+                            if q0 == 0 { start.at_column(c0) } else { Start::Load },
                         )
                     };
                 }
@@ -483,15 +479,25 @@ unsafe fn emulated<const MR: usize, const NR: usize>(
     b: *const u32,
     c: *mut f32,
     rs_c: usize,
-    zero: bool,
+    start: Start<'_, f32>,
 ) {
     let mut acc = [[0f32; NR]; MR];
     // SAFETY (whole body): every offset stays within the sizes of the contract above.
     unsafe {
-        if !zero {
-            for (i, row) in acc.iter_mut().enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = flush(*c.add(i * rs_c + j));
+        match start {
+            Start::Zero => {}
+            Start::Load => {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = flush(*c.add(i * rs_c + j));
+                    }
+                }
+            }
+            Start::Row(values) => {
+                for row in acc.iter_mut() {
+                    for (v, &x) in row.iter_mut().zip(&values[..NR]) {
+                        *v = flush(x);
+                    }
                 }
             }
         }
@@ -537,10 +543,10 @@ mod x86 {
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
-        zero: bool,
+        start: super::Start<'_, f32>,
     ) {
         // SAFETY: forwarded contract.
-        unsafe { super::emulated::<8, 32>(kq, a, b, c, rs_c, zero) }
+        unsafe { super::emulated::<8, 32>(kq, a, b, c, rs_c, start) }
     }
 
     /// The emulation compiled for AVX2 (4 x 16 tile).
@@ -555,10 +561,10 @@ mod x86 {
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
-        zero: bool,
+        start: super::Start<'_, f32>,
     ) {
         // SAFETY: forwarded contract.
-        unsafe { super::emulated::<4, 16>(kq, a, b, c, rs_c, zero) }
+        unsafe { super::emulated::<4, 16>(kq, a, b, c, rs_c, start) }
     }
 
     /// `VDPBF16PS`: a 12 x 32 tile in zmm registers (24 accumulators), one instruction per row,
@@ -574,17 +580,26 @@ mod x86 {
         b: *const u32,
         c: *mut f32,
         rs_c: usize,
-        zero: bool,
+        start: super::Start<'_, f32>,
     ) {
         const MR: usize = 12;
         // SAFETY (whole body): offsets within the contract's sizes.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            if !zero {
-                // The instruction reads a subnormal accumulator as zero; so do the other paths.
-                for (i, row) in acc.iter_mut().enumerate() {
-                    row[0] = _mm512_loadu_ps(c.add(i * rs_c));
-                    row[1] = _mm512_loadu_ps(c.add(i * rs_c + 16));
+            // The instruction reads a subnormal accumulator as zero; so do the other paths.
+            match start {
+                super::Start::Zero => {}
+                super::Start::Load => {
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        row[0] = _mm512_loadu_ps(c.add(i * rs_c));
+                        row[1] = _mm512_loadu_ps(c.add(i * rs_c + 16));
+                    }
+                }
+                super::Start::Row(values) => {
+                    debug_assert!(values.len() >= 32);
+                    let (r0, r1) =
+                        (_mm512_loadu_ps(values.as_ptr()), _mm512_loadu_ps(values.as_ptr().add(16)));
+                    acc.iter_mut().for_each(|row| *row = [r0, r1]);
                 }
             }
             let (mut ap, mut b) = (a.ptr, b);
@@ -674,12 +689,12 @@ mod tests {
             (150, 301, 300, true, false),
         ];
         for (m, k, n, ta, tb) in shapes {
-            let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+            let (av, bv, c0, row) = (values(m * k, 1), values(k * n, 2), values(m * n, 3), values(n, 4));
             let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
             let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
-            for accumulate in [false, true] {
-                let start = if accumulate { c0.clone() } else { vec![0.0; m * n] };
-                let want = reference(&start, &a, &b);
+            for (start, initial) in super::super::tests::starts(&c0, &row) {
+                let want = reference(&initial, &a, &b);
+                let mode = std::mem::discriminant(&start);
                 for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
                     for (kc, chunk) in [(KC / 2, 0), (3, 0), (1000, 0), (3, 7), (16, 40)] {
                         for threads in [1, 2, 3] {
@@ -691,7 +706,7 @@ mod tests {
                                     kc,
                                     chunk,
                                     MatMut::row_major(&mut c, m, n),
-                                    accumulate,
+                                    start,
                                     a,
                                     b,
                                     Threads::Pool,
@@ -700,7 +715,7 @@ mod tests {
                             let got: Vec<u32> = c.iter().map(|x| x.to_bits()).collect();
                             assert!(
                                 got == want,
-                                "{path} kc={kc} chunk={chunk} {threads} threads, {m}x{k}x{n} acc={accumulate}: bits differ"
+                                "{path} kc={kc} chunk={chunk} {threads} threads, {m}x{k}x{n} {mode:?}: bits differ"
                             );
                         }
                     }

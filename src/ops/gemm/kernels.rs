@@ -1,11 +1,12 @@
 //! Micro-kernels: one `MR x NR` tile of `C` over `kc` steps, per element type and path.
 //!
 //! Every kernel computes, for each element `(i, j)` of its tile, `c = fma(A[i][p], B[p][j], c)` for
-//! `p` in `0..kc`, starting from the tile's values (or from +0.0), and nothing else. The SIMD
-//! kernels run one element per vector lane, so their bits equal the portable kernel's.
+//! `p` in `0..kc`, starting where [`Start`] says (+0.0, the tile's values, or a row's), and nothing
+//! else. The SIMD kernels run one element per vector lane, so their bits equal the portable
+//! kernel's.
 
 use super::super::Real;
-use super::{MatMut, MatRef, Threads};
+use super::{MatMut, MatRef, Start, Threads};
 use crate::ops::cpu::KernelPath;
 
 /// Where a micro-kernel reads its operands: element `(i, p)` of `A` at `a + i * rs_a + p * cs_a`,
@@ -19,8 +20,9 @@ pub(crate) struct Operands<T> {
     pub rs_b: usize,
 }
 
-/// A micro-kernel over a full tile: `kc` steps, `c` with row stride `rs_c`; `zero` starts from +0.0.
-type TileFn<T> = unsafe fn(kc: usize, ops: Operands<T>, c: *mut T, rs_c: usize, zero: bool);
+/// A micro-kernel over a full tile: `kc` steps, `c` with row stride `rs_c`, chains from `start`
+/// (a [`Start::Row`] of at least the tile's width).
+type TileFn<T> = unsafe fn(kc: usize, ops: Operands<T>, c: *mut T, rs_c: usize, start: Start<'_, T>);
 
 /// A micro-kernel and its tile shape.
 #[derive(Clone, Copy)]
@@ -38,7 +40,7 @@ impl<T: Real> Kernel<T> {
     ///
     /// `ops` addresses `kc` steps of a full `mr`-row panel of `A` and `nr`-column panel of `B`; the
     /// `rows x cols` elements at `c + r * rs_c + j` are valid for reads and writes and accessed by no
-    /// one else; `rows <= mr`, `cols <= nr`.
+    /// one else; `rows <= mr`, `cols <= nr`; a [`Start::Row`] holds at least `cols` values.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_tile(
         &self,
@@ -48,27 +50,20 @@ impl<T: Real> Kernel<T> {
         rs_c: usize,
         rows: usize,
         cols: usize,
-        zero: bool,
+        start: Start<'_, T>,
     ) {
         debug_assert!(rows <= self.mr && cols <= self.nr);
         if rows == self.mr && cols == self.nr {
             // SAFETY: the caller's contract covers the whole tile.
-            unsafe { (self.run)(kc, ops, c, rs_c, zero) };
+            unsafe { (self.run)(kc, ops, c, rs_c, start) };
             return;
         }
         let mut tile = [T::zero(); MAX_TILE];
         let tile = &mut tile[..self.mr * self.nr];
-        // Starting from zero, `C` is only written (it may be uninitialised: see `product_new`).
-        if !zero {
-            for r in 0..rows {
-                for j in 0..cols {
-                    // SAFETY: (r, j) is inside the valid rows x cols block.
-                    tile[r * self.nr + j] = unsafe { *c.add(r * rs_c + j) };
-                }
-            }
-        }
+        // SAFETY: the rows x cols block at `c` is valid (the caller's contract).
+        unsafe { start.fill_tile(tile, self.nr, c, rs_c, rows, cols) };
         // SAFETY: `tile` is a full mr x nr tile with row stride nr.
-        unsafe { (self.run)(kc, ops, tile.as_mut_ptr(), self.nr, zero) };
+        unsafe { (self.run)(kc, ops, tile.as_mut_ptr(), self.nr, start.in_scratch()) };
         for r in 0..rows {
             for j in 0..cols {
                 // SAFETY: as above.
@@ -89,7 +84,7 @@ pub(crate) trait Element: Real + super::Plain {
     /// A product with bf16 operands ([`super::Products::Bf16`]).
     fn bf16_product(
         c: MatMut<'_, Self>,
-        accumulate: bool,
+        start: Start<'_, Self>,
         a: MatRef<'_, Self>,
         b: MatRef<'_, Self>,
         threads: Threads,
@@ -99,12 +94,12 @@ pub(crate) trait Element: Real + super::Plain {
 impl Element for f32 {
     fn bf16_product(
         c: MatMut<'_, f32>,
-        accumulate: bool,
+        start: Start<'_, f32>,
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
         threads: Threads,
     ) {
-        super::bf16::gemm_bf16(c, accumulate, a, b, threads);
+        super::bf16::gemm_bf16(c, start, a, b, threads);
     }
 
     fn kernel(path: KernelPath) -> Kernel<f32> {
@@ -124,12 +119,12 @@ impl Element for f64 {
     /// f64 serves the finite-difference tests, which check the exact products.
     fn bf16_product(
         c: MatMut<'_, f64>,
-        accumulate: bool,
+        start: Start<'_, f64>,
         a: MatRef<'_, f64>,
         b: MatRef<'_, f64>,
         threads: Threads,
     ) {
-        super::gemm(c, accumulate, a, b, threads);
+        super::gemm(c, start, a, b, threads);
     }
 
     fn kernel(path: KernelPath) -> Kernel<f64> {
@@ -156,17 +151,21 @@ unsafe fn portable<T: Real, const MR: usize, const NR: usize>(
     ops: Operands<T>,
     c: *mut T,
     rs_c: usize,
-    zero: bool,
+    start: Start<'_, T>,
 ) {
     let mut acc = [[T::zero(); NR]; MR];
     // SAFETY (whole body): every offset stays within the sizes of the contract above.
     unsafe {
-        if !zero {
-            for (i, row) in acc.iter_mut().enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = *c.add(i * rs_c + j);
+        match start {
+            Start::Zero => {}
+            Start::Load => {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = *c.add(i * rs_c + j);
+                    }
                 }
             }
+            Start::Row(values) => acc.iter_mut().for_each(|row| row.copy_from_slice(&values[..NR])),
         }
         for p in 0..kc {
             let (ap, bp) = (ops.a.add(p * ops.cs_a), ops.b.add(p * ops.rs_b));
@@ -189,7 +188,7 @@ unsafe fn portable<T: Real, const MR: usize, const NR: usize>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Operands;
+    use super::{Operands, Start};
 
     /// f64 for the finite-difference and parity tests: the portable body compiled with FMA.
     ///
@@ -197,9 +196,15 @@ mod x86 {
     ///
     /// As [`super::TileFn`], on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn f64_fma(kc: usize, ops: Operands<f64>, c: *mut f64, rs_c: usize, zero: bool) {
+    pub(super) unsafe fn f64_fma(
+        kc: usize,
+        ops: Operands<f64>,
+        c: *mut f64,
+        rs_c: usize,
+        start: Start<'_, f64>,
+    ) {
         // SAFETY: forwarded contract.
-        unsafe { super::portable::<f64, 4, 8>(kc, ops, c, rs_c, zero) }
+        unsafe { super::portable::<f64, 4, 8>(kc, ops, c, rs_c, start) }
     }
 
     /// One f32 micro-kernel: `MR` rows by two vectors of `LANES` columns. Per step it loads two
@@ -214,14 +219,28 @@ mod x86 {
             ///
             #[doc = concat!("As [`super::TileFn`], on a CPU with ", $feature, ".")]
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name(kc: usize, ops: Operands<f32>, c: *mut f32, rs_c: usize, zero: bool) {
+            pub(super) unsafe fn $name(
+                kc: usize,
+                ops: Operands<f32>,
+                c: *mut f32,
+                rs_c: usize,
+                start: Start<'_, f32>,
+            ) {
                 // SAFETY (whole body): offsets within the contract's sizes.
                 unsafe {
                     let mut acc = [[$zero(); 2]; $mr];
-                    if !zero {
-                        for (i, row) in acc.iter_mut().enumerate() {
-                            row[0] = $load(c.add(i * rs_c));
-                            row[1] = $load(c.add(i * rs_c + $lanes));
+                    match start {
+                        Start::Zero => {}
+                        Start::Load => {
+                            for (i, row) in acc.iter_mut().enumerate() {
+                                row[0] = $load(c.add(i * rs_c));
+                                row[1] = $load(c.add(i * rs_c + $lanes));
+                            }
+                        }
+                        Start::Row(values) => {
+                            debug_assert!(values.len() >= 2 * $lanes);
+                            let (r0, r1) = ($load(values.as_ptr()), $load(values.as_ptr().add($lanes)));
+                            acc.iter_mut().for_each(|row| *row = [r0, r1]);
                         }
                     }
                     let (mut a, mut b) = (ops.a, ops.b);

@@ -5,12 +5,12 @@
 //! `C = [C +] A B` computes every element as one chain of fused multiply-adds in ascending `k`:
 //!
 //! ```text
-//! c = C[i][j]  (or +0.0)
+//! c = C[i][j]  (or +0.0, or row[j]: a bias, see Start)
 //! for p in 0..k:  c = fma(A[i][p], B[p][j], c)      // one rounding per step
 //! ```
 //!
-//! Starting from +0.0, the product writes every element of `C` and reads none, so `C` may be fresh
-//! uninitialised memory (`product_new`). Nothing else touches the sum: no partial sums per
+//! Starting from +0.0 or a row, the product writes every element of `C` and reads none, so `C` may
+//! be fresh uninitialised memory (`product_new`, a linear layer's output). Nothing else touches the sum: no partial sums per
 //! K-block, no split of `k` across threads, no horizontal reductions. So the result is a function of the operands alone, whatever the blocking,
 //! the micro-kernel shape, the SIMD width (each vector lane runs one element's chain) or the thread
 //! count. FMA is correctly rounded wherever it runs (in hardware, or `fmaf` in software on the
@@ -215,6 +215,65 @@ impl<'a, T> MatMut<'a, T> {
     }
 }
 
+/// Where each chain of a product, or of one tile, starts.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a, T> {
+    /// +0.0: `C` is only written (it may be uninitialised).
+    Zero,
+    /// `C[i][j]`: the product adds to `C`.
+    Load,
+    /// `row[j]` in every row (a bias): the same chains as seeding `C` with the row and adding, one
+    /// pass over `C` fewer. For a product, `row` has `C`'s width; for a tile, at least its width.
+    Row(&'a [T]),
+}
+
+impl<'a, T: Copy> Start<'a, T> {
+    /// `Zero` or `Load`.
+    pub fn accumulate(accumulate: bool) -> Self {
+        if accumulate { Start::Load } else { Start::Zero }
+    }
+
+    /// The start of the tiles whose first column is `c0`.
+    fn at_column(self, c0: usize) -> Self {
+        match self {
+            Start::Row(row) => Start::Row(&row[c0..]),
+            other => other,
+        }
+    }
+
+    /// Puts a ragged tile's start values in the scratch `tile` (row stride `nr`): nothing for
+    /// `Zero` (the kernel starts from zero), the `rows x cols` block at `c` for `Load`, the row's
+    /// first `cols` values in each of `rows` rows for `Row`. The kernel then runs on the scratch
+    /// tile from [`Self::in_scratch`].
+    ///
+    /// # Safety
+    ///
+    /// For `Load`, the `rows x cols` elements at `c + r * rs_c + j` are valid for reads.
+    unsafe fn fill_tile(self, tile: &mut [T], nr: usize, c: *const T, rs_c: usize, rows: usize, cols: usize) {
+        match self {
+            Start::Zero => {}
+            Start::Load => {
+                for (r, tile_row) in tile.chunks_mut(nr).take(rows).enumerate() {
+                    // SAFETY: row r's first `cols` elements, valid by the caller's contract.
+                    let c_row = unsafe { std::slice::from_raw_parts(c.add(r * rs_c), cols) };
+                    tile_row[..cols].copy_from_slice(c_row);
+                }
+            }
+            Start::Row(row) => {
+                tile.chunks_mut(nr).take(rows).for_each(|t| t[..cols].copy_from_slice(&row[..cols]))
+            }
+        }
+    }
+
+    /// The start of a kernel run on a scratch tile filled by [`Self::fill_tile`].
+    fn in_scratch(self) -> Start<'static, T> {
+        match self {
+            Start::Zero => Start::Zero,
+            _ => Start::Load,
+        }
+    }
+}
+
 /// Whether a product may use the rayon pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Threads {
@@ -224,16 +283,16 @@ pub(crate) enum Threads {
     Caller,
 }
 
-/// `c = a b` (`accumulate == false`) or `c += a b`, under the contract of the module doc, on the
-/// kernel path the process selected.
+/// `c = [start +] a b` under the contract of the module doc, on the kernel path the process
+/// selected.
 pub(crate) fn gemm<T: Element>(
     c: MatMut<'_, T>,
-    accumulate: bool,
+    start: Start<'_, T>,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     threads: Threads,
 ) {
-    gemm_on(kernel_path(), Blocking::STANDARD, c, accumulate, a, b, threads);
+    gemm_on(kernel_path(), Blocking::STANDARD, c, start, a, b, threads);
 }
 
 /// The operand precision of a product on the CPU.
@@ -247,7 +306,7 @@ pub enum Products {
     Bf16,
 }
 
-/// [`gemm`] with the operand precision `products`.
+/// `c = a b` (`accumulate == false`) or `c += a b` with the operand precision `products`.
 pub(crate) fn product<T: Element>(
     c: MatMut<'_, T>,
     accumulate: bool,
@@ -256,9 +315,24 @@ pub(crate) fn product<T: Element>(
     threads: Threads,
     products: Products,
 ) {
+    product_from(c, Start::accumulate(accumulate), a, b, threads, products);
+}
+
+/// [`gemm`] with the operand precision `products`.
+pub(crate) fn product_from<T: Element>(
+    c: MatMut<'_, T>,
+    start: Start<'_, T>,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+    products: Products,
+) {
+    if let Start::Row(row) = start {
+        assert_eq!(row.len(), c.cols, "gemm: a start row of {} for {} columns", row.len(), c.cols);
+    }
     match products {
-        Products::Full => gemm(c, accumulate, a, b, threads),
-        Products::Bf16 => T::bf16_product(c, accumulate, a, b, threads),
+        Products::Full => gemm(c, start, a, b, threads),
+        Products::Bf16 => T::bf16_product(c, start, a, b, threads),
     }
 }
 
@@ -338,7 +412,7 @@ fn gemm_on<T: Element>(
     path: KernelPath,
     blocking: Blocking,
     mut c: MatMut<'_, T>,
-    accumulate: bool,
+    start: Start<'_, T>,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     threads: Threads,
@@ -356,10 +430,13 @@ fn gemm_on<T: Element>(
         return;
     }
     if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                // SAFETY: row r of the view (in bounds by the MatMut invariant).
-                unsafe { std::slice::from_raw_parts_mut(c.ptr.add(r * c.rs), n) }.fill(T::zero());
+        for r in 0..m {
+            // SAFETY: row r of the view (in bounds by the MatMut invariant).
+            let row = unsafe { std::slice::from_raw_parts_mut(c.ptr.add(r * c.rs), n) };
+            match start {
+                Start::Zero => row.fill(T::zero()),
+                Start::Load => {}
+                Start::Row(values) => row.copy_from_slice(values),
             }
         }
         return;
@@ -395,7 +472,8 @@ fn gemm_on<T: Element>(
                     false => packed_b.chunks_mut(steps * nr).enumerate().for_each(pack),
                 }
             }
-            run_tiles(kernel, blocking, c.reborrow(), accumulate || k0 > 0, a, packed_b, parallel);
+            let start = if k0 == 0 { start } else { Start::Load };
+            run_tiles(kernel, blocking, c.reborrow(), start, a, packed_b, parallel);
         }
     });
 }
@@ -405,7 +483,7 @@ fn run_tiles<T: Element>(
     kernel: kernels::Kernel<T>,
     blocking: Blocking,
     c: MatMut<'_, T>,
-    accumulate: bool,
+    start: Start<'_, T>,
     a: MatRef<'_, T>,
     packed_b: &[T],
     parallel: bool,
@@ -459,7 +537,7 @@ fn run_tiles<T: Element>(
                             rs_c,
                             rows,
                             cols,
-                            k0 == 0 && !accumulate,
+                            if k0 == 0 { start.at_column(c0) } else { Start::Load },
                         )
                     };
                 }
@@ -634,6 +712,14 @@ mod tests {
         c
     }
 
+    /// Each way a product starts, with the `C` its chains start from: zeros, `c0` itself, and
+    /// `row` in every row. The product runs on a copy of `c0` in every case (so a start that
+    /// must not read `C` would show if it did).
+    pub(super) fn starts<'a>(c0: &[f32], row: &'a [f32]) -> [(Start<'a, f32>, Vec<f32>); 3] {
+        let rows = c0.len() / row.len().max(1);
+        [(Start::Zero, vec![0.0; c0.len()]), (Start::Load, c0.to_vec()), (Start::Row(row), row.repeat(rows))]
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -643,14 +729,14 @@ mod tests {
         blocking: Blocking,
         threads: usize,
         c0: &[f32],
-        acc: bool,
+        start: Start<'_, f32>,
         a: MatRef<'_, f32>,
         b: MatRef<'_, f32>,
     ) -> Vec<u32> {
         let mut c = c0.to_vec();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
-            gemm_on(path, blocking, MatMut::row_major(&mut c, a.rows, b.cols), acc, a, b, Threads::Pool)
+            gemm_on(path, blocking, MatMut::row_major(&mut c, a.rows, b.cols), start, a, b, Threads::Pool)
         });
         bits(&c)
     }
@@ -683,19 +769,19 @@ mod tests {
             (13, 29, 300, false, false),
         ];
         for (m, k, n, ta, tb) in shapes {
-            let (av, bv, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+            let (av, bv, c0, row) = (values(m * k, 1), values(k * n, 2), values(m * n, 3), values(n, 4));
             let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
             let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
-            for acc in [false, true] {
-                let start = if acc { c0.clone() } else { vec![0.0; m * n] };
-                let want = bits(&reference(&start, &a, &b));
+            for (start, initial) in starts(&c0, &row) {
+                let want = bits(&reference(&initial, &a, &b));
                 for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
                     for blocking in blockings {
                         for threads in [1, 2, 3] {
-                            let got = run(path, blocking, threads, &c0, acc, a, b);
+                            let got = run(path, blocking, threads, &c0, start, a, b);
+                            let mode = std::mem::discriminant(&start);
                             assert!(
                                 got == want,
-                                "{path} {blocking:?} {threads} threads, {m}x{k}x{n} acc={acc}: bits differ"
+                                "{path} {blocking:?} {threads} threads, {m}x{k}x{n} {mode:?}: bits differ"
                             );
                         }
                     }
@@ -726,7 +812,7 @@ mod tests {
         let a = MatRef::new(&data, 1, 3, 4, 10, 2);
         let b = MatRef::new(&data, 0, 4, 2, 3, 1);
         let mut c = vec![0f64; 6];
-        gemm(MatMut::row_major(&mut c, 3, 2), false, a, b, Threads::Caller);
+        gemm(MatMut::row_major(&mut c, 3, 2), Start::Zero, a, b, Threads::Caller);
         for i in 0..3 {
             for j in 0..2 {
                 let want = (0..4).fold(0f64, |acc, p| a.at(i, p).mul_add(b.at(p, j), acc));
