@@ -164,16 +164,21 @@ impl CustomOp1 for ActivationOp {
 }
 
 impl Activation {
-    /// The activation of every element of `x` (the CPU's forward).
+    /// The activation of every element of `x` (the CPU's forward), written once (no zero fill
+    /// first: a pass over 25 MB per MiniLM layer at 4096 tokens).
     pub(super) fn apply<T: Real>(self, x: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            each_variant!(self, A => vectorized!({
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = A.value_and_slope(x).0;
-                }
-            }))
-        });
+        let mut out = Vec::<T>::with_capacity(x.len());
+        out.spare_capacity_mut()[..x.len()].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(
+            |(y, x)| {
+                each_variant!(self, A => vectorized!({
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        y.write(A.value_and_slope(x).0);
+                    }
+                }))
+            },
+        );
+        // SAFETY: the loop above wrote all `x.len()` elements.
+        unsafe { out.set_len(x.len()) };
         out
     }
 
