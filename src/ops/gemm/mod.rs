@@ -643,6 +643,30 @@ fn pack_cols<T: Real>(b: &MatRef<'_, T>, c0: usize, nr: usize, dst: &mut [T]) {
     }
 }
 
+/// The transpose of the row-major `rows x cols` matrix `src`, row-major (`cols x rows`), a block
+/// of 32 x 32 at a time and a band of rows of the result per task.
+pub(crate) fn transposed<T: Copy + Default + Send + Sync>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const BLOCK: usize = 32;
+    assert_eq!(src.len(), rows * cols, "transposed: {} elements for {rows} x {cols}", src.len());
+    let mut out = vec![T::default(); rows * cols];
+    if rows == 0 {
+        return out;
+    }
+    out.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(band, dst)| {
+        let c0 = band * BLOCK;
+        let band_cols = dst.len() / rows;
+        for r0 in (0..rows).step_by(BLOCK) {
+            for c in 0..band_cols {
+                let to = &mut dst[c * rows + r0..c * rows + (r0 + BLOCK).min(rows)];
+                for (r, d) in to.iter_mut().enumerate() {
+                    *d = src[(r0 + r) * cols + c0 + c];
+                }
+            }
+        }
+    });
+    out
+}
+
 /// Which operand of [`matmul_t`] is stored transposed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transpose {
@@ -822,6 +846,20 @@ mod tests {
             for j in 0..2 {
                 let want = (0..4).fold(0f64, |acc, p| a.at(i, p).mul_add(b.at(p, j), acc));
                 assert_eq!(c[i * 2 + j].to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_swaps_rows_and_columns() {
+        // Bands and blocks with ragged ends, and the empty cases.
+        for (rows, cols) in [(70, 45), (33, 1), (1, 40), (64, 64), (0, 5), (5, 0)] {
+            let src: Vec<u32> = (0..(rows * cols) as u32).collect();
+            let t = transposed(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], src[r * cols + c], "{rows} x {cols} at ({r}, {c})");
+                }
             }
         }
     }
