@@ -71,8 +71,8 @@ fn gemm_gflops(m: usize, k: usize, n: usize) -> (f64, f64, f64) {
 
 /// GFLOP/s of one encoder layer's linear products alone at `rows` tokens, in `products`' operand
 /// precision: for each of its four linears (query/key/value as one, attention output, feed-forward
-/// in and out) the forward `x W^T`, the input gradient `g W` and the weight gradient `g^T x`, each
-/// timed apart (median of 5 after one warm-up), all FLOPs over the sum of the medians. These are
+/// in and out) the forward `x W^T`, the input gradient `g W` and the weight gradient `g^T x` (or
+/// `x^T g`, as `ops::linear` computes a wide one), each timed apart (median of 5 after one warm-up), all FLOPs over the sum of the medians. These are
 /// the step's own GEMM shapes, attention's small products aside.
 fn linear_products_gflops(rows: usize, hidden: usize, inner: usize, products: pipe::ops::Products) -> f64 {
     use pipe::ops::gemm::{Transpose, matmul_with};
@@ -82,7 +82,11 @@ fn linear_products_gflops(rows: usize, hidden: usize, inner: usize, products: pi
         let runs: [Box<dyn Fn()>; 3] = [
             Box::new(|| drop(matmul_with(&x, &w, rows, inp, out, Transpose::Rhs, products))),
             Box::new(|| drop(matmul_with(&g, &w, rows, out, inp, Transpose::None, products))),
-            Box::new(|| drop(matmul_with(&g, &x, out, rows, inp, Transpose::Lhs, products))),
+            // The weight's gradient as the layer computes it: a wide one (out < in) as `x^T g`.
+            Box::new(|| match out < inp {
+                true => drop(matmul_with(&x, &g, inp, rows, out, Transpose::Lhs, products)),
+                false => drop(matmul_with(&g, &x, out, rows, inp, Transpose::Lhs, products)),
+            }),
         ];
         for run in &runs {
             seconds += median_seconds(5, run);
