@@ -3,10 +3,11 @@
 //!
 //! Composed from candle ops, a linear layer costs a transposed view, a GEMM, a broadcast add, and
 //! in the backward two GEMMs on transposed views, a transpose of the weight gradient and a
-//! strided reduction for the bias. Here the forward seeds the output with the bias and lets the
-//! GEMM accumulate into it; the backward calls the GEMM with the strides that express the
-//! transposes, and reduces the bias gradient in fixed row blocks. The GEMM ([`super::gemm`]) sums
-//! every element in one fixed order, so results depend neither on the thread count nor on the CPU.
+//! strided reduction for the bias. Here the forward's GEMM starts every element's chain from its
+//! bias; the backward calls the GEMM with the strides that express the transposes (a wide weight
+//! gradient as its transpose's product), and reduces the bias gradient in fixed row blocks. The
+//! GEMM ([`super::gemm`]) sums every element in one fixed order, so results depend neither on the
+//! thread count nor on the CPU.
 
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
