@@ -222,17 +222,16 @@ impl CustomOp2 for ActivationBoth {
             let mut out = Vec::<T>::with_capacity(2 * n);
             let spare = &mut out.spare_capacity_mut()[..2 * n];
             let (values, grads) = spare.split_at_mut(n);
-            values.par_chunks_mut(CHUNK).zip(grads.par_chunks_mut(CHUNK)).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(
-                |((y, dx), (x, g))| {
-                    each_variant!(self.0, A => vectorized!({
-                        for (((y, dx), &x), &g) in y.iter_mut().zip(dx.iter_mut()).zip(x).zip(g) {
-                            let (value, slope) = A.value_and_slope(x);
-                            y.write(value);
-                            dx.write(g * slope);
-                        }
-                    }))
-                },
-            );
+            let outputs = values.par_chunks_mut(CHUNK).zip(grads.par_chunks_mut(CHUNK));
+            outputs.zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|((y, dx), (x, g))| {
+                each_variant!(self.0, A => vectorized!({
+                    for (((y, dx), &x), &g) in y.iter_mut().zip(dx.iter_mut()).zip(x).zip(g) {
+                        let (value, slope) = A.value_and_slope(x);
+                        y.write(value);
+                        dx.write(g * slope);
+                    }
+                }))
+            });
             // SAFETY: the loop above wrote all `2 * n` elements.
             unsafe { out.set_len(2 * n) };
             let mut dims = vec![2];
