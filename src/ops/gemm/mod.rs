@@ -10,10 +10,10 @@
 //! ```
 //!
 //! Starting from +0.0 or a row, the product writes every element of `C` and reads none, so `C` may
-//! be fresh uninitialised memory (`product_new`, a linear layer's output). Nothing else touches the sum: no partial sums per
-//! K-block, no split of `k` across threads, no horizontal reductions. So the result is a function of the operands alone, whatever the blocking,
-//! the micro-kernel shape, the SIMD width (each vector lane runs one element's chain) or the thread
-//! count. FMA is correctly rounded wherever it runs (in hardware, or `fmaf` in software on the
+//! be fresh uninitialised memory (`product_new`, a linear layer's output). Nothing else touches
+//! the sum: no partial sums per K-block, no split of `k` across threads, no horizontal reductions.
+//! So the result is a function of the operands alone, whatever the blocking, the micro-kernel
+//! shape, the SIMD width (each vector lane runs one element's chain) or the thread count. FMA is correctly rounded wherever it runs (in hardware, or `fmaf` in software on the
 //! portable path), so the portable, AVX2 and AVX-512 kernels agree to the bit; the tests check it at
 //! MiniLM's shapes, on every path, with several blockings and thread counts.
 //!
