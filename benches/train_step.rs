@@ -1,7 +1,7 @@
 //! Where a MiniLM training step spends its time (forward, backward, optimizer), and how fast it is.
 //!
 //! `cargo bench --bench train_step [-- LEN BATCH [STEPS]] [--device cuda] [--dtype bf16]
-//! [--model DIR]` (needs `scripts/fetch-model.sh`, or any model of MiniLM's shape in DIR: speed
+//! [--model DIR] [--ops] [--profile]` (needs `scripts/fetch-model.sh`, or any model of MiniLM's shape in DIR: speed
 //! does not depend on the weights; `--device cuda` needs a build with `--features cuda`). Two
 //! runs, each the median of STEPS (default 8) steps after 2 warm-up steps:
 //! - `sst2`: real SST-2 training rows (tokenized, truncated at LEN) padded to LEN, the fixed shape
@@ -11,7 +11,9 @@
 //!
 //! On the CPU it also times a layer's 12 linear products alone (the step's own GEMM shapes) and
 //! prints the dense step's rate against both probes. `--ops` first prints each op's forward and
-//! backward time alone on the dense shape. The last line is `RESULT {json}` with both
+//! backward time alone on the dense shape; `--profile` prints, after each run, every op's time
+//! per step as the timed steps ran it, forward and backward (`pipe::ops::tape::Profile`; on the
+//! CPU: a GPU's asynchronous kernels would show as launch times). The last line is `RESULT {json}` with both
 //! throughputs, for scripts (scripts/gpu-check.sh).
 
 #![allow(clippy::disallowed_methods)] // candle's matmul is printed for comparison
@@ -114,12 +116,16 @@ fn padded(rows: &[Vec<u32>], len: usize) -> candle_core::Result<Batch> {
 
 /// Median forward, backward and optimizer milliseconds and real tokens per step over `batches`.
 /// Each phase ends with a device synchronisation, so GPU times are the work's, not the launches'.
-fn time_steps(model: &Classifier, batches: &[Batch]) -> anyhow::Result<(f64, f64, f64, f64)> {
+fn time_steps(model: &Classifier, batches: &[Batch], profile: bool) -> anyhow::Result<(f64, f64, f64, f64)> {
     let sync = || model.device().synchronize();
     let labels: Vec<u32> = (0..batches[0].input_ids.dim(0)? as u32).map(|i| i % 2).collect();
     let mut opt = AdamW::new(OptimizerConfig::default(), model.params().to_vec())?;
     let (mut fwd, mut bwd, mut upd, mut tokens) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ops = None;
     for (step, input) in batches.iter().enumerate() {
+        if profile && step == WARMUP {
+            ops = Some(pipe::ops::tape::Profile::start());
+        }
         let mut rng = pipe::rng::stream(0, "dropout", step as u64);
         let t0 = Instant::now();
         // As the train stage runs a step (`pipe::train`).
@@ -140,6 +146,13 @@ fn time_steps(model: &Classifier, batches: &[Batch]) -> anyhow::Result<(f64, f64
             bwd.push((t2 - t1).as_secs_f64() * 1e3);
             upd.push((t3 - t2).as_secs_f64() * 1e3);
             tokens.push(input.real_tokens as f64);
+        }
+    }
+    if let Some(ops) = ops {
+        let steps = fwd.len().max(1) as f64;
+        println!("op (per step, mean of {steps} steps)           ms");
+        for (pass, name, spent) in ops.take() {
+            println!("{:<40} {:>8.1}", format!("{pass:?} {name}"), spent.as_secs_f64() * 1e3 / steps);
         }
     }
     Ok((median(fwd), median(bwd), median(upd), median(tokens)))
@@ -302,7 +315,8 @@ fn main() -> anyhow::Result<()> {
             padded(&rows, len)
         })
         .collect::<candle_core::Result<_>>()?;
-    let (f, b, u, _) = time_steps(&model, &dense)?;
+    let profile = args.iter().any(|a| a == "--profile");
+    let (f, b, u, _) = time_steps(&model, &dense, profile)?;
     let total = f + b + u;
     let dense_rate = batch as f64 / total * 1e3;
     let encoder_weights = (c.num_hidden_layers
@@ -331,7 +345,7 @@ fn main() -> anyhow::Result<()> {
     let ids = encoder.encode_all(&data.texts[..(WARMUP + steps) * batch])?;
     let sst2: Vec<Batch> =
         ids.chunks(batch).map(|rows| padded(rows, len)).collect::<candle_core::Result<_>>()?;
-    let (f, b, u, tokens) = time_steps(&model, &sst2)?;
+    let (f, b, u, tokens) = time_steps(&model, &sst2, profile)?;
     let total = f + b + u;
     println!(
         "sst2 len {len} batch {batch} (padded to {len}): forward {f:.0} ms, backward {b:.0} ms, optimizer {u:.0} ms, step {total:.0} ms, {:.0} real tokens/s = {:.1} samples/s (threads {})",

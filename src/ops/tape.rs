@@ -17,10 +17,14 @@
 //! A forward that passed a tensor through an op that does not record (a reshape, a narrow, a
 //! dtype cast on a GPU...) leaves gaps in the notes; `gradients` finds them before any work and
 //! runs candle's `backward` instead (the same bits, more time).
+//!
+//! While a [`Profile`] is live on the thread, the same choke points time every op, forward and
+//! backward, by name: where a step's time goes, as the step runs it (`train_step --profile`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId};
@@ -31,6 +35,8 @@ type Backward = Box<dyn Fn(&[Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Ten
 
 /// One recorded op.
 struct Node {
+    /// The op's name, for a [`Profile`].
+    name: &'static str,
     /// The inputs as the caller passed them: where their gradients go.
     sources: Vec<Tensor>,
     /// The inputs as the op read them (made contiguous): what its backward reads.
@@ -48,6 +54,68 @@ struct Tape {
 thread_local! {
     static TAPE: RefCell<Option<Tape>> = const { RefCell::new(None) };
     static RECORDINGS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static PROFILE: RefCell<Option<Vec<OpTime>>> = const { RefCell::new(None) };
+}
+
+/// One line of a [`Profile`]: a pass, an op's name, the time spent.
+pub type OpTime = (Pass, &'static str, Duration);
+
+/// A pass of a training step, in a [`Profile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The wall time of pipe's recorded ops on this thread, per pass and op name, from [`Self::start`]
+/// until it is dropped: forward ops where they run (their inputs' `contiguous` copies included),
+/// backward ones as [`Recording::gradients`] runs them, and the sums of gradients of tensors with
+/// several consumers as `backward "sum"`. Times are the calling thread's view: on a GPU, where
+/// kernels run asynchronously, they are launch times unless the ops synchronise. For benchmarks.
+pub struct Profile {
+    /// Tied to the thread whose ops it times.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Profile {
+    /// Starts timing this thread's ops (a profile already live starts over).
+    pub fn start() -> Self {
+        PROFILE.with(|p| *p.borrow_mut() = Some(Vec::new()));
+        Self { _thread: std::marker::PhantomData }
+    }
+
+    /// The totals so far, `(pass, op, time)`, longest first; the totals start over from zero.
+    pub fn take(&self) -> Vec<OpTime> {
+        let mut totals = PROFILE.with(|p| p.borrow_mut().as_mut().map(std::mem::take)).unwrap_or_default();
+        totals.sort_by_key(|&(_, _, spent)| std::cmp::Reverse(spent));
+        totals
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        PROFILE.with(|p| *p.borrow_mut() = None);
+    }
+}
+
+/// Runs `f`, adding its wall time to `(pass, name)` if a [`Profile`] is live on this thread.
+fn timed<R>(pass: Pass, name: &'static str, f: impl FnOnce() -> R) -> R {
+    let on = PROFILE.with(|p| p.borrow().is_some());
+    if !on {
+        return f();
+    }
+    let start = Instant::now();
+    let result = f();
+    let spent = start.elapsed();
+    PROFILE.with(|p| {
+        if let Some(totals) = p.borrow_mut().as_mut() {
+            match totals.iter_mut().find(|(p, n, _)| *p == pass && *n == name) {
+                Some(entry) => entry.2 += spent,
+                None => totals.push((pass, name, spent)),
+            }
+        }
+    });
+    result
 }
 
 /// Records the ops run on this thread until [`Recording::gradients`] or the end of its scope (a
@@ -92,7 +160,9 @@ impl Recording {
         // Each note dropped once run (its backward and the references it holds).
         for node in nodes.into_iter().rev() {
             let Some(grad) = grads.remove(&node.output.id()) else { continue };
-            let input_grads = (node.backward)(&node.args, &node.output, &grad.detach())?;
+            let input_grads = timed(Pass::Backward, node.name, || {
+                (node.backward)(&node.args, &node.output, &grad.detach())
+            })?;
             for (source, g) in node.sources.iter().zip(input_grads) {
                 let Some(g) = g.filter(|_| source.track_op()) else { continue };
                 match grads.entry(source.id()) {
@@ -101,7 +171,7 @@ impl Recording {
                     }
                     // As candle sums (its first term, zero plus a gradient, is that gradient).
                     Entry::Occupied(mut e) => {
-                        let sum = e.get().add(&g)?.detach();
+                        let sum = timed(Pass::Backward, "sum", || e.get().add(&g))?.detach();
                         e.insert(sum);
                     }
                 }
@@ -158,23 +228,27 @@ fn complete(nodes: &[Node], loss: &Tensor) -> bool {
 }
 
 /// Notes an op, if a recording is live and its output needs a gradient.
-fn note(sources: &[&Tensor], args: Vec<Tensor>, output: &Tensor, backward: Backward) {
+fn note(name: &'static str, sources: &[&Tensor], args: Vec<Tensor>, output: &Tensor, backward: Backward) {
     if !output.track_op() {
         return;
     }
     TAPE.with(|t| {
         if let Some(tape) = t.borrow_mut().as_mut() {
             let sources = sources.iter().map(|&s| s.clone()).collect();
-            tape.nodes.push(Node { sources, args, output: output.clone(), backward });
+            tape.nodes.push(Node { name, sources, args, output: output.clone(), backward });
         }
     });
 }
 
 /// `op` on `x` (made contiguous), recorded.
 pub(crate) fn apply1<C: CustomOp1 + Clone + Send + Sync + 'static>(x: &Tensor, op: C) -> Result<Tensor> {
-    let arg = x.contiguous()?;
-    let y = arg.apply_op1(op.clone())?;
-    note(&[x], vec![arg], &y, Box::new(move |a, y, g| Ok(vec![op.bwd(&a[0], y, g)?])));
+    let name = op.name();
+    let (arg, y) = timed(Pass::Forward, name, || {
+        let arg = x.contiguous()?;
+        let y = arg.apply_op1(op.clone())?;
+        Ok::<_, candle_core::Error>((arg, y))
+    })?;
+    note(name, &[x], vec![arg], &y, Box::new(move |a, y, g| Ok(vec![op.bwd(&a[0], y, g)?])));
     Ok(y)
 }
 
@@ -184,13 +258,17 @@ pub(crate) fn apply2<C: CustomOp2 + Clone + Send + Sync + 'static>(
     w: &Tensor,
     op: C,
 ) -> Result<Tensor> {
-    let args = vec![x.contiguous()?, w.contiguous()?];
-    let y = args[0].apply_op2(&args[1], op.clone())?;
+    let name = op.name();
+    let (args, y) = timed(Pass::Forward, name, || {
+        let args = vec![x.contiguous()?, w.contiguous()?];
+        let y = args[0].apply_op2(&args[1], op.clone())?;
+        Ok::<_, candle_core::Error>((args, y))
+    })?;
     let backward = Box::new(move |a: &[Tensor], y: &Tensor, g: &Tensor| {
         let (gx, gw) = op.bwd(&a[0], &a[1], y, g)?;
         Ok(vec![gx, gw])
     });
-    note(&[x, w], args, &y, backward);
+    note(name, &[x, w], args, &y, backward);
     Ok(y)
 }
 
@@ -201,28 +279,32 @@ pub(crate) fn apply3<C: CustomOp3 + Clone + Send + Sync + 'static>(
     b: &Tensor,
     op: C,
 ) -> Result<Tensor> {
-    let args = vec![x.contiguous()?, w.contiguous()?, b.contiguous()?];
-    let y = args[0].apply_op3(&args[1], &args[2], op.clone())?;
+    let name = op.name();
+    let (args, y) = timed(Pass::Forward, name, || {
+        let args = vec![x.contiguous()?, w.contiguous()?, b.contiguous()?];
+        let y = args[0].apply_op3(&args[1], &args[2], op.clone())?;
+        Ok::<_, candle_core::Error>((args, y))
+    })?;
     let backward = Box::new(move |a: &[Tensor], y: &Tensor, g: &Tensor| {
         let (gx, gw, gb) = op.bwd(&a[0], &a[1], &a[2], y, g)?;
         Ok(vec![gx, gw, gb])
     });
-    note(&[x, w, b], args, &y, backward);
+    note(name, &[x, w, b], args, &y, backward);
     Ok(y)
 }
 
 /// `a + b` (same shapes), recorded: both inputs get the output's gradient.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let y = a.add(b)?;
+    let y = timed(Pass::Forward, "add", || a.add(b))?;
     let backward =
         Box::new(|_: &[Tensor], _: &Tensor, g: &Tensor| Ok(vec![Some(g.clone()), Some(g.clone())]));
-    note(&[a, b], vec![a.clone(), b.clone()], &y, backward);
+    note("add", &[a, b], vec![a.clone(), b.clone()], &y, backward);
     Ok(y)
 }
 
 /// `parts` joined along `dim`, recorded: each part gets its slice of the output's gradient.
 pub fn cat(parts: &[Tensor], dim: usize) -> Result<Tensor> {
-    let y = Tensor::cat(parts, dim)?;
+    let y = timed(Pass::Forward, "cat", || Tensor::cat(parts, dim))?;
     let sizes: Vec<usize> = parts.iter().map(|p| p.dim(dim)).collect::<Result<_>>()?;
     let backward = Box::new(move |_: &[Tensor], _: &Tensor, g: &Tensor| {
         let mut start = 0;
@@ -235,18 +317,18 @@ pub fn cat(parts: &[Tensor], dim: usize) -> Result<Tensor> {
             })
             .collect()
     });
-    note(&parts.iter().collect::<Vec<_>>(), parts.to_vec(), &y, backward);
+    note("cat", &parts.iter().collect::<Vec<_>>(), parts.to_vec(), &y, backward);
     Ok(y)
 }
 
 /// `parts` (of one shape) stacked along a new first dimension, recorded: each part gets its row
 /// of the output's gradient.
 pub fn stack(parts: &[Tensor]) -> Result<Tensor> {
-    let y = Tensor::stack(parts, 0)?;
+    let y = timed(Pass::Forward, "stack", || Tensor::stack(parts, 0))?;
     let backward = Box::new(|a: &[Tensor], _: &Tensor, g: &Tensor| {
         a.iter().enumerate().map(|(i, part)| Ok(Some(g.narrow(0, i, 1)?.reshape(part.shape())?))).collect()
     });
-    note(&parts.iter().collect::<Vec<_>>(), parts.to_vec(), &y, backward);
+    note("stack", &parts.iter().collect::<Vec<_>>(), parts.to_vec(), &y, backward);
     Ok(y)
 }
 
@@ -324,6 +406,35 @@ mod tests {
             let (want, got) = (candle.get(v.as_tensor()).unwrap(), ours.get(v.as_tensor()).unwrap());
             assert_eq!(bits(want), bits(got), "variable {i}");
         }
+        Ok(())
+    }
+
+    /// A profile times each op by pass and name while it is live (a gradient with two consumers
+    /// as a backward "sum"), starts over when taken, and times nothing once dropped.
+    #[test]
+    fn a_profile_times_each_op_by_pass_and_name() -> Result<()> {
+        let (x, w, b) = (var(&[4, 6], 1), var(&[3, 6], 2), var(&[3], 3));
+        let step = || -> Result<()> {
+            let recording = Recording::start();
+            let y = ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), Products::Full)?;
+            let loss = ops::cross_entropy(&add(&y, &y)?, &[0, 1, 2, 0], None)?;
+            recording.gradients(&loss, 1.0).map(drop)
+        };
+        let profile = Profile::start();
+        step()?;
+        let names: Vec<(Pass, &str)> = profile.take().iter().map(|&(pass, name, _)| (pass, name)).collect();
+        for want in [
+            (Pass::Forward, "linear"),
+            (Pass::Backward, "linear"),
+            (Pass::Forward, "add"),
+            (Pass::Backward, "sum"),
+        ] {
+            assert!(names.contains(&want), "{want:?} missing from {names:?}");
+        }
+        assert!(profile.take().is_empty(), "taking starts the totals over");
+        drop(profile);
+        step()?;
+        PROFILE.with(|p| assert!(p.borrow().is_none()));
         Ok(())
     }
 
