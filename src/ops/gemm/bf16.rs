@@ -261,19 +261,34 @@ fn pack(
         if !rows_contiguous && a.rs == 1 {
             pack_steps(a.data, a.offset, a.cs, a.rows, k, mr, packed_a, parallel);
         } else {
-            let pack_a = |(pi, dst): (usize, &mut [u32])| pack_rows(a, pi * mr, mr, rows_contiguous, dst);
+            // Compiled for the kernel path's vector instructions a panel at a time (or all at
+            // once): in a small product (a head of attention) a dispatch per row cost as much as
+            // converting the row.
             match parallel {
-                true => packed_a.par_chunks_mut(kq * mr).enumerate().for_each(pack_a),
-                false => packed_a.chunks_mut(kq * mr).enumerate().for_each(pack_a),
+                true => packed_a
+                    .par_chunks_mut(kq * mr)
+                    .enumerate()
+                    .for_each(|(pi, dst)| vectorized!({ pack_rows(a, pi * mr, mr, rows_contiguous, dst) })),
+                false => vectorized!({
+                    for (pi, dst) in packed_a.chunks_mut(kq * mr).enumerate() {
+                        pack_rows(a, pi * mr, mr, rows_contiguous, dst)
+                    }
+                }),
             }
         }
         if b.cs == 1 {
             pack_steps(b.data, b.offset, b.rs, b.cols, k, nr, packed_b, parallel);
         } else {
-            let pack_b = |(pj, dst): (usize, &mut [u32])| pack_cols(b, pj * nr, nr, dst);
             match parallel {
-                true => packed_b.par_chunks_mut(kq * nr).enumerate().for_each(pack_b),
-                false => packed_b.chunks_mut(kq * nr).enumerate().for_each(pack_b),
+                true => packed_b
+                    .par_chunks_mut(kq * nr)
+                    .enumerate()
+                    .for_each(|(pj, dst)| vectorized!({ pack_cols(b, pj * nr, nr, dst) })),
+                false => vectorized!({
+                    for (pj, dst) in packed_b.chunks_mut(kq * nr).enumerate() {
+                        pack_cols(b, pj * nr, nr, dst)
+                    }
+                }),
             }
         }
     }
@@ -342,6 +357,7 @@ fn run_tiles(
 
 /// Rows `r0..` (at most `mr`) of `a`, zero-padded (every word of `dst` written): as `[i][q]` pairs
 /// when `rows_contiguous` (`a`'s rows are: each row's pairs in place), else as `[q][mr]`.
+#[inline(always)]
 fn pack_rows(a: &MatRef<'_, f32>, r0: usize, mr: usize, rows_contiguous: bool, dst: &mut [u32]) {
     let (rows, k) = (mr.min(a.rows - r0), a.cols);
     let kq = k.div_ceil(2);
@@ -364,20 +380,28 @@ fn pack_rows(a: &MatRef<'_, f32>, r0: usize, mr: usize, rows_contiguous: bool, d
 
 /// Columns `c0..` (at most `nr`) of `b` as `[q][nr]` pairs, zero-padded (every word of `dst`
 /// written); a row-major `b` goes through [`pack_steps`].
+#[inline(always)]
 fn pack_cols(b: &MatRef<'_, f32>, c0: usize, nr: usize, dst: &mut [u32]) {
     let (cols, k) = (nr.min(b.cols - c0), b.rows);
+    let kq = k.div_ceil(2);
     if b.rs == 1 {
-        // Columns contiguous (a transposed weight): convert a column's pairs, then spread them.
-        let mut column_pairs = vec![0u32; k.div_ceil(2)];
-        for j in 0..cols {
-            let start = b.offset + (c0 + j) * b.cs;
-            pairs_of(&b.data[start..start + k], &mut column_pairs);
-            for (q, &w) in column_pairs.iter().enumerate() {
-                dst[q * nr + j] = w;
+        // Columns contiguous (a transposed weight; attention's keys and values): a column's
+        // pairs converted at once, then spread over the steps.
+        const RUN: usize = 64;
+        let mut column_pairs = [0u32; RUN];
+        for q0 in (0..kq).step_by(RUN) {
+            let pairs = RUN.min(kq - q0);
+            for j in 0..cols {
+                let start = b.offset + (c0 + j) * b.cs + 2 * q0;
+                let steps = (2 * pairs).min(k - 2 * q0);
+                pairs_of(&b.data[start..start + steps], &mut column_pairs[..pairs]);
+                for (q, &w) in column_pairs[..pairs].iter().enumerate() {
+                    dst[(q0 + q) * nr + j] = w;
+                }
             }
         }
     } else {
-        for q in 0..k.div_ceil(2) {
+        for q in 0..kq {
             for j in 0..cols {
                 let odd = if 2 * q + 1 < k { b.at(2 * q + 1, c0 + j) } else { 0.0 };
                 dst[q * nr + j] = pair(b.at(2 * q, c0 + j), odd);
@@ -438,10 +462,17 @@ fn pack_steps(
             }
             for (x, panel) in dst.chunks_mut(kq * w).enumerate() {
                 let cols = w.min(span - x * w);
-                for qq in 0..steps {
-                    let step = &mut panel[(q0 + qq) * w..][..w];
-                    step[..cols].copy_from_slice(&pairs[qq * span + x * w..][..cols]);
-                    step[cols..].fill(0);
+                let panel = &mut panel[q0 * w..(q0 + steps) * w];
+                // The native and AVX-512 kernels' panel widths (`MR` 12, `NR` 32) by fixed copies.
+                match (w, cols) {
+                    (12, 12) => copy_out::<12>(panel, &pairs[x * w..], span),
+                    (32, 32) => copy_out::<32>(panel, &pairs[x * w..], span),
+                    _ => {
+                        for (qq, step) in panel.chunks_exact_mut(w).enumerate() {
+                            step[..cols].copy_from_slice(&pairs[qq * span + x * w..][..cols]);
+                            step[cols..].fill(0);
+                        }
+                    }
                 }
             }
         }
@@ -453,14 +484,26 @@ fn pack_steps(
     }
 }
 
-/// Consecutive steps `src` as pairs (the last one zero-padded when `src` is odd).
+/// Full panel pieces of `W` words, `span` apart in `pairs`, into consecutive steps of `panel`, as
+/// fixed-size copies: a slice copy of a run-time length is a call to `memmove` for each 48 bytes of
+/// an `A` panel, which took a third of packing a transposed `A` (a weight gradient's, attention's
+/// probabilities').
+#[inline(always)]
+fn copy_out<const W: usize>(panel: &mut [u32], pairs: &[u32], span: usize) {
+    for (qq, step) in panel.chunks_exact_mut(W).enumerate() {
+        let step: &mut [u32; W] = step.try_into().expect("a whole step");
+        *step = pairs[qq * span..][..W].try_into().expect("a whole piece");
+    }
+}
+
+/// Consecutive steps `src` as pairs (the last one zero-padded when `src` is odd). Inlined into
+/// its callers, which run it under [`vectorized!`].
+#[inline(always)]
 fn pairs_of(src: &[f32], dst: &mut [u32]) {
     let whole = src.len() / 2;
-    vectorized!({
-        for (d, s) in dst[..whole].iter_mut().zip(src.chunks_exact(2)) {
-            *d = pair(s[0], s[1]);
-        }
-    });
+    for (d, s) in dst[..whole].iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair(s[0], s[1]);
+    }
     if src.len() % 2 == 1 {
         dst[whole] = pair(src[src.len() - 1], 0.0);
     }
@@ -687,6 +730,8 @@ mod tests {
             (13, 1, 33, false, false),
             // Several groups of panels and blocks of steps, ragged, odd `k`.
             (150, 301, 300, true, false),
+            // A transposed `B` over several runs of a column's pairs, odd `k`.
+            (20, 131, 40, false, true),
         ];
         for (m, k, n, ta, tb) in shapes {
             let (av, bv, c0, row) = (values(m * k, 1), values(k * n, 2), values(m * n, 3), values(n, 4));
