@@ -449,23 +449,19 @@ fn pack_steps(
     let pack_group = |(g, dst): (usize, &mut [u32])| {
         let c0 = g * panels_per_group * w;
         let span = (len - c0).min(panels_per_group * w);
+        let source = Steps { data, offset, stride, c0, span, k };
+        if span == w {
+            // One whole panel (a head of attention's keys or values): its layout is the lines',
+            // so the pairs go straight into it.
+            vectorized!({ source.convert(0, dst) });
+            return;
+        }
         let mut pairs = vec![0u32; BLOCK * span];
         for q0 in (0..kq).step_by(BLOCK) {
             let steps = BLOCK.min(kq - q0);
-            for (qq, line) in pairs.chunks_mut(span).take(steps).enumerate() {
-                let p = 2 * (q0 + qq);
-                let even = &data[offset + p * stride + c0..][..span];
-                if p + 1 < k {
-                    let odd = &data[offset + (p + 1) * stride + c0..][..span];
-                    vectorized!({
-                        for ((d, &e), &o) in line.iter_mut().zip(even).zip(odd) {
-                            *d = pair(e, o);
-                        }
-                    });
-                } else {
-                    vectorized!({ line.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0)) });
-                }
-            }
+            // One vector dispatch per block, not per step: a head of attention's operands have
+            // steps of 32 elements, where a dispatch per step cost as much as the conversion.
+            vectorized!({ source.convert(q0, &mut pairs[..steps * span]) });
             for (x, panel) in dst.chunks_mut(kq * w).enumerate() {
                 let cols = w.min(span - x * w);
                 let panel = &mut panel[q0 * w..(q0 + steps) * w];
@@ -487,6 +483,38 @@ fn pack_steps(
         dst.par_chunks_mut(panels_per_group * kq * w).enumerate().for_each(pack_group);
     } else {
         dst.chunks_mut(panels_per_group * kq * w).enumerate().for_each(pack_group);
+    }
+}
+
+/// A group of columns `c0..c0 + span` of the contiguous steps that [`pack_steps`] packs.
+#[derive(Clone, Copy)]
+struct Steps<'a> {
+    data: &'a [f32],
+    offset: usize,
+    stride: usize,
+    c0: usize,
+    span: usize,
+    k: usize,
+}
+
+impl Steps<'_> {
+    /// The pairs of steps `2 q0..` into `lines` of `span` words each (as many as it holds), the
+    /// odd step of an odd `k`'s last pair zero. Inlined into callers under [`vectorized!`].
+    #[inline(always)]
+    fn convert(self, q0: usize, lines: &mut [u32]) {
+        let Steps { data, offset, stride, c0, span, k } = self;
+        for (qq, line) in lines.chunks_exact_mut(span).enumerate() {
+            let p = 2 * (q0 + qq);
+            let even = &data[offset + p * stride + c0..][..span];
+            if p + 1 < k {
+                let odd = &data[offset + (p + 1) * stride + c0..][..span];
+                for ((d, &e), &o) in line.iter_mut().zip(even).zip(odd) {
+                    *d = pair(e, o);
+                }
+            } else {
+                line.iter_mut().zip(even).for_each(|(d, &e)| *d = pair(e, 0.0));
+            }
+        }
     }
 }
 
