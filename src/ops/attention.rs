@@ -30,7 +30,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::dropout::DropMask;
-use super::gemm::{Element, MatMut, MatRef, Products, Threads, product};
+use super::gemm::{Element, MatMut, MatRef, Products, Start, Threads, product};
 use super::{slice, vectorized, with_real};
 
 /// Which keys each query sees, and how query heads share key and value heads.
@@ -268,7 +268,7 @@ impl Attention {
     /// rows. Keys the query does not see (see [`AttentionShape`]) get probability 0.
     fn probabilities<T: Element>(&self, qm: MatRef<'_, T>, km: MatRef<'_, T>, p: &mut [T]) {
         let (rows, len) = (qm.rows(), km.rows());
-        product(MatMut::row_major(p, rows, len), false, qm, km.t(), Threads::Caller, self.products);
+        product(MatMut::row_major(p, rows, len), Start::Zero, qm, km.t(), Threads::Caller, self.products);
         if self.shape.causal || self.shape.window.is_some() {
             for (i, row) in p.chunks_mut(len).enumerate() {
                 let (lo, hi) = self.shape.visible(i, len);
@@ -354,7 +354,14 @@ impl Attention {
                 }
                 // SAFETY: `out` outlives the loop and is only written through tasks' blocks.
                 let context = unsafe { self.block(dst, size, hidden, self.context_base(start, head), len) };
-                product(context, false, MatRef::row_major(p, len, len), v, Threads::Caller, self.products);
+                product(
+                    context,
+                    Start::Zero,
+                    MatRef::row_major(p, len, len),
+                    v,
+                    Threads::Caller,
+                    self.products,
+                );
             },
         );
         // SAFETY: every segment's (row, head) blocks were written by its task, the other rows
@@ -409,10 +416,10 @@ impl Attention {
                     let add = n > 0;
                     // dv = dropped^T g
                     let dropped_t = MatRef::row_major(&*dropped, len, len).t();
-                    product(dv, add, dropped_t, g_block, Threads::Caller, self.products);
+                    product(dv, Start::accumulate(add), dropped_t, g_block, Threads::Caller, self.products);
                     // d dropped = g v^T, then through the dropout mask
                     let d_dropped = MatMut::row_major(dp, len, len);
-                    product(d_dropped, false, g_block, v.t(), Threads::Caller, self.products);
+                    product(d_dropped, Start::Zero, g_block, v.t(), Threads::Caller, self.products);
                     if let Some(f) = factors {
                         vectorized!({ dp.iter_mut().zip(f).for_each(|(d, &f)| *d *= f) });
                     }
@@ -428,8 +435,8 @@ impl Attention {
                     });
                     // dq = ds k ; dk = ds^T q
                     let ds = MatRef::row_major(&*dp, len, len);
-                    product(dq, false, ds, k, Threads::Caller, self.products);
-                    product(dk, add, ds.t(), q, Threads::Caller, self.products);
+                    product(dq, Start::Zero, ds, k, Threads::Caller, self.products);
+                    product(dk, Start::accumulate(add), ds.t(), q, Threads::Caller, self.products);
                 }
             },
         );
@@ -471,7 +478,7 @@ impl FirstTokenAttention {
                     )
                 };
                 let weights = MatRef::row_major(&*p, 1, len);
-                product(context, false, weights, values, Threads::Caller, op.products);
+                product(context, Start::Zero, weights, values, Threads::Caller, op.products);
             },
         );
         out

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
-use super::gemm::{MatMut, MatRef, Products, Start, Threads, product_from, product_new, transposed};
+use super::gemm::{MatMut, MatRef, Products, Start, Threads, product, product_new, transposed};
 use super::tape;
 use super::{Activation, ROW_BLOCK, slice, with_real};
 
@@ -128,7 +128,7 @@ impl CustomOp3 for Linear {
             // SAFETY: the view covers the vector's `rows * out` elements of spare capacity, which
             // nothing else references, rows `out` apart.
             let view = unsafe { MatMut::from_raw(y.as_mut_ptr(), rows, out, out) };
-            product_from(view, Start::Row(b), x, w, Threads::Pool, self.0);
+            product(view, Start::Row(b), x, w, Threads::Pool, self.0);
             // SAFETY: a product from a row writes every element of its output.
             unsafe { y.set_len(rows * out) };
             Ok((T::to_cpu_storage_owned(y), Shape::from((rows, out))))

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::gemm::{Element, MatMut, MatRef, Products, Threads, product, product_new};
+use super::gemm::{Element, MatMut, MatRef, Products, Start, Threads, product, product_new};
 use super::loss::{CrossEntropy, IGNORE};
 use super::tape;
 use super::{slice, with_real};
@@ -166,10 +166,10 @@ impl CustomOp3 for LmCrossEntropyBackward {
                 let d = MatRef::row_major(&d, rows, vocab);
                 let h = MatRef::new(hidden, start * width, rows, width, width, 1);
                 let d_h = MatMut::new(d_hidden, start * width, rows, width, width);
-                product(d_h, false, d, w, Threads::Pool, op.products);
+                product(d_h, Start::Zero, d, w, Threads::Pool, op.products);
                 // The weight's gradient sums over the tokens in order, chunk after chunk.
                 let d_w = MatMut::row_major(d_weight, vocab, width);
-                product(d_w, start > 0, d.t(), h, Threads::Pool, op.products);
+                product(d_w, Start::accumulate(start > 0), d.t(), h, Threads::Pool, op.products);
             }
             Ok((T::to_cpu_storage_owned(out), Shape::from((tokens + vocab, width))))
         })

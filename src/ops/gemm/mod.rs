@@ -306,20 +306,8 @@ pub enum Products {
     Bf16,
 }
 
-/// `c = a b` (`accumulate == false`) or `c += a b` with the operand precision `products`.
+/// `c = [start +] a b` ([`gemm`]) with the operand precision `products`.
 pub(crate) fn product<T: Element>(
-    c: MatMut<'_, T>,
-    accumulate: bool,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    threads: Threads,
-    products: Products,
-) {
-    product_from(c, Start::accumulate(accumulate), a, b, threads, products);
-}
-
-/// [`gemm`] with the operand precision `products`.
-pub(crate) fn product_from<T: Element>(
     c: MatMut<'_, T>,
     start: Start<'_, T>,
     a: MatRef<'_, T>,
@@ -349,7 +337,7 @@ pub(crate) fn product_new<T: Element>(
     // SAFETY: the view covers the vector's `m * n` elements of spare capacity, which nothing else
     // references, rows `n` apart.
     let view = unsafe { MatMut::from_raw(c.as_mut_ptr(), m, n, n) };
-    product(view, false, a, b, threads, products);
+    product(view, Start::Zero, a, b, threads, products);
     // SAFETY: the product wrote all `m * n` elements (see above).
     unsafe { c.set_len(m * n) };
     c
@@ -703,7 +691,7 @@ pub fn matmul_with(
         if transpose == Transpose::Lhs { MatRef::row_major(a, k, m).t() } else { MatRef::row_major(a, m, k) };
     let b =
         if transpose == Transpose::Rhs { MatRef::row_major(b, n, k).t() } else { MatRef::row_major(b, k, n) };
-    product(MatMut::row_major(&mut c, m, n), false, a, b, Threads::Pool, products);
+    product(MatMut::row_major(&mut c, m, n), Start::Zero, a, b, Threads::Pool, products);
     c
 }
 
@@ -828,7 +816,7 @@ mod tests {
         let (a, b) = (MatRef::row_major(&av, m, k), MatRef::row_major(&bv, k, n));
         for products in [Products::Full, Products::Bf16] {
             let mut zeros = vec![0f32; m * n];
-            product(MatMut::row_major(&mut zeros, m, n), false, a, b, Threads::Pool, products);
+            product(MatMut::row_major(&mut zeros, m, n), Start::Zero, a, b, Threads::Pool, products);
             let fresh = product_new(a, b, Threads::Pool, products);
             assert_eq!(bits(&fresh), bits(&zeros), "{products:?}");
         }
