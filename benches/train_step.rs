@@ -1,9 +1,9 @@
 //! Where a MiniLM training step spends its time (forward, backward, optimizer), and how fast it is.
 //!
 //! `cargo bench --bench train_step [-- LEN BATCH [STEPS]] [--device cuda] [--dtype bf16]
-//! [--model DIR] [--ops] [--profile]` (needs `scripts/fetch-model.sh`, or any model of MiniLM's shape in DIR: speed
-//! does not depend on the weights; `--device cuda` needs a build with `--features cuda`). Two
-//! runs, each the median of STEPS (default 8) steps after 2 warm-up steps:
+//! [--model DIR] [--ops] [--profile]` (needs `scripts/fetch-model.sh`, or any model of MiniLM's
+//! shape in DIR: speed does not depend on the weights; `--device cuda` needs a build with
+//! `--features cuda`). Two runs, each the median of STEPS (default 8) steps after 2 warm-up steps:
 //! - `sst2`: real SST-2 training rows (tokenized, truncated at LEN) padded to LEN, the fixed shape
 //!   the reference recipe trains on; reports samples/s and real tokens/s.
 //! - `dense`: every one of the LEN positions a real token, to relate the step's matmul FLOP/s to
@@ -13,8 +13,8 @@
 //! prints the dense step's rate against both probes. `--ops` first prints each op's forward and
 //! backward time alone on the dense shape; `--profile` prints, after each run, every op's time
 //! per step as the timed steps ran it, forward and backward (`pipe::ops::tape::Profile`; on the
-//! CPU: a GPU's asynchronous kernels would show as launch times). The last line is `RESULT {json}` with both
-//! throughputs, for scripts (scripts/gpu-check.sh).
+//! CPU: a GPU's asynchronous kernels would show as launch times). The last line is
+//! `RESULT {json}` with both throughputs, for scripts (scripts/gpu-check.sh).
 
 #![allow(clippy::disallowed_methods)] // candle's matmul is printed for comparison
 

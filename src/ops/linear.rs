@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda::{self, PushKernelArg as _};
-use super::gemm::{MatMut, MatRef, Products, Start, Threads, product, product_new, transposed};
+use super::gemm::{MatRef, Products, Threads, product_new, product_new_from_row, transposed};
 use super::tape;
 use super::{Activation, ROW_BLOCK, slice, with_real};
 
@@ -123,14 +123,8 @@ impl CustomOp3 for Linear {
             let b = slice::<T>("linear", bs, bl)?;
             // Every chain starts from the bias (the bits of seeding `y` with it first, without that
             // pass over `y`: 2% of a training step).
-            let mut y = Vec::with_capacity(rows * out);
             let (x, w) = (MatRef::row_major(x, rows, inp), MatRef::row_major(w, out, inp).t());
-            // SAFETY: the view covers the vector's `rows * out` elements of spare capacity, which
-            // nothing else references, rows `out` apart.
-            let view = unsafe { MatMut::from_raw(y.as_mut_ptr(), rows, out, out) };
-            product(view, Start::Row(b), x, w, Threads::Pool, self.0);
-            // SAFETY: a product from a row writes every element of its output.
-            unsafe { y.set_len(rows * out) };
+            let y = product_new_from_row(b, x, w, Threads::Pool, self.0);
             Ok((T::to_cpu_storage_owned(y), Shape::from((rows, out))))
         })
     }

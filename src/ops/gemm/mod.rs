@@ -13,9 +13,10 @@
 //! be fresh uninitialised memory (`product_new`, a linear layer's output). Nothing else touches
 //! the sum: no partial sums per K-block, no split of `k` across threads, no horizontal reductions.
 //! So the result is a function of the operands alone, whatever the blocking, the micro-kernel
-//! shape, the SIMD width (each vector lane runs one element's chain) or the thread count. FMA is correctly rounded wherever it runs (in hardware, or `fmaf` in software on the
-//! portable path), so the portable, AVX2 and AVX-512 kernels agree to the bit; the tests check it at
-//! MiniLM's shapes, on every path, with several blockings and thread counts.
+//! shape, the SIMD width (each vector lane runs one element's chain) or the thread count. FMA is
+//! correctly rounded wherever it runs (in hardware, or `fmaf` in software on the portable path),
+//! so the portable, AVX2 and AVX-512 kernels agree to the bit; the tests check it at MiniLM's
+//! shapes, on every path, with several blockings and thread counts.
 //!
 //! Why not the `gemm` crate candle uses: it sizes its K-blocks from the detected L1 cache (for
 //! `k = 1536`, three blocks of 512 on a 32 KiB 8-way L1, two of 768 on a 48 KiB 12-way one), adds
@@ -332,13 +333,37 @@ pub(crate) fn product_new<T: Element>(
     threads: Threads,
     products: Products,
 ) -> Vec<T> {
+    fresh_product(Start::Zero, a, b, threads, products)
+}
+
+/// `row + a b` (`row` added to every row: a bias) as a new row-major vector, each element's chain
+/// starting from `row[j]`, written once as [`product_new`] writes.
+pub(crate) fn product_new_from_row<T: Element>(
+    row: &[T],
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+    products: Products,
+) -> Vec<T> {
+    fresh_product(Start::Row(row), a, b, threads, products)
+}
+
+/// A product into a new vector, from a start that reads nothing of `C` (`Zero` or `Row`).
+fn fresh_product<T: Element>(
+    start: Start<'_, T>,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    threads: Threads,
+    products: Products,
+) -> Vec<T> {
+    assert!(!matches!(start, Start::Load), "gemm: a new output has nothing to load");
     let (m, n) = (a.rows, b.cols);
     let mut c = Vec::with_capacity(m * n);
     // SAFETY: the view covers the vector's `m * n` elements of spare capacity, which nothing else
     // references, rows `n` apart.
     let view = unsafe { MatMut::from_raw(c.as_mut_ptr(), m, n, n) };
-    product(view, Start::Zero, a, b, threads, products);
-    // SAFETY: the product wrote all `m * n` elements (see above).
+    product(view, start, a, b, threads, products);
+    // SAFETY: a product from zero or from a row writes all `m * n` elements (see above).
     unsafe { c.set_len(m * n) };
     c
 }
