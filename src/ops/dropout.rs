@@ -63,30 +63,31 @@ impl DropMask {
     pub fn factors<T: Real>(&self, start: u64, out: &mut [T]) {
         let scale = T::from_f64(self.scale);
         let one = |index: u64| self.factor_of(self.hash(index >> 2) >> ((index & 3) * 16), scale);
-        // Single elements up to a multiple of four, then blocks of eight hashes (32 elements)
-        // written as fixed-size loops that the compiler vectorises (64-bit multiplies, shifts
-        // and compares lane by lane: the same draws as one element at a time).
+        // Single elements up to a multiple of four, then blocks of up to `BLOCK` elements in two
+        // passes the compiler vectorises: the block's hashes (64-bit multiplies, shifts and xors
+        // lane by lane), then each element's draw, the hashes read as 16-bit lanes in element
+        // order. The same draws as one element at a time. (A draw taken as `bits[j / 4] >> ..`
+        // per element compiled to gathers, or to scatters across blocks: most of the mask's time.)
         let head = (start.next_multiple_of(4) - start).min(out.len() as u64) as usize;
         let (head_out, body) = out.split_at_mut(head);
         for (i, f) in head_out.iter_mut().enumerate() {
             *f = one(start + i as u64);
         }
         let first_group = (start + head as u64) / 4;
-        let done = (body.len() / BLOCK * BLOCK) as u64;
         vectorized!({
-            let mut blocks = body.chunks_exact_mut(BLOCK);
-            for (b, block) in (&mut blocks).enumerate() {
+            let mut hashes = [0u64; BLOCK / 4];
+            for (b, block) in body.chunks_mut(BLOCK).enumerate() {
                 let group = first_group + (b * BLOCK / 4) as u64;
-                let mut bits = [0u64; BLOCK / 4];
-                for (g, bits) in bits.iter_mut().enumerate() {
-                    *bits = self.hash(group + g as u64);
+                for (g, h) in hashes[..block.len().div_ceil(4)].iter_mut().enumerate() {
+                    // Little-endian in memory on any CPU, so that 16-bit lane `j` is element `j`'s.
+                    *h = self.hash(group + g as u64).to_le();
                 }
-                for (j, f) in block.iter_mut().enumerate() {
-                    *f = self.factor_of(bits[j / 4] >> ((j % 4) * 16), scale);
+                // SAFETY: the `BLOCK / 4` hashes are `BLOCK` initialised 16-bit lanes (u16's
+                // alignment divides u64's).
+                let lanes = unsafe { std::slice::from_raw_parts(hashes.as_ptr().cast::<u16>(), BLOCK) };
+                for (f, &lane) in block.iter_mut().zip(lanes) {
+                    *f = self.factor_of(u64::from(u16::from_le(lane)), scale);
                 }
-            }
-            for (i, f) in blocks.into_remainder().iter_mut().enumerate() {
-                *f = one(start + head as u64 + done + i as u64);
             }
         });
     }
@@ -102,8 +103,8 @@ impl DropMask {
     }
 }
 
-/// Elements whose factors are made together: eight hashes of four draws.
-const BLOCK: usize = 32;
+/// Elements whose factors are made together (at most): 64 hashes of four draws.
+const BLOCK: usize = 256;
 
 #[derive(Clone, Copy)]
 struct Dropout(DropMask);
@@ -233,7 +234,7 @@ mod tests {
             if (draw as u32) < mask.threshold { 0.0 } else { mask.scale as f32 }
         };
         for start in 0..9u64 {
-            for n in [0, 1, 3, 5, 31, 32, 33, 64, 100, 300, 1000] {
+            for n in [0, 1, 3, 5, 31, 32, 33, 64, 100, 255, 256, 257, 300, 1000, 2100] {
                 let want: Vec<f32> = (start..start + n as u64).map(factor).collect();
                 let mut got = vec![f32::NAN; n];
                 mask.factors(start, &mut got);
