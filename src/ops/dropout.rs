@@ -92,12 +92,13 @@ impl DropMask {
         });
     }
 
-    /// `x[i] *= factor(start + i)`, with the factors made a block at a time.
+    /// `x[i] *= factor(start + i)`, with the factors made a chunk of blocks at a time.
     pub fn apply_in_place<T: Real>(&self, start: u64, x: &mut [T]) {
         let mut factors = [T::zero(); 8 * BLOCK];
-        for (c, x) in x.chunks_mut(factors.len()).enumerate() {
+        let chunk = factors.len();
+        for (c, x) in x.chunks_mut(chunk).enumerate() {
             let factors = &mut factors[..x.len()];
-            self.factors(start + (c * 8 * BLOCK) as u64, factors);
+            self.factors(start + (c * chunk) as u64, factors);
             vectorized!({ x.iter_mut().zip(&*factors).for_each(|(x, &f)| *x *= f) });
         }
     }
